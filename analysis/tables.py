@@ -1,0 +1,150 @@
+"""Tables from a run's records: the per-method summary and the test-time scaling curve.
+
+Everything here reads the Parquet records (`pipeline.records` schema) and nothing else from
+the engine, so it works on a run directory copied from a cluster or downloaded from MLflow.
+
+Conventions:
+- A failed problem (`error != ""`) stays in the denominator and counts as incorrect.
+- `accuracy_by_iteration` at budget k: a problem that ran more than k latent iterations is
+  scored by its answer at iteration k; one that ran at most k is scored by the answer it
+  returned (`final_correct`), i.e. its last answer is carried forward. At the largest k the
+  curve therefore equals `final_accuracy`, also for methods that select their final answer
+  (bon, sc, return_best).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.records import read_records
+
+SUMMARY_COLUMNS = [
+    "method",
+    "problems",
+    "failures",
+    "cot_accuracy",
+    "final_accuracy",
+    "mean_iterations",
+    "mean_initial_reward",
+    "mean_final_reward",
+    "tokens_per_problem",
+    "mean_wall_seconds",
+    "flops_per_problem",
+    "problems_per_hour",
+]
+CURVE_COLUMNS = ["method", "iteration", "accuracy"]
+
+
+def load_run(run_dir: Path | str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(problems, iterations) of a run directory: committed rows only, one read each."""
+    return read_records(run_dir)
+
+
+def _final_reward(row: pd.Series) -> float:
+    rewards = row["rewards"]
+    if rewards is not None and len(rewards):
+        return float(rewards[-1])
+    r0 = row["initial_reward"]
+    return float("nan") if r0 is None or pd.isna(r0) else float(r0)
+
+
+def summary_table(problems: pd.DataFrame) -> pd.DataFrame:
+    """One row per method (in order of first appearance) with accuracy, reward and cost.
+
+    `mean_final_reward` is the last element of `rewards`, or `initial_reward` when a problem
+    ran no iteration; reward means skip problems without a reward (NaN if none has one).
+    `problems_per_hour` is 3600 / mean_wall_seconds: one worker's throughput on that method.
+    """
+    rows = []
+    for method, g in problems.groupby("method", sort=False):
+        wall = float(g["wall_seconds"].mean())
+        rows.append(
+            {
+                "method": method,
+                "problems": len(g),
+                "failures": int((g["error"] != "").sum()),
+                "cot_accuracy": float(g["cot_correct"].mean()),
+                "final_accuracy": float(g["final_correct"].mean()),
+                "mean_iterations": float(g["iterations"].mean()),
+                "mean_initial_reward": _nanmean(g["initial_reward"]),
+                "mean_final_reward": _nanmean(g.apply(_final_reward, axis=1)),
+                "tokens_per_problem": float((g["solver_tokens"] + g["verifier_tokens"]).mean()),
+                "mean_wall_seconds": wall,
+                "flops_per_problem": float(g["flops"].mean()),
+                "problems_per_hour": 3600.0 / wall if wall > 0 else float("nan"),
+            }
+        )
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+def _nanmean(values: pd.Series) -> float:
+    arr = pd.to_numeric(values, errors="coerce").astype(float).to_numpy()
+    arr = arr[~np.isnan(arr)]
+    return float(arr.mean()) if arr.size else float("nan")
+
+
+def accuracy_by_iteration(
+    problems: pd.DataFrame, iterations: pd.DataFrame, max_k: int | None = None
+) -> pd.DataFrame:
+    """The test-time scaling curve: accuracy per method if every problem stopped by k.
+
+    k runs 0..max_k, or 0..the most iterations any problem ran. See the module docstring for
+    the carry-forward rule. Columns: method, iteration, accuracy.
+    """
+    if problems.empty:
+        return pd.DataFrame(columns=CURVE_COLUMNS)
+    top = int(problems["iterations"].max()) if max_k is None else int(max_k)
+    key = ["problem_id", "method"]
+    base = problems[[*key, "iterations", "final_correct"]].reset_index(drop=True)
+    steps = iterations.loc[iterations["iteration"] <= top, [*key, "iteration", "correct"]]
+    rows = []
+    for k in range(top + 1):
+        step = steps[steps["iteration"] == k].drop_duplicates(key, keep="last")
+        at_k = base.merge(step[[*key, "correct"]], on=key, how="left")  # keeps base's order
+        stepped = at_k["correct"].eq(True)  # a missing row counts as incorrect
+        correct = stepped.where(at_k["iterations"] > k, at_k["final_correct"].astype(bool))
+        for method, acc in correct.groupby(at_k["method"], sort=False).mean().items():
+            rows.append({"method": method, "iteration": k, "accuracy": float(acc)})
+    return pd.DataFrame(rows, columns=CURVE_COLUMNS).sort_values(
+        ["method", "iteration"], kind="stable", ignore_index=True
+    )
+
+
+def markdown(df: pd.DataFrame, floatfmt: str = ".4g") -> str:
+    """A GitHub-flavoured Markdown table of `df` (no `tabulate` needed)."""
+
+    def cell(v: object) -> str:
+        if v is None or v is pd.NA:
+            return ""
+        if isinstance(v, float | np.floating):
+            return "" if math.isnan(v) else format(float(v), floatfmt)
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    header = [str(c) for c in df.columns]
+    numeric = [pd.api.types.is_numeric_dtype(df[c]) for c in df.columns]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join("---:" if n else "---" for n in numeric) + " |",
+    ]
+    for row in df.itertuples(index=False):
+        lines.append("| " + " | ".join(cell(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(
+    out_dir: Path | str, summary: pd.DataFrame, curve: pd.DataFrame | None = None
+) -> list[Path]:
+    """Write summary.md, summary.csv (and accuracy_by_iteration.csv) into `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "summary.md", out / "summary.csv"]
+    paths[0].write_text(markdown(summary))
+    summary.to_csv(paths[1], index=False)
+    if curve is not None:
+        paths.append(out / "accuracy_by_iteration.csv")
+        curve.to_csv(paths[-1], index=False)
+    return paths

