@@ -119,6 +119,7 @@ class Config:
     gpus_per_worker: float = _f(0.0, "GPUs per worker; 0 means CPU workers")
     ray_address: str = _f("", "Ray cluster address; '' starts a local Ray in-process")
     max_retries: int = _f(1, "retries of a problem that raises before its error is recorded")
+    max_worker_restarts: int = _f(3, "times Ray restarts a worker whose process died")
 
     # --- outputs ---------------------------------------------------------------------------
     output_dir: str = _f("outputs", "records go to <output_dir>/<run_id>/")
@@ -162,6 +163,7 @@ class Config:
         need(self.cpus_per_worker >= 1, "cpus_per_worker", "must be >= 1")
         need(self.gpus_per_worker >= 0, "gpus_per_worker", "must be >= 0")
         need(self.max_retries >= 0, "max_retries", "must be >= 0")
+        need(self.max_worker_restarts >= 0, "max_worker_restarts", "must be >= 0")
         need(self.offset >= 0, "offset", "must be >= 0")
         need(self.limit >= 0, "limit", "must be >= 0 (0 means all)")
         need(self.threads >= 0, "threads", "must be >= 0")
@@ -301,7 +303,7 @@ def _suggest(key: str) -> str:
     names = list(_field_types())
     close = difflib.get_close_matches(key, names, n=3)
     if close:
-        return f"did you mean {', '.join(close)}? (`latentseek config --help-keys` lists all)"
+        return f"did you mean {', '.join(close)}? (`latentseek config --keys` lists all)"
     return "allowed keys: " + ", ".join(names)
 
 

@@ -189,3 +189,20 @@ def load_model(cfg: Any) -> LoadedModel:
         load_seconds=time.perf_counter() - start,
         source=source,
     )
+
+
+def prepare_model(cfg: Any) -> None:
+    """Do the one-off work of a GGUF model (dequantise and cache) before workers start, so
+    they do not all dequantise it at once. A no-op for other models."""
+    spec = cfg.model
+    if spec == "embedded":
+        gguf = embedded_gguf_path()
+    elif spec.endswith(".gguf"):
+        gguf = Path(spec).expanduser().resolve()
+        if not gguf.exists():
+            raise ModelError(f"model={spec!r}: GGUF file {gguf} does not exist")
+    else:
+        return
+    cache = gguf_cache_dir(gguf, cfg.model_cache_dir)
+    if not (cache / _CACHE_COMPLETE).exists():
+        _write_gguf_cache(gguf, cache)

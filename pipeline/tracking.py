@@ -36,7 +36,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import mlflow.data
+# MLflow's usage telemetry would try the network at every call; this tool never sends any.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import mlflow.data  # noqa: E402
 import pandas as pd
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, RunTag, ViewType
 from mlflow.exceptions import MlflowException
@@ -228,7 +231,8 @@ def _log_dataset(
     dataset = mlflow.data.from_pandas(
         frame,
         name=str(info.get("name") or "dataset"),
-        digest=str(info["digest"]) if info.get("digest") else None,
+        # MLflow caps digests at 36 characters; ours are sha256 hex strings.
+        digest=str(info["digest"])[:32] if info.get("digest") else None,
     )
     entity = dataset._to_mlflow_entity()  # what mlflow.log_input does; there is no public twin
     client.log_inputs(
