@@ -143,7 +143,7 @@ def run_evaluation(
         start_ray(cfg)
         worker_cls = make_worker_class(cfg)
         workers = [worker_cls.remote(cfg) for _ in range(cfg.workers)]
-        ray.get([w.info.remote() for w in workers])  # models loaded; fail early if one cannot
+        infos = ray.get([w.info.remote() for w in workers])  # models loaded, or fail early
         batches = []
         for method in cfg.method:
             batches += [
@@ -157,7 +157,6 @@ def run_evaluation(
             workers,
             batches,
             cfg.max_retries,
-            cfg.max_worker_restarts,
             on_worker_lost=lambda why: log(f"worker lost, its batch is re-queued: {why}"),
         )
         bar = tqdm(
@@ -187,7 +186,14 @@ def run_evaluation(
                     lost_workers=scheduler.worker_failures,
                 )
                 if on_batch:
-                    on_batch({"workers": workers, "recorded": recorded, "scheduler": scheduler})
+                    on_batch(
+                        {
+                            "workers": workers,
+                            "infos": infos,
+                            "recorded": recorded,
+                            "scheduler": scheduler,
+                        }
+                    )
         finally:
             bar.close()
             worker_failures, retried = scheduler.worker_failures, scheduler.retried

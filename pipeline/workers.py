@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import ActorDiedError, RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from pipeline.data import Problem
 from pipeline.results import ProblemResult
@@ -121,18 +122,16 @@ class Scheduler:
         workers: list[Any],
         batches: Sequence[Batch],
         max_retries: int,
-        max_worker_restarts: int,
         on_worker_lost: Callable[[str], None] | None = None,
     ) -> None:
         self.workers = list(workers)
         self.queue: deque[Batch] = deque(batches)
         self.max_retries = max_retries
-        self.max_worker_restarts = max_worker_restarts
-        self._deaths: dict[int, int] = {}  # id(worker handle) -> deaths seen
         self.on_worker_lost = on_worker_lost
         self.worker_failures = 0
         self.retried = 0
         self._next_id = max((b.batch_id for b in batches), default=-1) + 1
+        self.in_flight: dict[Any, tuple[Any, Batch]] = {}  # object ref -> (worker, batch)
 
     def _error_result(self, batch: Batch, p: Problem, error: str) -> ProblemResult:
         return ProblemResult(
@@ -166,31 +165,49 @@ class Scheduler:
         return BatchOutcome(batch, worker, results, retry)
 
     def run(self) -> Iterator[BatchOutcome]:
-        in_flight: dict[Any, tuple[Any, Batch]] = {}
+        in_flight = self.in_flight
         idle = list(self.workers)
+        pings: dict[Any, Any] = {}  # ping ref -> a worker that died and is being restarted
+        waiting: list[tuple[float, Any]] = []  # (when to ping again, worker) while restarting
         while self.queue or in_flight:
             while idle and self.queue:
                 worker = idle.pop()
                 batch = self.queue.popleft()
                 ref = worker.run.remote(batch.method, batch.problems)
                 in_flight[ref] = (worker, batch)
-            if not in_flight:
+            now = time.monotonic()
+            for due, worker in [w for w in waiting if w[0] <= now]:
+                waiting.remove((due, worker))
+                pings[worker.info.remote()] = worker
+            if not in_flight and not pings and not waiting:
                 raise RuntimeError(
                     f"no worker left alive; {len(self.queue)} batches were not run "
                     "(what was recorded is kept: run again with the same run_id to resume)"
                 )
-            done, _ = ray.wait(list(in_flight), num_returns=1)
-            worker, batch = in_flight.pop(done[0])
+            refs = list(in_flight) + list(pings)
+            done, _ = ray.wait(refs, num_returns=1, timeout=0.5 if waiting else None)
+            if not done:
+                continue
+            ref = done[0]
+            if ref in pings:  # a restarting worker answered, or is still restarting, or is gone
+                worker = pings.pop(ref)
+                try:
+                    ray.get(ref)
+                    idle.append(worker)
+                except ActorUnavailableError:
+                    waiting.append((time.monotonic() + 0.5, worker))
+                except RayActorError:
+                    pass  # dead for good (out of restarts): the others take its share
+                continue
+            worker, batch = in_flight.pop(ref)
             try:
-                name, outcomes = ray.get(done[0])
-            except (RayActorError, ActorDiedError) as exc:
+                name, outcomes = ray.get(ref)
+            except RayActorError as exc:
                 self.worker_failures += 1
                 self.queue.appendleft(batch)  # nothing of it was recorded: run it again
                 if self.on_worker_lost:
                     self.on_worker_lost(f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
-                deaths = self._deaths[id(worker)] = self._deaths.get(id(worker), 0) + 1
-                if deaths <= self.max_worker_restarts:
-                    idle.append(worker)  # Ray restarts it; calls made meanwhile wait for it
+                pings[worker.info.remote()] = worker  # Ray restarts it (up to its limit)
                 continue
             idle.append(worker)
             yield self._settle(batch, name, outcomes)

@@ -1,0 +1,201 @@
+"""The distributed layer with real components: a real local Ray, real worker processes killed
+for real, a real two-node local cluster, a real MLflow store. The model is the embedded SmolLM2
+with tiny token caps so that each run takes seconds of decoding."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from jobs.run import RunError, run_evaluation  # noqa: E402
+from pipeline.config import Config  # noqa: E402
+from pipeline.records import RecordStore  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def small_cfg(tmp_path: Path, **kw) -> Config:
+    base = dict(
+        dataset="gsm8k",
+        limit=6,
+        method=["cot", "latentseek"],
+        reward="psrm",
+        max_new_tokens=8,
+        max_iters=1,
+        rho=0.5,
+        batch_size=2,
+        workers=2,
+        output_dir=str(tmp_path / "out"),
+        run_id="r1",
+    )
+    base.update(kw)
+    return Config(**base)
+
+
+def assert_exactly_once(run_dir: Path, n_problems: int, methods: list[str]) -> pd.DataFrame:
+    problems = RecordStore(run_dir).read_problems()
+    keys = list(zip(problems["problem_id"], problems["method"]))
+    assert len(keys) == len(set(keys)), "a (problem, method) was recorded twice"
+    assert len(keys) == n_problems * len(methods)
+    assert set(problems["method"]) == set(methods)
+    return problems
+
+
+@pytest.fixture
+def local_ray(monkeypatch):
+    """A real in-process local Ray with 2 CPUs, shut down after the test."""
+    # Workers import tests.faulty_reward (for the retry test) from the repo root.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_run_records_every_problem_once_and_uses_both_workers(tmp_path, local_ray):
+    cfg = small_cfg(tmp_path)
+    summary = run_evaluation(cfg, progress=False, log=lambda m: None)
+    problems = assert_exactly_once(summary.run_dir, 6, ["cot", "latentseek"])
+    assert problems["worker"].nunique() == 2, "pull scheduling should give both workers work"
+    assert (problems["error"] == "").all()
+    assert summary.recorded == 12 and summary.failures == 0
+    assert (summary.run_dir / "config.yaml").exists()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=summary.tracking_uri)
+    run = client.get_run(summary.mlflow_run_id)
+    assert run.data.params["max_new_tokens"] == "8"
+    assert run.data.tags["latentseek.run_id"] == "r1"
+    history = client.get_metric_history(summary.mlflow_run_id, "latentseek/accuracy_at_iteration")
+    assert sorted(m.step for m in history) == [0, 1]
+
+    # Same run id again: everything is already there, nothing is recomputed or duplicated.
+    again = run_evaluation(cfg, progress=False, log=lambda m: None)
+    assert again.recorded == 0 and again.skipped == 12
+    assert_exactly_once(summary.run_dir, 6, ["cot", "latentseek"])
+    assert again.mlflow_run_id == summary.mlflow_run_id
+
+
+def test_sigkilled_worker_is_replaced_and_nothing_is_lost(tmp_path, local_ray):
+    cfg = small_cfg(tmp_path, limit=8, method=["cot"], batch_size=1, max_new_tokens=12)
+    killed: list[int] = []
+
+    def kill_one_worker(state):
+        busy = [w for w, _ in state["scheduler"].in_flight.values()]
+        if not killed and busy:
+            pid = state["infos"][state["workers"].index(busy[0])]["pid"]
+            os.kill(pid, signal.SIGKILL)  # mid-batch: it holds a batch in flight
+            killed.append(pid)
+
+    summary = run_evaluation(cfg, progress=False, on_batch=kill_one_worker, log=lambda m: None)
+    assert killed
+    assert_exactly_once(summary.run_dir, 8, ["cot"])
+    assert summary.worker_failures == 1  # its in-flight batch was re-queued
+    problems = RecordStore(summary.run_dir).read_problems()
+    assert (problems["error"] == "").all()
+
+
+def test_a_problem_that_raises_is_retried_then_recorded_with_its_error(tmp_path, local_ray):
+    cfg = small_cfg(
+        tmp_path,
+        limit=4,
+        method=["latentseek"],
+        reward="tests.faulty_reward:fails_on_gsm8k_1",
+        max_retries=1,
+    )
+    summary = run_evaluation(cfg, progress=False, log=lambda m: None)
+    problems = assert_exactly_once(summary.run_dir, 4, ["latentseek"])
+    bad = problems[problems["problem_id"] == "gsm8k-1"].iloc[0]
+    assert "deliberate failure" in bad["error"]
+    assert bad["attempts"] == 2  # first try + one retry
+    assert (problems[problems["problem_id"] != "gsm8k-1"]["error"] == "").all()
+    assert summary.failures == 1 and summary.retried == 1
+
+
+def test_resume_with_different_settings_is_refused(tmp_path, local_ray):
+    cfg = small_cfg(tmp_path, limit=2, method=["cot"])
+    run_evaluation(cfg, progress=False, log=lambda m: None)
+    with pytest.raises(RunError, match="max_new_tokens"):
+        run_evaluation(cfg.replace(max_new_tokens=9), progress=False, log=lambda m: None)
+
+
+def test_killed_driver_resumes_without_loss_or_duplicates(tmp_path):
+    out = tmp_path / "out"
+    args = [
+        str(VENV_BIN / "latentseek"), "run", "dataset=gsm8k", "limit=10", "method=cot",
+        "max_new_tokens=24", "batch_size=1", "workers=1", f"output_dir={out}", "run_id=kd",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    shards = out / "kd" / "problems"
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline:
+            if shards.exists() and len(list(shards.glob("part-*.parquet"))) >= 2:
+                break
+            assert proc.poll() is None, "the driver ended before it could be killed"
+            time.sleep(0.2)
+        else:
+            pytest.fail("no shard appeared in time")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        proc.wait(timeout=60)
+    before = RecordStore(out / "kd").read_problems()
+    assert 2 <= len(before) < 10
+
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resuming kd: {len(before)} of 10" in done.stderr
+    after = assert_exactly_once(out / "kd", 10, ["cot"])
+    # The records written before the kill are kept as they were.
+    merged = before.merge(after, on=["problem_id", "method"], suffixes=("_a", "_b"))
+    assert (merged["final_answer_a"] == merged["final_answer_b"]).all()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_work_lands_on_both_nodes_of_a_two_node_cluster(tmp_path):
+    port = _free_port()
+    ray_bin = str(VENV_BIN / "ray")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
+    common = ["--num-cpus=1", "--disable-usage-stats"]
+    head = [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+            "--include-dashboard=false", *common]  # fmt: skip
+    node = [ray_bin, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
+            *common]  # fmt: skip
+    try:
+        subprocess.run(head, env=env, check=True, capture_output=True, timeout=180)
+        subprocess.run(node, env=env, check=True, capture_output=True, timeout=180)
+        ray.init(address=f"127.0.0.1:{port}", log_to_driver=False)
+        deadline = time.monotonic() + 60
+        while len([n for n in ray.nodes() if n["Alive"]]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+        cfg = small_cfg(
+            tmp_path, limit=4, method=["cot"], ray_address=f"127.0.0.1:{port}", workers=2
+        )
+        summary = run_evaluation(cfg, progress=False, log=lambda m: None)
+        problems = assert_exactly_once(summary.run_dir, 4, ["cot"])
+        node_ids = {w.rsplit(":", 1)[-1] for w in problems["worker"]}
+        assert len(node_ids) == 2, f"work landed on {node_ids}"
+    finally:
+        ray.shutdown()
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
