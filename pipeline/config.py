@@ -318,3 +318,15 @@ def describe_keys() -> str:
             f"{'':24s} {f.metadata['help']}"
         )
     return "\n".join(lines)
+
+
+def keys_table() -> str:
+    """The config keys as a Markdown table (the README's table is this function's output)."""
+    rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    defaults = Config()
+    for f in dataclasses.fields(Config):
+        kind = _type_name(_field_types()[f.name]).replace("|", "\\|")
+        default = json.dumps(getattr(defaults, f.name))
+        meaning = f.metadata["help"].replace("|", "\\|")
+        rows.append(f"| `{f.name}` | {kind} | `{default}` | {meaning} |")
+    return "\n".join(rows)

@@ -81,6 +81,7 @@ def latent_step(
         grad[~finite] = 0.0
         if grad_clip > 0:
             scale = (grad_clip / (grad_norm + 1e-12)).clamp(max=1.0)  # [B]
+            scale = torch.where(finite, scale, torch.zeros_like(scale))  # NaN norm: no step
             grad.mul_(scale[:, None, None])
         grad.mul_(valid[..., None])
     frozen = z.detach()[~finite].clone()

@@ -29,6 +29,7 @@ import math
 import os
 import shlex
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -93,7 +94,9 @@ def ui_command(cfg: Config) -> str:
     uri = resolve_tracking_uri(cfg)
     if _is_server(uri):
         return f"python -m webbrowser {shlex.quote(uri)}"
-    return f"mlflow ui --backend-store-uri {shlex.quote(uri)} --port {UI_PORT}"
+    exe = Path(sys.executable).parent / "mlflow"  # the environment's own mlflow, if there
+    mlflow_cmd = shlex.quote(str(exe)) if exe.exists() else "mlflow"
+    return f"{mlflow_cmd} ui --backend-store-uri {shlex.quote(uri)} --port {UI_PORT}"
 
 
 def git_commit(cwd: Path = PROJECT_ROOT) -> str:

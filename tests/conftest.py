@@ -1,0 +1,183 @@
+"""Shared fixtures: the embedded SmolLM2 (loaded once per session), a tiny random Llama with a
+byte-level tokenizer stand-in (milliseconds, no downloads), and a scripted reward.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from pipeline.config import Config
+from pipeline.data import Problem
+from pipeline.model import LoadedModel, load_model
+from pipeline.rewards import Reward, RewardResult
+
+# The test machine has 2 cores shared with other jobs: at two intra-op threads, OpenMP barrier
+# stalls made the embedded-model tests ~3x slower under load (measured: 27.6 s vs 8.8 s for one
+# LatentSeek problem), so tests run one thread unless LATENTSEEK_TEST_THREADS says otherwise.
+torch.set_num_threads(int(os.environ.get("LATENTSEEK_TEST_THREADS", "1")))
+
+# --- the tiny model ---------------------------------------------------------------------------
+
+TINY_VOCAB = 128  # byte-level: ASCII characters are their own ids
+TINY_PAD = 0
+TINY_EOS = 3  # ASCII "end of text": never in a prompt
+TINY_CONTEXT = 512
+
+
+class ByteTokenizer:
+    """The part of a Hugging Face tokenizer the engine uses, on bytes: id = byte % vocab."""
+
+    def __init__(
+        self,
+        vocab_size: int = TINY_VOCAB,
+        eos_token_id: int = TINY_EOS,
+        pad_token_id: int = TINY_PAD,
+    ) -> None:
+        self.vocab_size = vocab_size
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return [b % self.vocab_size for b in text.encode()]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        special = {self.eos_token_id, self.pad_token_id} if skip_special_tokens else set()
+        return "".join(chr(int(i)) for i in ids if int(i) not in special)
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, str]],
+        add_generation_prompt: bool = True,
+        tokenize: bool = True,
+    ) -> list[int] | str:
+        text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
+        if add_generation_prompt:
+            text += "<assistant>"
+        return self.encode(text) if tokenize else text
+
+
+def make_tiny_model(
+    seed: int = 0, eos_token_id: int = TINY_EOS, max_positions: int = TINY_CONTEXT
+) -> LlamaForCausalLM:
+    """2 layers, hidden 32, GQA 4/2, tied embeddings; frozen. Same seed -> same weights."""
+    config = LlamaConfig(
+        vocab_size=TINY_VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=eos_token_id,
+        pad_token_id=TINY_PAD,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def tiny_loaded(model: LlamaForCausalLM | None = None, eos_token_id: int = TINY_EOS) -> LoadedModel:
+    """A `LoadedModel` built by hand around the tiny model (what `Solver` takes)."""
+    model = model if model is not None else make_tiny_model(eos_token_id=eos_token_id)
+    return LoadedModel(
+        model=model,
+        tokenizer=ByteTokenizer(eos_token_id=eos_token_id),
+        name="tiny-llama",
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        num_parameters=sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
+        load_seconds=0.0,
+        source="local",
+    )
+
+
+@pytest.fixture
+def tiny_model() -> LlamaForCausalLM:
+    return make_tiny_model()
+
+
+@pytest.fixture
+def byte_tokenizer() -> ByteTokenizer:
+    return ByteTokenizer()
+
+
+# --- a scripted reward ------------------------------------------------------------------------
+
+
+class ScriptedReward(Reward):
+    """The n-th call for a problem returns `script(problem)[n]` (the last value once exhausted).
+
+    Call 0 scores the CoT answer (r0), call k the answer of iteration k.
+    """
+
+    name = "scripted"
+
+    def __init__(self, script: Sequence[float] | Callable[[Problem], Sequence[float]]) -> None:
+        self.script = script
+        self.calls: dict[str, int] = defaultdict(int)
+        self.seen: dict[str, list[str]] = defaultdict(list)  # answers scored, per problem
+
+    def score(self, problems: Sequence[Problem], answers: Sequence[str]) -> list[RewardResult]:
+        out = []
+        for p, a in zip(problems, answers):
+            values = self.script(p) if callable(self.script) else self.script
+            n = self.calls[p.problem_id]
+            self.calls[p.problem_id] += 1
+            self.seen[p.problem_id].append(a)
+            out.append(RewardResult(float(values[min(n, len(values) - 1)])))
+        return out
+
+
+def problem(question: str = "What is 1+1?", gold: str = "2", pid: str = "p0") -> Problem:
+    return Problem(problem_id=pid, dataset="toy", question=question, gold=gold)
+
+
+# --- the embedded model -----------------------------------------------------------------------
+
+EMBEDDED_CFG = dict(model="embedded", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def embedded() -> LoadedModel:
+    """SmolLM2-135M-Instruct in float32 on CPU, loaded once per test session."""
+    return load_model(Config(**EMBEDDED_CFG))
+
+
+@pytest.fixture(scope="session")
+def embedded_cfg() -> Config:
+    """The fidelity setting: fp32, PSRM, rho 0.2, lr 0.03; vary it with `cfg.replace(...)`."""
+    return Config(
+        **EMBEDDED_CFG,
+        method=["latentseek"],
+        reward="psrm",
+        rho=0.2,
+        lr=0.03,
+        max_iters=2,
+        max_new_tokens=48,
+    )
+
+
+@pytest.fixture(scope="session")
+def make_solver(embedded: LoadedModel) -> Callable[..., object]:
+    """`make_solver(cfg)` -> a `Solver` on the session's embedded model (no reload)."""
+    from pipeline.methods import Solver
+
+    def build(cfg: Config, reward: Reward | None = None) -> Solver:
+        return Solver(cfg, embedded, reward=reward)
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def solver(make_solver, embedded_cfg):
+    return make_solver(embedded_cfg)

@@ -1,0 +1,214 @@
+"""`pipeline.methods`: the LatentSeek loop's control flow on a tiny random Llama with scripted
+rewards (a reward's n-th call for a problem returns script[n]; call 0 scores the CoT answer),
+plus `select_best` and `majority_vote`.
+
+With max_new_tokens 16 the tiny model never emits EOS (asserted), so T = 16 and
+U = min(floor(rho * 16), max_update_length) is known in advance: rho 0.5 -> U = 8.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from conftest import ScriptedReward, problem, tiny_loaded
+
+from pipeline.config import Config
+from pipeline.methods import Solver, majority_vote, problem_seed, select_best
+
+TAU = -0.2
+
+
+def make_cfg(**kw) -> Config:
+    base = dict(
+        method=["latentseek"],
+        reward="psrm",
+        rho=0.5,
+        lr=1.0,  # large: the tiny model's prefix tokens change at every step
+        max_iters=3,
+        max_new_tokens=16,
+        reward_threshold=TAU,
+        n_samples=3,
+    )
+    return Config(**{**base, **kw})
+
+
+def run(script, problems=None, method="latentseek", **kw):
+    reward = ScriptedReward(script)
+    solver = Solver(make_cfg(**kw), tiny_loaded(), reward=reward)
+    results = solver.run(method, problems or [problem()])
+    return results, reward
+
+
+def test_no_update_when_u_is_zero():
+    # rho 0: U = floor(0 * 16) = 0, nothing to optimise.
+    (r,), reward = run([-1.0], rho=0.0)
+    assert (r.update_length, r.iterations, r.stop_reason) == (0, 0, "no_update")
+    assert r.final_answer == r.cot_answer and r.answers == [] and r.rewards == []
+    assert r.initial_reward == -1.0 and reward.calls["p0"] == 1
+
+
+def test_cot_accepted_when_initial_reward_above_tau():
+    (r,), _ = run([0.0])  # 0 > tau = -0.2
+    assert (r.iterations, r.stop_reason, r.initial_reward) == (0, "cot_accepted", 0.0)
+    assert r.final_answer == r.cot_answer and r.final_length == r.cot_length == 16
+
+
+def test_k_bounds_the_iterations():
+    (r,), reward = run([-1.0], max_iters=3)
+    assert r.cot_length == 16  # no early EOS: T = 16
+    assert r.update_length == 8  # floor(0.5 * 16)
+    assert (r.iterations, r.stop_reason) == (3, "max_iters")
+    assert r.rewards == [-1.0, -1.0, -1.0] and len(r.answers) == len(r.iteration_stats) == 3
+    assert reward.calls["p0"] == 4  # r0 + 3 iterations
+    assert reward.seen["p0"][1:] == r.answers
+    assert r.final_answer == r.answers[-1]  # the last answer, not the best (reference)
+    # The cap is on the whole answer: 8 prefix tokens + 16 - 8 continuation tokens.
+    assert [s.tokens for s in r.iteration_stats] == [16, 16, 16] and r.final_length == 16
+    assert all(s.tokens_changed > 0 for s in r.iteration_stats)  # lr 1.0 does move the prefix
+    assert len({r.cot_answer, *r.answers}) > 1
+    # Forced prefix tokens count as generated: CoT 16 + 3 answers of 8 forced + 8 decoded.
+    assert r.compute.solver_generated_tokens == 16 + 3 * 16
+    assert r.compute.flops > 0 and r.compute.forward_calls > 0
+
+
+def test_max_iters_zero():
+    (r,), _ = run([-1.0], max_iters=0)
+    assert (r.iterations, r.stop_reason, r.final_answer) == (0, "max_iters", r.cot_answer)
+
+
+def test_stops_at_the_threshold():
+    # r0 = -1, k=1 -> -1, k=2 -> 0 > tau: stop after iteration 2 of at most 5.
+    (r,), reward = run([-1.0, -1.0, 0.0], max_iters=5)
+    assert (r.iterations, r.stop_reason, r.rewards) == (2, "threshold", [-1.0, 0.0])
+    assert r.final_answer == r.answers[1] and reward.calls["p0"] == 3
+
+
+def test_threshold_is_strict():
+    # r = tau is not above tau: keep going.
+    (r,), _ = run([-1.0, TAU, TAU], max_iters=2)
+    assert (r.iterations, r.stop_reason) == (2, "max_iters")
+
+
+def test_return_best_picks_the_best_rewarded_answer():
+    script = [-1.0, -0.5, -0.9]  # r0, k=1, k=2: the best answer is iteration 1's
+    (last,), _ = run(script, max_iters=2)
+    (best,), _ = run(script, max_iters=2, return_best=True)
+    assert last.answers == best.answers and last.answers[0] != last.answers[1]
+    assert last.final_answer == last.answers[1]
+    assert best.final_answer == best.answers[0]
+    assert best.final_length == best.iteration_stats[0].tokens
+    # The best can be the CoT answer itself.
+    (cot_best,), _ = run([-0.3, -1.0, -1.0], max_iters=2, return_best=True)
+    assert cot_best.final_answer == cot_best.cot_answer
+
+
+def test_update_length_capped_by_max_update_length():
+    (r,), _ = run([-1.0], rho=1.0, max_update_length=3, max_iters=1)
+    assert r.update_length == 3  # min(floor(1.0 * 16), 3)
+
+
+def test_nan_reward_stops_with_nan_loss():
+    (r,), _ = run([math.nan])
+    assert (r.iterations, r.stop_reason, r.final_answer) == (0, "nan_loss", r.cot_answer)
+
+
+def test_batch_gives_each_problem_its_own_run():
+    # Three problems stop at different rounds; each must match running it alone.
+    scripts = {"a": [0.0], "b": [-1.0, -1.0, 0.0], "c": [-1.0]}
+    probs = [problem(f"What is {i}+{i}?", str(2 * i), pid) for i, pid in enumerate(scripts, 1)]
+    batch, _ = run(lambda p: scripts[p.problem_id], probs)
+    assert [r.stop_reason for r in batch] == ["cot_accepted", "threshold", "max_iters"]
+    assert [r.iterations for r in batch] == [0, 2, 3]
+    for p, r in zip(probs, batch):
+        (alone,), _ = run(scripts[p.problem_id], [p])
+        assert (r.answers, r.rewards, r.final_answer) == (
+            alone.answers,
+            alone.rewards,
+            alone.final_answer,
+        )
+
+
+def test_bad_problems_are_reported_without_failing_the_others():
+    probs = [
+        problem("", pid="empty"),
+        problem("What is 2+2?", "4", "good"),
+        problem("x" * 600, pid="long"),  # ~680 prompt tokens + 16 > the tiny model's 512
+    ]
+    results, reward = run([-1.0], probs, max_iters=1)
+    assert [r.problem_id for r in results] == ["empty", "good", "long"]
+    assert results[0].error == "empty question" and results[0].stop_reason == "error"
+    assert "exceeds the model's context" in results[2].error
+    assert results[2].stop_reason == "error"
+    assert results[1].error == "" and results[1].iterations == 1
+    assert set(reward.calls) == {"good"}  # failed problems never reach the reward
+
+
+def test_unknown_method_raises():
+    with pytest.raises(ValueError, match="unknown method"):
+        run([-1.0], method="beam")
+
+
+def test_cot_is_greedy_and_final():
+    (r,), reward = run([-1.0], method="cot")
+    (again,), _ = run([-1.0], method="cot")
+    assert r.final_answer == r.cot_answer == again.cot_answer
+    assert r.stop_reason == "length" and r.initial_reward is None and not reward.calls
+
+
+def test_best_of_n_picks_the_best_sample():
+    (r,), reward = run([-1.0, 0.0, -0.5], method="bon")  # the 3 samples score -1, 0, -0.5
+    assert len(r.samples) == 3 and len(set(r.samples)) == 3
+    assert r.sample_rewards == [-1.0, 0.0, -0.5]
+    assert r.final_answer == r.samples[1] and r.stop_reason == "best_of_n"
+    (again,), _ = run([-1.0, 0.0, -0.5], method="bon")
+    assert again.samples == r.samples  # seeded per (run seed, problem, sample)
+
+
+def test_self_consistency_without_answers():
+    # Random tiny-model samples contain no number (only, rarely, a digit by chance).
+    (r,), reward = run([-1.0], method="sc")
+    assert len(r.samples) == 3 and not reward.calls
+    assert r.stop_reason in ("majority", "no_answer")
+
+
+def test_problem_seed_is_stable_and_distinct():
+    assert problem_seed(42, "gsm8k-0", 0) == problem_seed(42, "gsm8k-0", 0)
+    seeds = {problem_seed(42, "gsm8k-0", j) for j in range(3)} | {problem_seed(43, "gsm8k-0", 0)}
+    assert len(seeds) == 4
+
+
+# --- select_best and majority_vote -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "rewards, expected",
+    [
+        ([-1.0, 0.0, -0.5], 1),
+        ([-0.5, -0.5, -1.0], 0),  # tie: the earliest
+        ([-1.0, -0.2, -0.2], 1),
+        ([-1.0], 0),
+        ([-1.0, -1.0, -1.0], 0),
+    ],
+)
+def test_select_best(rewards, expected):
+    assert select_best(rewards) == expected
+
+
+@pytest.mark.parametrize(
+    "extracted, expected",
+    [
+        (["18", "18", "5"], 0),
+        (["5", "18", "18"], 1),
+        (["18", "18.0", "5"], 0),  # grouped by equivalence, not by string
+        (["5", "18"], 0),  # tie: the group whose first member came first
+        (["5", "18", "18", "5"], 0),  # 2-2 tie: "5" appeared first
+        ([None, "3", None, "4", "4"], 3),  # no answer, no vote
+        ([None, "7", None], 1),
+        ([None, None, None], None),
+        ([], None),
+        (["\\frac{1}{2}", "0.5", "2"], 0),
+    ],
+)
+def test_majority_vote(extracted, expected):
+    assert majority_vote(extracted) == expected
