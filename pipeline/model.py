@@ -123,6 +123,18 @@ def _write_gguf_cache(gguf: Path, target: Path) -> None:
         raise
 
 
+def _gguf_file(spec: str) -> tuple[Path | None, str]:
+    """(the GGUF file, the model's name) for 'embedded' or a .gguf path; (None, spec) otherwise."""
+    if spec == "embedded":
+        return embedded_gguf_path(), EMBEDDED_NAME
+    if spec.endswith(".gguf"):
+        gguf = Path(spec).expanduser().resolve()
+        if not gguf.exists():
+            raise ModelError(f"model={spec!r}: GGUF file {gguf} does not exist")
+        return gguf, Path(spec).stem
+    return None, spec
+
+
 def _from_directory(path: str | Path, dtype: torch.dtype, **kw: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -137,14 +149,7 @@ def load_model(cfg: Any) -> LoadedModel:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     spec = cfg.model
-    gguf: Path | None = None
-    if spec == "embedded":
-        gguf, name = embedded_gguf_path(), EMBEDDED_NAME
-    elif spec.endswith(".gguf"):
-        gguf, name = Path(spec).expanduser().resolve(), Path(spec).stem
-        if not gguf.exists():
-            raise ModelError(f"model={spec!r}: GGUF file {gguf} does not exist")
-
+    gguf, name = _gguf_file(spec)
     if gguf is not None:
         cache = gguf_cache_dir(gguf, cfg.model_cache_dir)
         source = "gguf-cache"
@@ -194,14 +199,8 @@ def load_model(cfg: Any) -> LoadedModel:
 def prepare_model(cfg: Any) -> None:
     """Do the one-off work of a GGUF model (dequantise and cache) before workers start, so
     they do not all dequantise it at once. A no-op for other models."""
-    spec = cfg.model
-    if spec == "embedded":
-        gguf = embedded_gguf_path()
-    elif spec.endswith(".gguf"):
-        gguf = Path(spec).expanduser().resolve()
-        if not gguf.exists():
-            raise ModelError(f"model={spec!r}: GGUF file {gguf} does not exist")
-    else:
+    gguf, _ = _gguf_file(cfg.model)
+    if gguf is None:
         return
     cache = gguf_cache_dir(gguf, cfg.model_cache_dir)
     if not (cache / _CACHE_COMPLETE).exists():
