@@ -14,12 +14,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import ray
 
-ray = pytest.importorskip("ray")
-
-from jobs.run import RunError, run_evaluation  # noqa: E402
-from pipeline.config import Config  # noqa: E402
-from pipeline.records import RecordStore  # noqa: E402
+from jobs.run import RunError, run_evaluation
+from pipeline.config import Config
+from pipeline.records import RecordStore
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
