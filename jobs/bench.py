@@ -85,10 +85,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--full",
         action="store_true",
-        help="the issue's full matrix (long: about 2 h on 2 busy cores): every method in every "
-        "row, N=8, batch sizes 1,4,8, naive on 2 problems (self-reward: 1), Ray for every method",
+        help="the issue's full matrix (long: hours on 2 cores): every method in every row, "
+        "batch sizes 1,4,8,16, B=1 on 4 problems, naive on 2 problems (self-reward: 1), Ray for "
+        "every method",
     )
-    p.add_argument("--problems", type=int, help="N for the engine rows (b) and (d) (4; full 8)")
+    p.add_argument(
+        "--problems",
+        type=int,
+        help="N for the engine rows (b) at batch sizes > 1 and the ceiling (d) (16)",
+    )
+    p.add_argument(
+        "--b1-problems",
+        type=int,
+        help="N for the engine rows (b) at batch size 1: the first of the N, the naive's "
+        "problems (1; full 4)",
+    )
     p.add_argument(
         "--naive-problems",
         type=int,
@@ -104,6 +115,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--ray-problems", type=int, help="problems for the Ray rows (c) (16, the target's slice)"
     )
     p.add_argument(
+        "--ray-batch-size",
+        type=int,
+        help="batch size of the Ray rows (c) (8: 16 problems make 2 batches, one per worker)",
+    )
+    p.add_argument(
         "--ray-methods",
         type=_method_list,
         help="methods with Ray rows (cot: the cheapest 16-problem slice; full: all)",
@@ -111,7 +127,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--batch-sizes",
         type=_int_list,
-        help="engine batch sizes, comma-separated (1,4; full 1,4,8)",
+        help="engine batch sizes, comma-separated (1,16; full 1,4,8,16)",
     )
     p.add_argument(
         "--methods",
@@ -125,6 +141,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-naive", action="store_true", help="no (a) rows")
     p.add_argument("--skip-ray", action="store_true", help="no (c) rows")
     p.add_argument("--skip-ceiling", action="store_true", help="no (d) rows")
+    p.add_argument(
+        "--ceiling-tokens",
+        type=int,
+        default=0,
+        help="tokens the ceiling (d) generates, at most the engine's total (0: one batch, "
+        "batch size x max_new_tokens)",
+    )
     p.add_argument(
         "--threads", type=int, default=0, help="torch threads of the in-process rows; 0: default"
     )
@@ -146,26 +169,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-# What an option left unset means: the default profile fits `make bench` into about 15 minutes
-# of a quiet 2-core machine (the naive latentseek-psrm problem alone is most of it); --full runs
+# What an option left unset means: the default profile fits `make bench` into about 13 minutes
+# of a quiet 2-core machine (the naive latentseek-psrm problem alone is 6 of them); --full runs
 # the issue's whole matrix.
 PROFILES: dict[str, dict[str, Any]] = {
     "default": {
-        "problems": 4,
+        "problems": 16,
+        "b1_problems": 1,
         "naive_problems": 1,
         "naive_self_problems": 1,
         "ray_problems": 16,
+        "ray_batch_size": 8,
         "ray_methods": ["cot"],
-        "batch_sizes": [1, 4],
+        "batch_sizes": [1, 16],
         "methods": ["cot", "latentseek-psrm"],
     },
     "full": {
-        "problems": 8,
+        "problems": 16,
+        "b1_problems": 4,
         "naive_problems": 2,
         "naive_self_problems": 1,
         "ray_problems": 16,
+        "ray_batch_size": 8,
         "ray_methods": list(METHODS),
-        "batch_sizes": [1, 4, 8],
+        "batch_sizes": [1, 4, 8, 16],
         "methods": list(METHODS),
     },
 }
@@ -359,6 +386,7 @@ def _child_naive(cfg: Any, spec: dict) -> dict:
     rss_loaded = _rss_mb()
     self_reward, counter = _naive_self_reward(model, tok, solver.verifiers, cfg, style, eos)
     rows = []
+    cot_row: dict = {}
     start = time.perf_counter()
     for p in problems:
         t = time.perf_counter()
@@ -394,6 +422,19 @@ def _child_naive(cfg: Any, spec: dict) -> dict:
             text = res.final_text
             solver_tokens = len(res.cot_tokens) + sum(len(a) for a in res.answer_tokens)
             iterations, stop = res.iterations, res.stop_reason
+            cot_g = grade(res.cot_text, p.gold, style)
+            cot_row = {  # the CoT pass alone: the naive cot baseline on this problem
+                "problem_id": p.problem_id,
+                "final_answer": res.cot_text,
+                "extracted": cot_g.extracted,
+                "correct": bool(cot_g.correct),
+                "iterations": 0,
+                "stop_reason": "",
+                "error": "",
+                "solver_generated": len(res.cot_tokens),
+                "verifier_generated": 0,
+                "wall_s": res.cot_seconds,
+            }
         g = grade(text, p.gold, style)
         rows.append(
             {
@@ -407,6 +448,7 @@ def _child_naive(cfg: Any, spec: dict) -> dict:
                 "solver_generated": solver_tokens,
                 "verifier_generated": counter["generated"] - before,
                 "wall_s": time.perf_counter() - t,
+                **({"cot": cot_row} if method != "cot" else {}),
             }
         )
     wall = time.perf_counter() - start
@@ -645,6 +687,17 @@ class _Runner:
         return result
 
 
+def _cot_from_naive_latentseek(source: dict) -> dict:
+    """The naive cot result read off a naive latentseek run: each problem's CoT pass, timed alone."""
+    rows = [r["cot"] for r in source["rows"]]
+    return {
+        **{k: v for k, v in source.items() if k not in ("rows", "wall_s", "process_s")},
+        "wall_s": sum(r["wall_s"] for r in rows),
+        "rows": rows,
+        "derived_from": "latentseek-psrm naive",
+    }
+
+
 def _pythonpath() -> str:
     from pipeline.config import PROJECT_ROOT
 
@@ -713,9 +766,9 @@ def compare_answers(reference: list[dict], other: list[dict]) -> list[dict]:
 
 
 def compute_ratios(rows: list[dict], naive_matched: dict[str, dict]) -> dict[str, dict]:
-    """Per method: b/a (direct per-problem rates and matched on the naive's problems), c/b, c2/c1
-    and b/d. `naive_matched[method]` holds {"naive_s", "engine_b1_s"} summed over the same
-    problems."""
+    """Per method: b/a (per-problem rates, per-token rates, and B=1 matched on the naive's
+    problems), c/b, c2/c1 and b/d. `naive_matched[method]` holds {"naive_s", "engine_b1_s"} summed
+    over the same problems."""
     out: dict[str, dict] = {}
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method and "error" not in r]
@@ -727,7 +780,6 @@ def compute_ratios(rows: list[dict], naive_matched: dict[str, dict]) -> dict[str
 
         engine = [r for r in mine if r["row"] == "b" and r.get("problems_per_hour")]
         best = max(engine, key=lambda r: r["problems_per_hour"] or 0, default=None)
-        b1 = next((r for r in engine if r.get("batch_size") == 1), None)
         naive, ceiling = get("a"), get("d")
         ray1, ray2 = get("c", "ray 1 worker"), get("c", "ray 2 workers")
         res: dict[str, Any] = {"best_batch_size": best.get("batch_size") if best else None}
@@ -735,12 +787,9 @@ def compute_ratios(rows: list[dict], naive_matched: dict[str, dict]) -> dict[str
             res["b_over_a_direct"] = _ratio(best["problems_per_hour"], naive["problems_per_hour"])
             res["b_over_a_tokens_per_s"] = _ratio(best["tokens_per_s"], naive["tokens_per_s"])
             m = naive_matched.get(method)
-            if m and b1 and m.get("engine_b1_s"):
-                # engine B=1 vs naive on the same problems, times best vs B=1 on the same N
+            if m and m.get("engine_b1_s"):
+                # engine B=1 vs naive, seconds on the very same problems
                 res["b1_over_a_matched"] = m["naive_s"] / m["engine_b1_s"]
-                res["b_over_a_matched"] = res["b1_over_a_matched"] * _ratio(
-                    best["problems_per_hour"], b1["problems_per_hour"]
-                )
         if best and ceiling:
             res["b_over_d_tokens_per_s"] = _ratio(best["tokens_per_s"], ceiling["tokens_per_s"])
         for name, ray in (("c1", ray1), ("c2", ray2)):
@@ -759,12 +808,14 @@ def compute_ratios(rows: list[dict], naive_matched: dict[str, dict]) -> dict[str
 def evaluate_targets(ratios: dict[str, dict]) -> list[dict]:
     targets = []
     ls = ratios.get("latentseek-psrm", {})
-    values = [v for v in (ls.get("b_over_a_direct"), ls.get("b_over_a_matched")) if v is not None]
+    values = [
+        v for v in (ls.get("b_over_a_direct"), ls.get("b_over_a_tokens_per_s")) if v is not None
+    ]
     value = min(values) if values else None
     targets.append(
         {
             "target": f"latentseek-psrm problems/h, engine best batch >= {TARGET_NAIVE_SPEEDUP:g}x "
-            "naive (a) (the smaller of the direct and the matched ratio)",
+            "naive (a) (the smaller of the problems/h and the tokens/s ratio)",
             "value": value,
             "met": None if value is None else value >= TARGET_NAIVE_SPEEDUP,
         }
@@ -972,9 +1023,8 @@ def render_markdown(report: dict) -> str:
                 "method",
                 "best B",
                 "b/a problems/h",
-                "b/a matched",
-                "b(B=1)/a matched",
                 "b/a tokens/s",
+                "b(B=1)/a matched",
                 "c1/b",
                 "c2/b",
                 "c2/c1",
@@ -986,9 +1036,8 @@ def render_markdown(report: dict) -> str:
                     m,
                     r.get("best_batch_size"),
                     r.get("b_over_a_direct"),
-                    r.get("b_over_a_matched"),
-                    r.get("b1_over_a_matched"),
                     r.get("b_over_a_tokens_per_s"),
+                    r.get("b1_over_a_matched"),
                     r.get("c1_over_b"),
                     r.get("c2_over_b"),
                     r.get("c2_over_c1"),
@@ -1035,14 +1084,14 @@ NOTES = [
     "Each configuration runs in a fresh child process, one after another. Wall time is "
     "time.perf_counter around the configuration only (model load, imports and one short warm-up "
     "generation excluded). Rates are per problem (problems/h = 3600 N / wall), so rows with "
-    "different N compare; problem cost varies (a problem whose CoT is accepted costs one "
-    "generation), hence also the matched ratio below.",
+    "different N compare (the B=1 rows run the first --b1-problems of the N); problem cost varies "
+    "(a problem whose CoT is accepted costs one generation), hence also the per-token ratio.",
     "Generated tokens = solver + verifier tokens decoded, forced LatentSeek prefix tokens included "
     "(as the engine counts them); prompt tokens are not counted.",
     "b/a problems/h: engine at its best batch size (problems 0..N-1) over the naive rate (its "
-    "own first problems). b/a matched: (naive seconds / engine B=1 seconds on the naive's very "
-    "problems) x (engine best / engine B=1 problems/h on the same N problems). The target uses "
-    "the smaller of the two.",
+    "own first problems). Problems differ in cost (tokens), so b/a tokens/s is the same ratio "
+    "normalised by generated tokens per problem; the target uses the smaller of the two. "
+    "b(B=1)/a matched: naive seconds / engine B=1 seconds on the naive's very problems.",
     "Peak RSS, in-process rows (a, b, d): the child's own ru_maxrss (model, imports and the "
     "configuration). Ray rows (c): the peak of the summed RSS of the driver and all its "
     "descendants (GCS, raylet, workers), sampled every 0.25 s; the workers' share is in bench.json "
@@ -1050,16 +1099,20 @@ NOTES = [
     "Ray rows: run_evaluation end to end (worker start and model load, scheduling, Parquet "
     "records, compaction, MLflow logging) with Ray already started and the MLflow store already "
     "created (both one-off, reported as setup_s in bench.json); workers use cpus_per_worker=1 "
-    "(1 torch thread each), batch size = the engine's best for the method. 'c2/c1 until last "
-    "batch' leaves out what follows the last batch (compaction, MLflow).",
+    "(1 torch thread each), batch size --ray-batch-size (8: the 16 problems make one batch per "
+    "worker with 2 workers). 'c2/c1 until last batch' leaves out what follows the last batch "
+    "(compaction, MLflow).",
     "Ceiling (d): model.generate greedy with its cache, left-padded batches of the same solver "
     "prompts at the engine's best batch size, rows of max_new_tokens tokens with EOS ignored "
-    "(min_new_tokens = max_new_tokens), until the engine's total generated tokens are reached. "
-    "It decodes short-prompt rows only, while the engine also decodes verifier prompts "
-    "(question + answer) for self-reward.",
+    "(min_new_tokens = max_new_tokens): one full batch (--ceiling-tokens), at most the engine's "
+    "total; methods with the same best batch size share the run. A full batch for its whole "
+    "length is generate()'s best case; the engine's batches shrink as rows stop at EOS, and for "
+    "self-reward it also decodes the longer verifier prompts (question + answer).",
     "Naive (a): tests/naive_reference.py (no cache, full forward per token, one problem at a "
     "time); its self-reward runs the verifiers one by one with the engine's greedy/capped "
-    "settings (jobs/bench.py _naive_self_reward).",
+    "settings (jobs/bench.py _naive_self_reward). The naive cot row is the CoT pass of the naive "
+    "latentseek-psrm run on the same problem, timed on its own (the same code a separate naive "
+    "cot run would execute).",
     "The machine may be shared: the load average before/after each row is in the table; ratios "
     "come from rows measured in the same run. Every measured process gets OMP_WAIT_POLICY=PASSIVE "
     "(--omp-wait-policy): with OpenMP's default spin-waiting, 2 torch threads on 2 cores that "
@@ -1108,9 +1161,10 @@ def main(args: argparse.Namespace) -> int:
     best_b: dict[str, int] = {}
     for method in args.methods:
         for b in args.batch_sizes:
+            n = min(args.b1_problems, args.problems) if b == 1 else args.problems
             res = runner.child(
-                f"engine {method} B={b}",
-                {"kind": "engine", "cfg": base, "method": method, "batch_size": b},
+                f"engine {method} B={b} N={n}",
+                {"kind": "engine", "cfg": {**base, "limit": n}, "method": method, "batch_size": b},
             )
             results[(method, f"b{b}")] = res
             rows.append(_row("b", method, f"engine B={b}", res, batch_size=b))
@@ -1118,44 +1172,53 @@ def main(args: argparse.Namespace) -> int:
         if engine:
             best_b[method] = max(engine, key=lambda r: r["problems_per_hour"])["batch_size"]
 
-    # (d) ceiling at the engine's best batch size, same total tokens
+    # (d) ceiling at the engine's best batch size: one batch of max_new_tokens rows (or
+    # --ceiling-tokens), at most the engine's total; methods with the same settings share a run
     if not args.skip_ceiling:
+        ceilings: dict[tuple[int, int], dict] = {}
         for method in args.methods:
             if method not in best_b:
                 continue
             b = best_b[method]
-            total = _tokens(results[(method, f"b{b}")])
-            res = runner.child(
-                f"ceiling {method} B={b}",
-                {
-                    "kind": "ceiling",
-                    "cfg": base,
-                    "method": method,
-                    "batch_size": b,
-                    "total_tokens": total,
-                },  # fmt: skip
+            # one run per batch size: the smallest engine total among the methods there
+            engine_total = min(
+                _tokens(results[(m, f"b{b}")]) for m in args.methods if best_b.get(m) == b
             )
-            rows.append(_row("d", method, f"generate() B={b}", res, batch_size=b))
+            total = min(engine_total, args.ceiling_tokens or b * cfg.max_new_tokens)
+            if (b, total) not in ceilings:
+                ceilings[(b, total)] = runner.child(
+                    f"ceiling B={b} tokens={total}",
+                    {"kind": "ceiling", "cfg": base, "batch_size": b, "total_tokens": total},
+                )
+            rows.append(_row("d", method, f"generate() B={b}", ceilings[(b, total)], batch_size=b))
 
-    # (a) naive
+    # (a) naive; the naive cot row is the CoT pass of the naive latentseek-psrm run when both
+    # run on the same problems (the same code, timed on its own), which saves a child
     if not args.skip_naive:
-        for method in args.methods:
+        order = sorted(args.methods, key=lambda m: m != "latentseek-psrm")
+        for method in order:
             n = n_naive_self if method == "latentseek-self" else n_naive
             if n < 1:
                 continue
-            res = runner.child(
-                f"naive {method} N={n}",
-                {"kind": "naive", "cfg": {**base, "limit": n}, "method": method},
-            )
+            source = results.get(("latentseek-psrm", "naive"))
+            if method == "cot" and source and "error" not in source:
+                res = _cot_from_naive_latentseek(source)
+                label = "naive (CoT pass of the latentseek-psrm row)"
+            else:
+                res = runner.child(
+                    f"naive {method} N={n}",
+                    {"kind": "naive", "cfg": {**base, "limit": n}, "method": method},
+                )
+                label = "naive"
             results[(method, "naive")] = res
-            rows.append(_row("a", method, "naive", res))
+            rows.append(_row("a", method, label, res))
 
     # (c) Ray, 1 and 2 workers
     if not args.skip_ray:
         with tempfile.TemporaryDirectory(prefix="latentseek-bench-") as tmp:
             for method in args.ray_methods:
                 for workers in (1, 2):
-                    b = best_b.get(method, cfg.batch_size)
+                    b = args.ray_batch_size
                     res = runner.child(
                         f"ray {method} workers={workers} B={b}",
                         {
@@ -1241,10 +1304,12 @@ def main(args: argparse.Namespace) -> int:
         f"{m} N={n_naive_self if m == 'latentseek-self' else n_naive}" for m in args.methods
     )
     settings = (
-        f"methods {','.join(args.methods)}; engine (b) and ceiling (d) rows N={args.problems} "
+        f"methods {','.join(args.methods)}; engine (b) rows N={args.problems} "
         f"(GSM8K test rows {args.offset}..{last}), batch sizes "
-        f"{','.join(map(str, args.batch_sizes))}; naive (a): {naive_text} (the first of those "
-        f"rows); Ray (c): {','.join(args.ray_methods)} on N={args.ray_problems}; "
+        f"{','.join(map(str, args.batch_sizes))}, B=1 on the first "
+        f"{min(args.b1_problems, args.problems)}; naive (a): {naive_text} (the first of those "
+        f"rows); ceiling (d): one batch at the best batch size; Ray (c): "
+        f"{','.join(args.ray_methods)} on N={args.ray_problems}, B={args.ray_batch_size}; "
         f"max_new_tokens={cfg.max_new_tokens}, verifier_max_new_tokens="
         f"{cfg.verifier_max_new_tokens}, K={cfg.max_iters}, lr={cfg.lr}, rho={cfg.rho}, "
         f"tau={cfg.reward_threshold}, prompt={cfg.prompt}, model={cfg.model} ({cfg.dtype}), "

@@ -14,7 +14,9 @@ Layout. Prompts are prefilled right-padded (so no real token attends to padding 
 plain `0..L-1`); each row's keys and values are cut to its own length and kept. A decoding batch is
 assembled as `[zero padding | prompt_i | padding | prefix_i]` along the sequence axis with a 2-D
 attention mask and explicit position ids (prompt positions `0..P_i-1`, prefix `P_i..`), so a row's
-tokens, positions and visible keys are the same whatever else is in the batch. Padding can still
+tokens, positions and visible keys are the same whatever else is in the batch. The batch cache is
+preallocated for the longest row (prompt + prefix + max_new_tokens) and written in place, so a
+decode step does not copy the whole cache as `DynamicCache`'s concatenation does. Padding can still
 change floating-point rounding (different matrix shapes), which is why the fidelity test measures
 batch sizes 4 and 8 separately from batch size 1.
 
@@ -32,6 +34,7 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 
 @dataclass
@@ -186,26 +189,17 @@ class Generator:
         if not live:
             return results
 
-        # 2. Assemble the batch cache: [zeros | prompt_i] along the sequence axis.
-        num_layers = len(states[live[0]].keys)
+        # 2. Assemble the batch cache: [zeros | prompt_i] along the sequence axis, in buffers that
+        #    already hold room for the prefixes and every token to decode (no per-step concat).
         p_max = max(states[i].length for i in live)
         f_max = max(len(requests[i].prefix_ids) for i in live)
+        capacity = p_max + f_max + max(requests[i].max_new_tokens for i in live)
         b = len(live)
-        cache = DynamicCache(config=self.model.config)
-        ref_k = states[live[0]].keys[0]
-        mask = torch.zeros((b, p_max + f_max), dtype=torch.long, device=self.device)
-        for layer in range(num_layers):
-            shape_k = (b, ref_k.shape[0], p_max, ref_k.shape[2])
-            shape_v = (b, ref_k.shape[0], p_max, states[live[0]].values[layer].shape[2])
-            keys = torch.zeros(shape_k, dtype=ref_k.dtype, device=self.device)
-            values = torch.zeros(shape_v, dtype=ref_k.dtype, device=self.device)
-            for row, i in enumerate(live):
-                s = states[i]
-                keys[row, :, p_max - s.length :] = s.keys[layer]
-                values[row, :, p_max - s.length :] = s.values[layer]
-            cache.update(keys, values, layer)
+        cache = _preallocated_cache(self.model.config, [states[i] for i in live], capacity)
+        mask = torch.zeros((b, capacity), dtype=torch.long, device=self.device)
         for row, i in enumerate(live):
             mask[row, p_max - states[i].length : p_max] = 1
+        width = p_max  # columns of `mask` in use
         next_pos = torch.tensor([states[i].length for i in live], device=self.device)
 
         # 3. Feed the forced prefixes (left-padded inside their block) in one pass.
@@ -219,8 +213,9 @@ class Generator:
                 if f:
                     ids[row, f_max - f :] = torch.tensor(prefix, device=self.device)
                     pos[row, f_max - f :] = torch.arange(f, device=self.device) + next_pos[row]
-                    mask[row, p_max + f_max - f :] = 1
-            hidden = self._forward(ids, mask, pos, cache)  # [b, f_max, D]
+                    mask[row, p_max + f_max - f : p_max + f_max] = 1
+            width += f_max
+            hidden = self._forward(ids, mask[:, :width], pos, cache)  # [b, f_max, D]
             for row, i in enumerate(live):
                 f = len(requests[i].prefix_ids)
                 if f:
@@ -263,8 +258,9 @@ class Generator:
                 cache.batch_select_indices(index)
                 mask, next_pos, chosen = mask[index], next_pos[index], chosen[index]
                 rows = [rows[row] for row in keep]
-            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
-            hidden = self._forward(chosen[:, None], mask, next_pos[:, None], cache)
+            mask[:, width] = 1
+            width += 1
+            hidden = self._forward(chosen[:, None], mask[:, :width], next_pos[:, None], cache)
             z = hidden[:, -1]
             next_pos = next_pos + 1
             for i in rows:
@@ -275,6 +271,62 @@ class Generator:
             if captured[i]:
                 results[i].hidden = torch.stack(captured[i])
         return results
+
+
+class _BufferLayer(DynamicLayer):
+    """A cache layer over preallocated buffers `[B, H_kv, capacity, D_head]`: `update` writes the
+    new keys/values in place, and `keys`/`values` are views of the filled part (DynamicLayer
+    concatenates the whole cache at every step instead)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        super().__init__()
+        self._keys_buffer, self._values_buffer = keys, values
+        self._length = length
+        self.device = keys.device
+        self.is_initialized = True
+        self._views()
+
+    def _views(self) -> None:
+        self.keys = self._keys_buffer[:, :, : self._length]
+        self.values = self._values_buffer[:, :, : self._length]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self._length + key_states.shape[-2]
+        if end > self._keys_buffer.shape[-2]:
+            raise RuntimeError(f"cache buffer of {self._keys_buffer.shape[-2]} positions is full")
+        self._keys_buffer[:, :, self._length : end] = key_states
+        self._values_buffer[:, :, self._length : end] = value_states
+        self._length = end
+        self._views()
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._keys_buffer = self._keys_buffer[indices]
+        self._values_buffer = self._values_buffer[indices]
+        self._views()
+
+
+def _preallocated_cache(config: Any, states: Sequence[PromptState], capacity: int) -> DynamicCache:
+    """A batch cache whose layers hold each prompt right-aligned at `max(length)` in buffers of
+    `capacity` positions."""
+    p_max = max(s.length for s in states)
+    layers = []
+    for layer in range(len(states[0].keys)):
+        ref_k, ref_v = states[0].keys[layer], states[0].values[layer]
+        b, heads = len(states), ref_k.shape[0]
+        keys = ref_k.new_zeros((b, heads, capacity, ref_k.shape[2]))
+        values = ref_v.new_zeros((b, heads, capacity, ref_v.shape[2]))
+        for row, s in enumerate(states):
+            keys[row, :, p_max - s.length : p_max] = s.keys[layer]
+            values[row, :, p_max - s.length : p_max] = s.values[layer]
+        layers.append(_BufferLayer(keys, values, p_max))
+    cache = DynamicCache(config=config)
+    if len(cache.layers) != len(layers):
+        raise NotImplementedError("the model's cache layout is not one full-attention layer each")
+    cache.layers = layers
+    return cache
 
 
 def _cache_layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:

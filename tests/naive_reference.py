@@ -23,6 +23,7 @@ against batch size 1, the count the fidelity test reports).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +51,7 @@ class NaiveResult:
     rewards: list[float] = field(default_factory=list)  # reward after each iteration
     final_text: str = ""  # the last answer (the CoT answer if there was no iteration)
     stop_reason: str = ""  # cot_accepted | no_update | threshold | max_iters
+    cot_seconds: float = 0.0  # wall time of the CoT pass alone (the naive CoT baseline's cost)
 
     @property
     def iterations(self) -> int:
@@ -109,11 +111,13 @@ def naive_latentseek(
         return tokenizer.decode(tokens, skip_special_tokens=True)
 
     # 1-2. CoT pass, keeping z_t; initial reward.
+    start = time.perf_counter()
     cot, zs = naive_greedy(model, prompt_ids, max_new_tokens, eos)
+    cot_seconds = time.perf_counter() - start
     reward = reward_fn(decode(cot), gold)
     # 3. U = min(floor(rho * T), U_max).
     u = min(math.floor(rho * len(cot)), max_update_length)
-    res = NaiveResult(cot, decode(cot), reward, u, final_text=decode(cot))
+    res = NaiveResult(cot, decode(cot), reward, u, final_text=decode(cot), cot_seconds=cot_seconds)
     if reward > reward_threshold:
         res.stop_reason = "cot_accepted"
         return res
