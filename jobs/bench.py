@@ -145,8 +145,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--ceiling-tokens",
         type=int,
         default=0,
-        help="tokens the ceiling (d) generates, at most the engine's total (0: one batch, "
-        "batch size x max_new_tokens)",
+        help="tokens the ceiling (d) generates, at most the engine's total (0: one batch of "
+        "rows of max_new_tokens / 2)",
     )
     p.add_argument(
         "--threads", type=int, default=0, help="torch threads of the in-process rows; 0: default"
@@ -568,27 +568,51 @@ class _TreeRss:
 
 
 def _child_ray(cfg: Any, spec: dict) -> dict:
+    """The Ray pipeline with each worker count of `spec["workers"]`, one after another on one
+    local Ray (started once, not charged); returns {"wall_s": total, "runs": {workers: result}}."""
     import ray
 
-    from analysis.tables import load_run
-    from jobs.run import run_evaluation, start_ray
+    from jobs.run import start_ray
 
     cfg = _method_cfg(cfg, spec["method"])
     tmp = Path(spec["tmp_dir"])
     cfg = cfg.replace(
-        workers=spec["workers"],
         batch_size=spec["batch_size"],
         output_dir=str(tmp),
-        run_id=f"bench-{spec['method']}-w{spec['workers']}",
         mlflow_tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}",
     )
     setup = time.perf_counter()
-    start_ray(cfg)  # one-off cluster start, not charged to the row
+    start_ray(cfg)  # one-off cluster start, not charged to the rows
     import mlflow  # the store's one-off creation (schema migrations), not charged either
 
     mlflow.set_tracking_uri(cfg.mlflow_tracking_uri)
     mlflow.search_experiments()
     setup = time.perf_counter() - setup
+    runs = {}
+    for workers in spec["workers"]:
+        _wait_for_idle_cluster(ray)  # the previous configuration's workers are gone
+        run_cfg = cfg.replace(workers=workers, run_id=f"bench-{spec['method']}-w{workers}")
+        runs[str(workers)] = {**_ray_configuration(run_cfg), "setup_s": setup}
+    ray.shutdown()
+    return {"wall_s": sum(r["wall_s"] for r in runs.values()), "runs": runs}
+
+
+def _wait_for_idle_cluster(ray: Any, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        total, free = ray.cluster_resources(), ray.available_resources()
+        if free.get("CPU", 0.0) >= total.get("CPU", 0.0):
+            return
+        time.sleep(0.2)
+    raise RuntimeError(
+        f"Ray workers of the previous configuration still hold CPUs after {timeout} s"
+    )
+
+
+def _ray_configuration(cfg: Any) -> dict:
+    from analysis.tables import load_run
+    from jobs.run import run_evaluation
+
     last_batch = [0.0]
     start = time.perf_counter()
 
@@ -619,12 +643,10 @@ def _child_ray(cfg: Any, spec: dict) -> dict:
     busy: dict[str, float] = {}
     for r in rows:
         busy[r["worker"]] = busy.get(r["worker"], 0.0) + r["wall_s"]
-    ray.shutdown()
     return {
         "worker_busy_s": busy,
         "wall_s": wall,
         "until_last_batch_s": last_batch[0],
-        "setup_s": setup,
         "problems": len(rows),
         "failures": summary.failures,
         "worker_failures": summary.worker_failures,
@@ -736,6 +758,11 @@ def _row(kind: str, method: str, config: str, result: dict, **extra: Any) -> dic
 
 def _ratio(x: float | None, y: float | None) -> float | None:
     return x / y if x is not None and y else None
+
+
+def _common(a: list[dict], b: list[dict]) -> int:
+    """How many problems two row lists share (what an answer check actually compares)."""
+    return len({r["problem_id"] for r in a} & {r["problem_id"] for r in b})
 
 
 def compare_answers(reference: list[dict], other: list[dict]) -> list[dict]:
@@ -1172,7 +1199,7 @@ def main(args: argparse.Namespace) -> int:
         if engine:
             best_b[method] = max(engine, key=lambda r: r["problems_per_hour"])["batch_size"]
 
-    # (d) ceiling at the engine's best batch size: one batch of max_new_tokens rows (or
+    # (d) ceiling at the engine's best batch size: one batch of rows of max_new_tokens / 2 (or
     # --ceiling-tokens), at most the engine's total; methods with the same settings share a run
     if not args.skip_ceiling:
         ceilings: dict[tuple[int, int], dict] = {}
@@ -1184,7 +1211,7 @@ def main(args: argparse.Namespace) -> int:
             engine_total = min(
                 _tokens(results[(m, f"b{b}")]) for m in args.methods if best_b.get(m) == b
             )
-            total = min(engine_total, args.ceiling_tokens or b * cfg.max_new_tokens)
+            total = min(engine_total, args.ceiling_tokens or b * cfg.max_new_tokens // 2)
             if (b, total) not in ceilings:
                 ceilings[(b, total)] = runner.child(
                     f"ceiling B={b} tokens={total}",
@@ -1217,19 +1244,24 @@ def main(args: argparse.Namespace) -> int:
     if not args.skip_ray:
         with tempfile.TemporaryDirectory(prefix="latentseek-bench-") as tmp:
             for method in args.ray_methods:
+                b = args.ray_batch_size
+                both = runner.child(
+                    f"ray {method} workers=1,2 B={b}",
+                    {
+                        "kind": "ray",
+                        "cfg": {**base, "limit": args.ray_problems, "cpus_per_worker": 1},
+                        "method": method,
+                        "workers": [1, 2],
+                        "batch_size": b,
+                        "tmp_dir": str(Path(tmp) / method),
+                    },
+                )
                 for workers in (1, 2):
-                    b = args.ray_batch_size
-                    res = runner.child(
-                        f"ray {method} workers={workers} B={b}",
-                        {
-                            "kind": "ray",
-                            "cfg": {**base, "limit": args.ray_problems, "cpus_per_worker": 1},
-                            "method": method,
-                            "workers": workers,
-                            "batch_size": b,
-                            "tmp_dir": str(Path(tmp) / f"{method}-w{workers}"),
-                        },
-                    )
+                    res = both.get("runs", {}).get(str(workers), both)  # a failure: its error
+                    res = {
+                        **res,
+                        **{k: both[k] for k in ("load_before", "load_after") if k in both},
+                    }
                     results[(method, f"ray{workers}")] = res
                     label = "ray 1 worker" if workers == 1 else f"ray {workers} workers"
                     rows.append(
@@ -1258,7 +1290,7 @@ def main(args: argparse.Namespace) -> int:
                 {
                     "method": method,
                     "what": "naive (a) vs engine B=1 (b)",
-                    "compared": len(naive),
+                    "compared": _common(naive, b1),
                     "differences": compare_answers(naive, b1),
                 }
             )
@@ -1273,25 +1305,25 @@ def main(args: argparse.Namespace) -> int:
                     {
                         "method": method,
                         "what": f"engine B={b} vs engine B=1",
-                        "compared": len(other),
+                        "compared": _common(b1, other),
                         "differences": compare_answers(b1, other),
                     }
                 )
-        ref_b = next(
-            (b for b in sorted(args.batch_sizes) if results.get((method, f"b{b}"), {}).get("rows")),
-            None,
-        )
+        # Ray against the engine row that covers the most problems (ties: the smaller batch)
+        engine_rows = [
+            (b, results[(method, f"b{b}")]["rows"])
+            for b in sorted(args.batch_sizes)
+            if results.get((method, f"b{b}"), {}).get("rows")
+        ]
+        ref_b, ref = max(engine_rows, key=lambda e: len(e[1]), default=(None, None))
         for w in (1, 2):
             other = results.get((method, f"ray{w}"), {}).get("rows")
-            if ref_b is not None and other:
-                ref = results[(method, f"b{ref_b}")]["rows"]
-                ids = {r["problem_id"] for r in ref}
-                other = [r for r in other if r["problem_id"] in ids]
+            if ref and other:
                 checks.append(
                     {
                         "method": method,
                         "what": f"Ray {w} worker(s) vs engine B={ref_b} (common problems)",
-                        "compared": len(other),
+                        "compared": _common(ref, other),
                         "differences": compare_answers(ref, other),
                     }
                 )

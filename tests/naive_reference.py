@@ -79,7 +79,7 @@ def naive_greedy(
     zs: list[torch.Tensor] = []
     for _ in range(max_new_tokens):
         ids = torch.tensor([sequence], device=device)  # [1, L]
-        z = model.model(input_ids=ids).last_hidden_state[:, -1]  # [1, D] post-norm
+        z = model.model(input_ids=ids, use_cache=False).last_hidden_state[:, -1]  # [1, D] post-norm
         token = int(model.lm_head(z).argmax(dim=-1)[0])
         tokens.append(token)
         zs.append(z[0].float().clone())
