@@ -5,11 +5,12 @@ Rows, for each method (`cot`, `latentseek-psrm`, `latentseek-self`; K = max_iter
 - (a) naive: `tests/naive_reference.py`, the reference cost structure: one problem at a time, no KV
   cache, one full forward over the whole sequence per generated token, the four self-reward
   verifiers one after another (greedy, capped at `verifier_max_new_tokens`, like the engine);
-- (b) the engine in-process (`Solver.run`) at every batch size of `--batch-sizes`; "best" is the
-  one with the most problems per hour;
+- (b) the engine in-process (`Solver.run`) at every batch size of `--batch-sizes` (batch size 1
+  on the first `--b1-problems` of the N); "best" is the one with the most problems per hour;
 - (c) the Ray pipeline (`jobs.run.run_evaluation`) with 1 and 2 workers;
 - (d) the ceiling: plain batched greedy `model.generate` (with its cache) on the same prompts, at the
-  engine's best batch size, producing the same total number of tokens the engine generated there.
+  engine's best batch size: one full batch of rows of max_new_tokens / 2 tokens (at most the
+  engine's total; `--ceiling-tokens`), EOS ignored.
 
 Every configuration runs in a fresh child process (so its peak RSS, `ru_maxrss`, is its own) one
 after another, and reports wall time (`time.perf_counter` around the configuration only: model
