@@ -1,13 +1,20 @@
-"""`latentseek bench`: the report and ratio code on tiny hand-made inputs (nothing is timed)."""
+"""`latentseek bench`: the report and ratio code on tiny hand-made inputs (nothing is timed), and
+one end-to-end run of every row kind on a tiny setting (real child processes, a real local Ray)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from jobs import bench
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _child(wall: float, answers: dict[str, str], tokens: int = 10, **extra) -> dict:
@@ -139,3 +146,30 @@ def test_naive_cot_row_is_the_cot_pass_of_the_naive_latentseek_run():
     row = bench._row("a", "cot", "naive", res)
     assert row["problems"] == 1 and row["generated_tokens"] == 12
     assert row["peak_rss_mb"] == 900.0  # the run it was read from
+
+
+def test_bench_runs_every_row_end_to_end(tmp_path):
+    """What `make bench` runs, shrunk (2 problems, 8 tokens, K=1): every row kind completes, the
+    report has them all, and the naive reference and the engine agree on the answers."""
+    out = tmp_path / "bench"
+    args = [
+        str(Path(sys.executable).parent / "latentseek"), "bench", "--problems", "2",
+        "--batch-sizes", "1,2", "--max-new-tokens", "8", "--max-iters", "1",
+        "--ray-problems", "2", "--ray-batch-size", "1", "--out", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "bench.json").read_text())
+    rows = {(r["row"], r["method"], r["config"]): r for r in report["rows"]}
+    assert not [r for r in report["rows"] if "error" in r]
+    for method in ("cot", "latentseek-psrm"):
+        assert rows[("b", method, "engine B=1")]["problems"] == 1
+        assert rows[("b", method, "engine B=2")]["problems"] == 2
+        assert rows[("d", method, "generate() B=2")]["generated_tokens"] > 0
+    assert rows[("a", "latentseek-psrm", "naive")]["problems"] == 1
+    assert rows[("a", "cot", "naive (CoT pass of the latentseek-psrm row)")]["problems"] == 1
+    assert rows[("c", "cot", "ray 2 workers")]["problems"] == 2
+    checks = report["answer_checks"]
+    assert checks and all(c["compared"] >= 1 and not c["differences"] for c in checks)
+    assert "## Targets" in (out / "bench.md").read_text()
