@@ -294,7 +294,6 @@ def _method_cfg(cfg: Any, key: str) -> Any:
 
 
 def _child_engine(cfg: Any, spec: dict) -> dict:
-    import torch
 
     from pipeline.grading import grade
 
@@ -332,9 +331,16 @@ def _child_engine(cfg: Any, spec: dict) -> dict:
                 "wall_s": chunk_walls[k // b] / len(problems[(k // b) * b : (k // b) * b + b]),
             }
         )
+    return _in_process_result(wall, rows, rss_loaded)
+
+
+def _in_process_result(wall: float, rows: list[dict], rss_loaded: float) -> dict:
+    """What an in-process row (engine, naive) returns to the driver."""
+    import torch
+
     return {
         "wall_s": wall,
-        "problems": len(problems),
+        "problems": len(rows),
         "rows": rows,
         "rss_after_load_mb": rss_loaded,
         "torch_threads": torch.get_num_threads(),
@@ -371,7 +377,6 @@ def _naive_self_reward(model: Any, tokenizer: Any, verifiers: Any, cfg: Any, sty
 
 
 def _child_naive(cfg: Any, spec: dict) -> dict:
-    import torch
 
     from pipeline.grading import grade
     from tests import naive_reference as naive
@@ -407,18 +412,7 @@ def _child_naive(cfg: Any, spec: dict) -> dict:
             else:
                 fn = self_reward(p.question)
             res = naive.naive_latentseek(
-                model,
-                tok,
-                prompt,
-                p.gold,
-                lr=cfg.lr,
-                rho=cfg.rho,
-                max_iters=cfg.max_iters,
-                max_new_tokens=cfg.max_new_tokens,
-                reward_threshold=cfg.reward_threshold,
-                max_update_length=cfg.max_update_length,
-                reward_fn=fn,
-                eos_ids=eos,
+                model, tok, prompt, p.gold, reward_fn=fn, eos_ids=eos, **naive.config_kwargs(cfg)
             )
             text = res.final_text
             solver_tokens = len(res.cot_tokens) + sum(len(a) for a in res.answer_tokens)
@@ -452,14 +446,7 @@ def _child_naive(cfg: Any, spec: dict) -> dict:
                 **({"cot": cot_row} if method != "cot" else {}),
             }
         )
-    wall = time.perf_counter() - start
-    return {
-        "wall_s": wall,
-        "problems": len(problems),
-        "rows": rows,
-        "rss_after_load_mb": rss_loaded,
-        "torch_threads": torch.get_num_threads(),
-    }
+    return _in_process_result(time.perf_counter() - start, rows, rss_loaded)
 
 
 def _child_ceiling(cfg: Any, spec: dict) -> dict:

@@ -89,6 +89,18 @@ def naive_greedy(
     return tokens, zs
 
 
+def config_kwargs(cfg: Any) -> dict[str, Any]:
+    """`naive_latentseek`'s method settings read from a `pipeline.config.Config`."""
+    return {
+        "lr": cfg.lr,
+        "rho": cfg.rho,
+        "max_iters": cfg.max_iters,
+        "max_new_tokens": cfg.max_new_tokens,
+        "reward_threshold": cfg.reward_threshold,
+        "max_update_length": cfg.max_update_length,
+    }
+
+
 def naive_latentseek(
     model: Any,
     tokenizer: Any,

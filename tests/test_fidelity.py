@@ -16,7 +16,7 @@ tokens) takes ~40 min.
 from __future__ import annotations
 
 import pytest
-from naive_reference import batch_agreement, naive_latentseek
+from naive_reference import batch_agreement, config_kwargs, naive_latentseek
 
 from pipeline.data import load_dataset
 from pipeline.prompts import load_solver_template, render_chat
@@ -30,18 +30,7 @@ def naive_for(loaded, cfg, p):
     """The naive loop on one problem, prompted exactly like `Solver` prompts it."""
     template = load_solver_template(cfg.prompt)
     prompt = render_chat(loaded.tokenizer, template.messages(p.question))
-    return naive_latentseek(
-        loaded.model,
-        loaded.tokenizer,
-        prompt,
-        p.gold,
-        lr=cfg.lr,
-        rho=cfg.rho,
-        max_iters=cfg.max_iters,
-        max_new_tokens=cfg.max_new_tokens,
-        reward_threshold=cfg.reward_threshold,
-        max_update_length=cfg.max_update_length,
-    )
+    return naive_latentseek(loaded.model, loaded.tokenizer, prompt, p.gold, **config_kwargs(cfg))
 
 
 def assert_same(engine, naive) -> None:
