@@ -22,6 +22,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PROJECT_ROOT / "configs"
 
 METHODS = ("cot", "bon", "sc", "latentseek")
+COMPAT_MODES = ("none", "reference")
 BUILTIN_REWARDS = ("self", "psrm")
 
 
@@ -105,6 +106,13 @@ class Config:
     n_samples: int = _f(3, "N for bon and sc")
     temperature: float = _f(0.7, "sampling temperature for bon and sc")
     top_p: float = _f(0.95, "nucleus sampling for bon and sc")
+
+    compat: Literal["none", "reference"] = _f(
+        "none",
+        "'none' (this engine's documented decisions) or 'reference': reproduce the official "
+        "LatentSeek code token for token (its budgets, stop sets, answer text, epsilon, Z dtype "
+        "and GSM8K PSRM grading; README 'Comparing with the paper')",
+    )
 
     # --- self-reward -----------------------------------------------------------------------
     verifier_max_new_tokens: int = _f(256, "token cap of each verifier generation")

@@ -111,7 +111,9 @@ class Solver:
                 raise ValueError(f"unknown method {method!r}")
             run(sub_problems, sub_prompts, sub_results)
         elapsed = time.perf_counter() - start
+        device, dtype = str(self.loaded.device), str(self.loaded.dtype).removeprefix("torch.")
         for r in results:
+            r.device, r.dtype = device, dtype
             r.compute.wall_seconds = elapsed / len(results)
             r.compute.flops = 2.0 * self.loaded.num_parameters * r.compute.flops
         return results

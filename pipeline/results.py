@@ -74,4 +74,6 @@ class ProblemResult:
     sample_rewards: list[float] = field(default_factory=list)  # bon: the reward of each sample
     unparsed_verdicts: int = 0  # self-reward verifier outputs without a verdict
     compute: Compute = field(default_factory=Compute)
+    device: str = ""  # the resolved device the problem ran on ("cpu", "cuda:0")
+    dtype: str = ""  # the resolved weights dtype ("float32", "bfloat16")
     error: str = ""  # non-empty when the problem failed; the other fields are then partial
