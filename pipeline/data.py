@@ -69,6 +69,11 @@ def strip_gold(answer: str) -> str:
     return answer.strip()
 
 
+def gsm8k_label(answer: str) -> str:
+    """GSM8K's label as the official LatentSeek code reads it: the text after '#### ' as is."""
+    return answer.split("#### ")[1] if "#### " in answer else ""
+
+
 def gsm8k_gold(answer: str) -> str:
     """GSM8K's label: the text after the last '####', stripped, thousands commas removed."""
     if "####" not in answer:
@@ -86,6 +91,7 @@ class BenchmarkSpec:
     sha256: str  # from data/SOURCES.md
     gold: Callable[[str], str] = strip_gold  # applied when answer_field is the benchmark's own
     meta_fields: tuple[str, ...] = ()  # small columns kept in Problem.meta
+    label: Callable[[str], str] | None = None  # Problem.label from the benchmark's own answer
 
 
 BENCHMARKS: dict[str, BenchmarkSpec] = {
@@ -99,6 +105,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
             id_field=None,
             sha256="3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14",
             gold=gsm8k_gold,
+            label=gsm8k_label,
         ),
         BenchmarkSpec(
             name="math500",
@@ -146,6 +153,7 @@ class Problem:
     question: str
     gold: str
     meta: dict[str, Any] = field(default_factory=dict)  # other small columns, JSON-serialisable
+    label: str = ""  # the gold answer as the data writes it, where `gold` cleans it (GSM8K)
 
 
 @dataclass
@@ -333,6 +341,7 @@ class _Fields:
     id: str  # "" -> row index
     gold: Callable[[str], str]
     meta: tuple[str, ...] | None  # None: every other small column
+    label: Callable[[str], str] | None = None  # Problem.label from the answer field
 
 
 def _parse(rec: _Record, label: str, fields: _Fields) -> tuple[str, str, str]:
@@ -389,7 +398,8 @@ def _build(
         else:
             meta = {k: row[k] for k in fields.meta if k in row and _small(row[k])}
         meta = {k: None if _missing(v) else v for k, v in meta.items()}
-        problems.append(Problem(problem_id, dataset, question, gold, meta))
+        label = fields.label(str(row[fields.answer])) if fields.label else ""
+        problems.append(Problem(problem_id, dataset, question, gold, meta, label))
     return problems, skipped
 
 
@@ -425,6 +435,7 @@ def load_dataset(cfg: Config) -> Dataset:
             id=cfg.id_field or spec.id_field or "",
             gold=spec.gold if answer == spec.answer_field else strip_gold,
             meta=spec.meta_fields,
+            label=spec.label if answer == spec.answer_field else None,
         )
         path = DATA_DIR / spec.file
         label = f"data/{spec.file}"

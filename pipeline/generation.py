@@ -55,6 +55,7 @@ class GenerationRequest:
     prompt_state: PromptState | None = None  # reuse this prompt's cache (must match prompt_ids)
     keep_prompt_state: bool = False  # return the prompt's PromptState for later continuations
     capture: int = 0  # return z_t for the first `capture` decoded tokens
+    stop_ids: frozenset[int] | None = None  # tokens that end this row; None: the model's EOS ids
     sample: bool = False  # False: greedy argmax
     temperature: float = 1.0
     top_p: float = 1.0
@@ -70,6 +71,16 @@ class GenerationResult:
     prompt_tokens: int = 0  # prompt tokens run through the model here (0 if the cache was reused)
     token_passes: int = 0  # every token position this request ran through the model
     forward_calls: int = 0  # model forward passes this request took part in
+
+
+def head_logits(lm_head: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits of the LM head in the head's own dtype: [..., D] -> [..., V].
+
+    The one function that turns hidden states into logits, for decoding and for the latent step
+    alike, so that argmax(W z_t) = x_t holds in bf16 too (the same matrix product in the same
+    precision) and no float32 copy of the head is made. Callers that need float32 probabilities
+    cast the logits, not the weights."""
+    return lm_head(hidden.to(lm_head.weight.dtype))
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -104,8 +115,8 @@ class Generator:
 
     # -------------------------------------------------------------------------------------
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """`lm_head` in float32: [..., D] -> [..., V]."""
-        return self.lm_head(hidden).float()
+        """`lm_head` in its own dtype: [..., D] -> [..., V] (see `head_logits`)."""
+        return head_logits(self.lm_head, hidden)
 
     def _forward(
         self,
@@ -234,8 +245,9 @@ class Generator:
             for i in live
             if requests[i].sample
         }
+        stops = {i: requests[i].stop_ids or self.eos_ids for i in live}
         while rows:
-            logits = self.logits(z)  # [b, V]
+            logits = self.logits(z)  # [b, V] in the head's dtype
             chosen = logits.argmax(dim=-1)  # [b]
             for row, i in enumerate(rows):
                 req = requests[i]
@@ -247,7 +259,7 @@ class Generator:
             for row, i in enumerate(rows):
                 token = int(chosen[row])
                 results[i].tokens.append(token)
-                if token in self.eos_ids:
+                if token in stops[i]:
                     results[i].finish_reason = "eos"
                 elif len(results[i].tokens) < requests[i].max_new_tokens:
                     keep.append(row)
@@ -341,12 +353,12 @@ def _cache_layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]
 
 
 def _sample(
-    logits: torch.Tensor,  # [V] float32
+    logits: torch.Tensor,  # [V] in the head's dtype
     temperature: float,
     top_p: float,
     generator: torch.Generator,
 ) -> torch.Tensor:
-    probs = torch.softmax(logits / temperature, dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         cum = sorted_probs.cumsum(-1)

@@ -16,15 +16,24 @@ Departures from the reference code, all off by default: `sample=True` draws a_t 
 softmax(W z_t) instead of argmax; `grad_clip` clips the gradient norm per problem; the caller may
 scale the learning rate to the hidden states' RMS (`lr_relative`). Not validated: the sampling
 variant has no counterpart in the paper's experiments.
+
+Numerics. The logits come from `head` (pipeline.generation.head_logits: the LM head in its own
+dtype, the same function decoding uses, so argmax(W z_t) = x_t also in bf16). By default Z is a
+float32 leaf and the softmax is taken in float32 (`eps` = 0 inside the softmax). With
+`reference=True` (compat=reference) the official code's numerics are used instead: Z is in the
+model's dtype (the caller's choice), the softmax is taken in the logits' dtype and 1e-8 is added to
+the probabilities before a_t = argmax and the log.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 LOG_EPS = 1e-10  # the reference adds a small epsilon inside the log
+REFERENCE_PROB_EPS = 1e-8  # and, in compat=reference, this one to the probabilities
 
 
 @dataclass
@@ -37,23 +46,17 @@ class LatentStepResult:
     finite: torch.Tensor  # [B] bool: loss and gradient were finite (else Z was left unchanged)
 
 
-def prefix_logits(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """[B, U, D] x [V, D] -> [B, U, V] logits in float32."""
-    logits = z.float() @ weight.float().T
-    return logits if bias is None else logits + bias.float()
-
-
 def latent_step(
-    z: torch.Tensor,  # [B, U, D] leaf tensor, requires_grad, float32 (owned by `optimizer`)
+    z: torch.Tensor,  # [B, U, D] leaf tensor, requires_grad (owned by `optimizer`)
     mask: torch.Tensor | None,  # [B, U] bool, True on real positions; None means all real
     reward: torch.Tensor,  # [B] reward of each problem's current answer
-    weight: torch.Tensor,  # [V, D] frozen lm_head weight
-    bias: torch.Tensor | None,  # [V] frozen lm_head bias, usually None
+    head: Callable[[torch.Tensor], torch.Tensor],  # frozen: [..., D] -> [..., V] logits
     optimizer: torch.optim.Optimizer,
     *,
     sample: bool = False,
     grad_clip: float = 0.0,
     generator: torch.Generator | None = None,
+    reference: bool = False,
 ) -> LatentStepResult:
     """One policy-gradient step on Z for a batch of problems; returns the new prefix tokens."""
     if not z.requires_grad:
@@ -61,38 +64,40 @@ def latent_step(
     b, u, _ = z.shape
     if mask is None:
         mask = torch.ones((b, u), dtype=torch.bool, device=z.device)
-    valid = mask.float()  # [B, U]
-    weight, bias = weight.detach(), None if bias is None else bias.detach()
 
     optimizer.zero_grad(set_to_none=True)
-    logits = prefix_logits(z, weight, bias)  # [B, U, V]
-    probs = torch.softmax(logits, dim=-1)  # [B, U, V]
+    probs = _probabilities(head(z), reference)  # [B, U, V]
     with torch.no_grad():
         before = _choose(probs, sample, generator)  # [B, U]
     chosen = probs.gather(-1, before[..., None]).squeeze(-1)  # [B, U]
-    logp = torch.log(chosen + LOG_EPS) * valid  # [B, U]
+    logp = torch.log(chosen + LOG_EPS) * mask.to(chosen.dtype)  # [B, U]
     loss = -reward.to(logp.dtype) * logp.sum(dim=1)  # [B]
-    loss.sum().backward()  # problems are independent: the sum keeps each one's gradient its own
-
-    grad = z.grad  # [B, U, D]
+    # Problems are independent: the sum keeps each one's gradient its own. The gradient is taken
+    # with respect to Z alone, so no weight gets one even if the caller's head is not frozen.
+    (grad,) = torch.autograd.grad(loss.sum(), z)  # [B, U, D]
+    z.grad = grad
     grad_norm = grad.flatten(1).norm(dim=1)  # [B]
     finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)  # [B]
     with torch.no_grad():
         grad[~finite] = 0.0
         if grad_clip > 0:
-            scale = (grad_clip / (grad_norm + 1e-12)).clamp(max=1.0)  # [B]
+            scale = (grad_clip / (grad_norm + 1e-6)).clamp(max=1.0)  # [B], as clip_grad_norm_
             scale = torch.where(finite, scale, torch.zeros_like(scale))  # NaN norm: no step
             grad.mul_(scale[:, None, None])
-        grad.mul_(valid[..., None])
+        grad.mul_(mask[..., None].to(grad.dtype))
     frozen = z.detach()[~finite].clone()
     optimizer.step()
 
     with torch.no_grad():
         if (~finite).any():
             z[~finite] = frozen  # a problem with a non-finite loss keeps its Z
-        after = _choose(torch.softmax(prefix_logits(z, weight, bias), dim=-1), sample, generator)
+        logits = head(z)  # [B, U, V]
+        if sample:
+            after = _choose(_probabilities(logits, reference), True, generator)
+        else:
+            after = logits.argmax(dim=-1)  # x'_t = argmax(W z_t), as decoding chooses
         changed = ((after != before) & mask).sum(dim=1)  # [B]
-        mean_logprob = logp.detach().sum(dim=1) / valid.sum(dim=1).clamp(min=1)
+        mean_logprob = logp.detach().float().sum(dim=1) / mask.sum(dim=1).clamp(min=1)
         after = torch.where(mask, after, torch.full_like(after, -1))
     return LatentStepResult(
         tokens=after,
@@ -102,6 +107,14 @@ def latent_step(
         mean_logprob=mean_logprob,
         finite=finite,
     )
+
+
+def _probabilities(logits: torch.Tensor, reference: bool) -> torch.Tensor:
+    """softmax(W z) over the vocabulary: [B, U, V] -> [B, U, V]. Default: in float32. Reference:
+    in the logits' own dtype, plus 1e-8 (the official code's `softmax(logits) + 1e-8`)."""
+    if reference:
+        return torch.softmax(logits, dim=-1) + REFERENCE_PROB_EPS
+    return torch.softmax(logits.float(), dim=-1)
 
 
 def _choose(

@@ -1,8 +1,11 @@
 """Prompt templates, kept as data in `configs/prompts/*.yaml`.
 
 A solver template has `name`, `style` ("boxed" or "json": how answers are extracted and what the
-format rule checks), an optional `system` message and a `user` message with a `{question}`
-placeholder. A verifier file has a `marker`, a `format_penalty` and a list of verifiers, each
+format rule checks), an optional `system` message (taken literally), a `user` message with a
+`{question}` placeholder, and an optional `user_suffix` mapping a dataset name to text appended to
+the user message as it is (the paper's json prompt adds a note for GSM8K and AIME 2024 only). The
+shipped `boxed` and `json` templates are the paper's prompts verbatim, with their roles (SPEC.md
+§3); a template without a system message lets the model's chat template inject its default one. A verifier file has a `marker`, a `format_penalty` and a list of verifiers, each
 with `name`, `weight` and a `user` message with `{question}` and `{answer}`. Users add a template
 by dropping a YAML file in `configs/prompts/` (refer to it by name) or anywhere (refer to it by
 path). Messages go through the model's own chat template with a generation prompt.
@@ -11,7 +14,8 @@ path). Messages go through the model's own chat template with a generation promp
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +33,12 @@ class SolverTemplate:
     style: str
     user: str
     system: str = ""
+    user_suffix: Mapping[str, str] = field(default_factory=dict)  # dataset -> appended text
 
-    def messages(self, question: str) -> list[dict[str, str]]:
+    def messages(self, question: str, dataset: str = "") -> list[dict[str, str]]:
+        user = self.user.format(question=question) + self.user_suffix.get(dataset, "")
         msgs = [{"role": "system", "content": self.system}] if self.system else []
-        return msgs + [{"role": "user", "content": self.user.format(question=question)}]
+        return msgs + [{"role": "user", "content": user}]
 
 
 @dataclass(frozen=True)
@@ -103,11 +109,15 @@ def load_solver_template(ref: str) -> SolverTemplate:
     if data["style"] not in STYLES:
         raise ConfigError(f"{path}: style={data['style']!r}; allowed: {', '.join(STYLES)}")
     _check_placeholders(path, data["user"], {"question"})
+    suffix = data.get("user_suffix") or {}
+    if not isinstance(suffix, dict) or not all(isinstance(v, str) for v in suffix.values()):
+        raise ConfigError(f"{path}: user_suffix must map dataset names to strings")
     return SolverTemplate(
         name=str(data.get("name", path.stem)),
         style=data["style"],
         user=data["user"],
         system=data.get("system") or "",
+        user_suffix={str(k): v for k, v in suffix.items()},
     )
 
 
@@ -137,8 +147,16 @@ def load_verifiers(ref: str) -> VerifierSet:
     return vset
 
 
-def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of the chat-formatted messages, ending with the assistant generation prompt."""
+def render_chat(tokenizer: Any, messages: list[dict[str, str]], as_text: bool = False) -> list[int]:
+    """Token ids of the chat-formatted messages, ending with the assistant generation prompt.
+
+    `as_text=True` is the official code's way (compat=reference): render the template to text,
+    then tokenize that text with the tokenizer's defaults, so a tokenizer that adds a BOS token
+    adds it again in front of the template's own (Llama 3); for SmolLM2 and Qwen both ways give
+    the same ids."""
+    if as_text:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(tokenizer(text)["input_ids"])
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):
         ids = ids["input_ids"]

@@ -28,7 +28,7 @@ from typing import Any
 
 from pipeline.data import Problem
 from pipeline.generation import GenerationRequest, Generator
-from pipeline.grading import extract_answer, is_equivalent
+from pipeline.grading import Grade, extract_answer, is_equivalent
 from pipeline.prompts import VerifierSet, render_chat
 
 
@@ -129,13 +129,18 @@ class PsrmReward(Reward):
 
     name = "psrm"
 
-    def __init__(self, style: str) -> None:
+    def __init__(self, style: str, grader: Callable[[Problem, str], Grade] | None = None) -> None:
         self.style = style
+        self.grader = grader  # (problem, answer) -> Grade; None: extract and compare (default)
+
+    def _correct(self, problem: Problem, answer: str) -> bool:
+        if self.grader is not None:
+            return self.grader(problem, answer).correct
+        return is_equivalent(extract_answer(answer, self.style), problem.gold)
 
     def score(self, problems: Sequence[Problem], answers: Sequence[str]) -> list[RewardResult]:
         return [
-            RewardResult(0.0 if is_equivalent(extract_answer(a, self.style), p.gold) else -1.0)
-            for p, a in zip(problems, answers)
+            RewardResult(0.0 if self._correct(p, a) else -1.0) for p, a in zip(problems, answers)
         ]
 
 
@@ -174,9 +179,12 @@ def build_reward(
     style: str,
     verifier_max_new_tokens: int,
     format_rule: bool,
+    grader: Callable[[Problem, str], Grade] | None = None,
 ) -> Reward:
+    """`grader` decides PSRM's correctness (the solver's grader, so that PSRM and the recorded
+    correctness agree, in both compat modes)."""
     if name == "self":
         return SelfReward(generator, verifiers, verifier_max_new_tokens, style, format_rule)
     if name == "psrm":
-        return PsrmReward(style)
+        return PsrmReward(style, grader)
     return CallableReward(import_callable(name), name)

@@ -43,8 +43,20 @@ class ByteTokenizer:
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
 
+    @property
+    def eos_token(self) -> str:
+        return chr(self.eos_token_id)
+
     def encode(self, text: str) -> list[int]:
         return [b % self.vocab_size for b in text.encode()]
+
+    def __call__(self, text: str) -> dict[str, list[int]]:
+        return {"input_ids": self.encode(text)}
+
+    def convert_tokens_to_ids(self, token: str) -> int | None:
+        """A one-character token is its byte; nothing else is a token (None, as HF for unknowns
+        without an unk token)."""
+        return ord(token) % self.vocab_size if len(token) == 1 else None
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         special = {self.eos_token_id, self.pad_token_id} if skip_special_tokens else set()

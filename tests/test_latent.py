@@ -12,7 +12,16 @@ import math
 import pytest
 import torch
 
-from pipeline.latent import LOG_EPS, hidden_rms, latent_step, prefix_logits
+from pipeline.latent import LOG_EPS, hidden_rms, latent_step
+
+
+def linear(weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """The LM head as `latent_step` takes it: [..., D] -> [..., V] logits."""
+    return lambda z: torch.nn.functional.linear(z, weight, bias)
+
+
+def prefix_logits(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return linear(weight)(z)
 
 
 def leaf(z: torch.Tensor) -> torch.Tensor:
@@ -25,7 +34,7 @@ def adam(z: torch.Tensor, lr: float) -> torch.optim.Adam:
 
 def logp_of(z: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log softmax(W z_t)[tokens_t]: [B, U, D], [V, D], [B, U] -> [B, U]."""
-    logits = prefix_logits(z.detach(), weight, None)
+    logits = prefix_logits(z.detach(), weight)
     return torch.log_softmax(logits, dim=-1).gather(-1, tokens[..., None])[..., 0]
 
 
@@ -52,7 +61,7 @@ def test_hand_worked_single_position():
     # whose log-probability drops to log sigmoid(0.8) = -0.3711007.
     w = torch.tensor([[1.0], [-1.0]])
     z = leaf(torch.tensor([[[0.5]]]))
-    step = latent_step(z, None, torch.tensor([-1.0]), w, None, adam(z, 0.1))
+    step = latent_step(z, None, torch.tensor([-1.0]), linear(w), adam(z, 0.1))
     assert step.loss.item() == pytest.approx(-0.3132617, abs=1e-6)
     assert step.grad_norm.item() == pytest.approx(0.5378828, abs=1e-6)
     assert step.mean_logprob.item() == pytest.approx(-0.3132617, abs=1e-6)
@@ -66,12 +75,12 @@ def test_hand_worked_flip_and_positive_reward():
     w = torch.tensor([[1.0], [-1.0]])
     # z = 0.05, r = -1, lr = 0.1: z -> 0.05 - 0.1 = -0.05, logits [-0.05, 0.05]: the token flips.
     z = leaf(torch.tensor([[[0.05]]]))
-    step = latent_step(z, None, torch.tensor([-1.0]), w, None, adam(z, 0.1))
+    step = latent_step(z, None, torch.tensor([-1.0]), linear(w), adam(z, 0.1))
     assert z.item() == pytest.approx(-0.05, abs=1e-6)
     assert step.tokens.tolist() == [[1]] and step.tokens_changed.tolist() == [1]
     # r = +1 pushes the other way: z = 0.5 -> 0.6, token 0 kept and more likely.
     z = leaf(torch.tensor([[[0.5]]]))
-    step = latent_step(z, None, torch.tensor([1.0]), w, None, adam(z, 0.1))
+    step = latent_step(z, None, torch.tensor([1.0]), linear(w), adam(z, 0.1))
     assert step.loss.item() == pytest.approx(0.3132617, abs=1e-6)  # -r * logp
     assert z.item() == pytest.approx(0.6, abs=1e-6)
 
@@ -81,7 +90,7 @@ def test_saturated_softmax_stays_finite():
     # so logp = log(1 + 1e-10) ~ 0 and the gradient 2 * p0 * p1 is 0: a finite no-op step.
     w = torch.tensor([[1.0], [-1.0]])
     z = leaf(torch.tensor([[[60.0]]]))
-    step = latent_step(z, None, torch.tensor([-1.0]), w, None, adam(z, 0.1))
+    step = latent_step(z, None, torch.tensor([-1.0]), linear(w), adam(z, 0.1))
     assert bool(step.finite[0]) and torch.isfinite(step.loss).all()
     assert step.grad_norm.item() == 0.0 and z.item() == 60.0
     assert math.log(LOG_EPS) == pytest.approx(-23.02585, abs=1e-4)  # the floor of any logp_t
@@ -93,20 +102,20 @@ def test_saturated_softmax_stays_finite():
 def test_zero_reward_leaves_z_unchanged(head, z0):
     # r = 0: loss = 0 * sum logp, gradient 0, Adam moves nothing (m = v = 0 -> 0 / (0 + eps)).
     z = leaf(z0)
-    before = logp_of(z, head, prefix_logits(z.detach(), head, None).argmax(-1))
-    step = latent_step(z, None, torch.zeros(2), head, None, adam(z, 0.5))
+    before = logp_of(z, head, prefix_logits(z.detach(), head).argmax(-1))
+    step = latent_step(z, None, torch.zeros(2), linear(head), adam(z, 0.5))
     assert torch.equal(z.detach(), z0)
     assert step.tokens_changed.tolist() == [0, 0]
-    assert torch.equal(step.tokens, prefix_logits(z0, head, None).argmax(-1))
+    assert torch.equal(step.tokens, prefix_logits(z0, head).argmax(-1))
     assert torch.allclose(step.mean_logprob, before.mean(dim=1))
     assert step.loss.abs().max().item() == 0.0
 
 
 def test_negative_reward_lowers_logprob_of_current_tokens(head, z0):
     z = leaf(z0)
-    tokens = prefix_logits(z0, head, None).argmax(-1)  # [B, U] the current a_t
+    tokens = prefix_logits(z0, head).argmax(-1)  # [B, U] the current a_t
     before = logp_of(z, head, tokens)
-    latent_step(z, None, torch.tensor([-1.0, -0.5]), head, None, adam(z, 0.01))
+    latent_step(z, None, torch.tensor([-1.0, -0.5]), linear(head), adam(z, 0.01))
     after = logp_of(z, head, tokens)
     # Each z_t only affects its own logp_t, and a small step goes down each one's gradient.
     assert (after < before).all()
@@ -114,9 +123,9 @@ def test_negative_reward_lowers_logprob_of_current_tokens(head, z0):
 
 def test_positive_reward_raises_logprob_of_current_tokens(head, z0):
     z = leaf(z0)
-    tokens = prefix_logits(z0, head, None).argmax(-1)
+    tokens = prefix_logits(z0, head).argmax(-1)
     before = logp_of(z, head, tokens)
-    latent_step(z, None, torch.tensor([1.0, 0.5]), head, None, adam(z, 0.01))
+    latent_step(z, None, torch.tensor([1.0, 0.5]), linear(head), adam(z, 0.01))
     assert (logp_of(z, head, tokens) > before).all()
 
 
@@ -129,7 +138,7 @@ def test_first_step_is_lr_times_sign_of_gradient(head, z0):
     loss = -(r * torch.log(probs.gather(-1, a[..., None])[..., 0] + LOG_EPS).sum(1)).sum()
     (grad,) = torch.autograd.grad(loss, g_z)
     z = leaf(z0)
-    step = latent_step(z, None, r, head, None, adam(z, 0.01))
+    step = latent_step(z, None, r, linear(head), adam(z, 0.01))
     expected = z0 - 0.01 * grad / (grad.abs() + 1e-8)
     assert torch.allclose(z.detach(), expected, atol=1e-6)
     assert torch.allclose(step.grad_norm, grad.flatten(1).norm(dim=1), rtol=1e-5)
@@ -137,9 +146,9 @@ def test_first_step_is_lr_times_sign_of_gradient(head, z0):
 
 def test_returned_tokens_are_argmax_of_updated_z(head, z0):
     z = leaf(z0)
-    before = prefix_logits(z0, head, None).argmax(-1)
-    step = latent_step(z, None, torch.tensor([-1.0, -1.0]), head, None, adam(z, 0.5))
-    after = prefix_logits(z.detach(), head, None).argmax(-1)
+    before = prefix_logits(z0, head).argmax(-1)
+    step = latent_step(z, None, torch.tensor([-1.0, -1.0]), linear(head), adam(z, 0.5))
+    after = prefix_logits(z.detach(), head).argmax(-1)
     assert torch.equal(step.tokens, after)
     assert step.tokens_changed.tolist() == (after != before).sum(1).tolist()
     assert step.tokens_changed.sum() > 0  # lr 0.5 on unit-scale states does flip tokens
@@ -154,9 +163,9 @@ def test_padded_batch_equals_rows_run_separately(head):
     a, b = leaf(za), leaf(zb)
     opt_batch, opt_a, opt_b = adam(batch, 0.2), adam(a, 0.2), adam(b, 0.2)
     for rewards in ([-1.0, -0.5], [-1.0, -1.0], [-0.3, -1.0]):  # Adam state carries over steps
-        s = latent_step(batch, mask, torch.tensor(rewards), head, None, opt_batch)
-        sa = latent_step(a, None, torch.tensor(rewards[:1]), head, None, opt_a)
-        sb = latent_step(b, None, torch.tensor(rewards[1:]), head, None, opt_b)
+        s = latent_step(batch, mask, torch.tensor(rewards), linear(head), opt_batch)
+        sa = latent_step(a, None, torch.tensor(rewards[:1]), linear(head), opt_a)
+        sb = latent_step(b, None, torch.tensor(rewards[1:]), linear(head), opt_b)
         assert torch.allclose(batch[0].detach(), a[0].detach(), atol=1e-6)
         assert torch.allclose(batch[1, :3].detach(), b[0].detach(), atol=1e-6)
         assert torch.equal(batch[1, 3:].detach(), garbage[0])  # masked positions never change
@@ -175,11 +184,11 @@ def test_grad_clip_limits_the_step_per_problem(head, z0):
     # (With Adam the first step is ~lr*sign(g) whatever the clip: clipping only reweights steps.)
     r = torch.tensor([-1.0, -0.01])
     probe = leaf(z0)
-    norms = latent_step(probe, None, r, head, None, torch.optim.SGD([probe], lr=0.0)).grad_norm
+    norms = latent_step(probe, None, r, linear(head), torch.optim.SGD([probe], lr=0.0)).grad_norm
     clip = float((norms[0] * norms[1]).sqrt())
     assert norms[1] < clip < norms[0]
     z = leaf(z0)
-    step = latent_step(z, None, r, head, None, torch.optim.SGD([z], lr=1.0), grad_clip=clip)
+    step = latent_step(z, None, r, linear(head), torch.optim.SGD([z], lr=1.0), grad_clip=clip)
     moved = (z.detach() - z0).flatten(1).norm(dim=1)
     assert moved[0].item() == pytest.approx(clip, rel=1e-4)
     assert moved[1].item() == pytest.approx(norms[1].item(), rel=1e-4)
@@ -189,23 +198,25 @@ def test_grad_clip_limits_the_step_per_problem(head, z0):
 def test_nan_reward_is_not_finite_and_leaves_z_unchanged(head, z0):
     z = leaf(z0)
     opt = adam(z, 0.2)
-    latent_step(z, None, torch.tensor([-1.0, -1.0]), head, None, opt)  # Adam now has momentum
+    latent_step(z, None, torch.tensor([-1.0, -1.0]), linear(head), opt)  # Adam now has momentum
     after_first = z.detach().clone()
-    step = latent_step(z, None, torch.tensor([float("nan"), -1.0]), head, None, opt)
+    step = latent_step(z, None, torch.tensor([float("nan"), -1.0]), linear(head), opt)
     assert step.finite.tolist() == [False, True]
     assert torch.equal(z[0].detach(), after_first[0])  # despite the momentum of step 1
     assert not torch.equal(z[1].detach(), after_first[1])  # the other problem still moves
     assert torch.isfinite(z).all()
     assert step.tokens_changed[0].item() == 0
-    assert torch.equal(step.tokens[0], prefix_logits(after_first[:1], head, None).argmax(-1)[0])
+    assert torch.equal(step.tokens[0], prefix_logits(after_first[:1], head).argmax(-1)[0])
 
 
 @pytest.mark.parametrize("frozen", [True, False])
 def test_no_gradient_reaches_model_weights(tiny_model, z0, frozen):
-    # Even when the weights require grad, latent_step detaches them: only Z gets a gradient.
+    # Even when the weights require grad, latent_step differentiates with respect to Z alone.
     tiny_model.requires_grad_(not frozen)
     z = leaf(z0)
-    latent_step(z, None, torch.tensor([-1.0, -1.0]), tiny_model.lm_head.weight, None, adam(z, 0.1))
+    latent_step(
+        z, None, torch.tensor([-1.0, -1.0]), linear(tiny_model.lm_head.weight), adam(z, 0.1)
+    )
     assert z.grad is not None
     assert all(p.grad is None for p in tiny_model.parameters())
 
@@ -214,13 +225,13 @@ def test_bias_is_added():
     # V = 2, D = 1, W = [[1], [-1]], bias [0, 2], z = 0.5: logits [0.5, 1.5] -> token 1.
     w, bias = torch.tensor([[1.0], [-1.0]]), torch.tensor([0.0, 2.0])
     z = leaf(torch.tensor([[[0.5]]]))
-    step = latent_step(z, None, torch.tensor([0.0]), w, bias, adam(z, 0.1))
+    step = latent_step(z, None, torch.tensor([0.0]), linear(w, bias), adam(z, 0.1))
     assert step.tokens.tolist() == [[1]]
 
 
 def test_z_must_require_grad(head, z0):
     with pytest.raises(ValueError, match="require grad"):
-        latent_step(z0, None, torch.zeros(2), head, None, torch.optim.Adam([leaf(z0)]))
+        latent_step(z0, None, torch.zeros(2), linear(head), torch.optim.Adam([leaf(z0)]))
 
 
 def test_sampled_update_reproducible_per_generator(head, z0):
@@ -232,8 +243,7 @@ def test_sampled_update_reproducible_per_generator(head, z0):
             z,
             None,
             torch.tensor([-1.0, -1.0]),
-            head,
-            None,
+            linear(head),
             adam(z, 0.1),
             sample=True,
             generator=gen,
@@ -250,7 +260,7 @@ def test_hidden_rms():
 def test_nan_reward_with_grad_clip_does_not_poison_later_steps(head, z0):
     z = leaf(z0)
     opt = adam(z, 0.1)
-    step = latent_step(z, None, torch.tensor([math.nan, -1.0]), head, None, opt, grad_clip=1.0)
+    step = latent_step(z, None, torch.tensor([math.nan, -1.0]), linear(head), opt, grad_clip=1.0)
     assert step.finite.tolist() == [False, True] and torch.equal(z[0].detach(), z0[0])
-    step = latent_step(z, None, torch.tensor([-1.0, -1.0]), head, None, opt, grad_clip=1.0)
+    step = latent_step(z, None, torch.tensor([-1.0, -1.0]), linear(head), opt, grad_clip=1.0)
     assert step.finite.all() and torch.isfinite(z).all()

@@ -1,0 +1,312 @@
+"""A deliberately naive LatentSeek, written from SPEC.md alone: the engine's independent reference.
+
+The engine (`pipeline.methods`, `pipeline.generation`, `pipeline.latent`, `pipeline.compat`) is
+checked against this file in `tests/test_fidelity.py`, and `latentseek bench` times it as the
+naive cost structure. To be worth comparing with, it shares nothing with the engine but the model
+and the tokenizer: its own copy of the paper's prompts (SPEC §3), its own budget and stop rules,
+its own answer extraction and PSRM, its own settings (keyword arguments, no config reader).
+
+- One problem at a time, no KV cache: every generated token runs one full forward over the whole
+  sequence so far (`model.model(ids).last_hidden_state[:, -1]` is the post-final-norm z_t,
+  `model.lm_head(z_t)` its logits), greedy argmax.
+- The CoT pass keeps every z_t; U = min(floor(rho * T), U_max); Z is a copy that requires grad;
+  one Adam(lr) per problem; per iteration loss = -r * sum_t log(p_t[a_t] + 1e-10) with
+  a_t = argmax, one step, new prefix = argmax(lm_head(Z)), greedy continuation from
+  prompt + prefix; stop as soon as r > tau, at most K iterations, return the last answer.
+
+The two modes (SPEC §1 and §6):
+
+| | `compat="none"` (the engine's decisions) | `compat="reference"` (the official code) |
+|---|---|---|
+| CoT budget | `max_new_tokens` | `max_new_tokens + 1` |
+| continuation budget | `max_new_tokens - U` | `max_new_tokens + 1` |
+| CoT stops on | the model's EOS ids | a token decoding to `</s>`, `<|im_end|>`, `<|endoftext|>` or EOS |
+| continuation stops on | the model's EOS ids | a token decoding to the EOS token |
+| answer text | special tokens skipped | special tokens kept |
+| prompt ids | chat template tokenized directly | chat template as text, then tokenized |
+| Z, softmax | float32 | the model's dtype, `softmax + 1e-8` |
+| PSRM | last boxed (else last number), math-verify | the official GSM8K extraction, string equality |
+
+Expects a Llama-style causal LM (`model.model`, `model.lm_head`) with frozen weights.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+MODES = ("none", "reference")
+PROB_EPS_REFERENCE = 1e-8  # the official code: probs = softmax(logits) + 1e-8
+LOG_EPS = 1e-10  # both: log(p + 1e-10)
+STOP_TEXTS_REFERENCE = ("</s>", "<|im_end|>", "<|endoftext|>")
+
+# The paper's prompts (SPEC §3), verbatim: (system, user template, extra note per dataset).
+_JSON_NOTE = (
+    "Note that the final answer should be pure numbers, not the calculation formulas, and "
+    "without any units or explanation!!! "
+)
+PAPER_PROMPTS: dict[str, tuple[str, str, dict[str, str]]] = {
+    "boxed": ("Please reason step by step, and put your final answer within \\boxed{}.", "{q}", {}),
+    "json": (
+        "You are a precise math question solver. Solve this math problem. ",
+        "QUESTION: {q} \nLet's think step by step. Please provide your thought process and your "
+        'final answer separately and response in json format containing the keys "thought '
+        'process" and "final answer". For example your response should be {{"thought process": '
+        '"your thought process", "final answer": "your final answer"}}. ',
+        {"gsm8k": _JSON_NOTE, "aime2024": _JSON_NOTE},
+    ),
+}
+
+
+def paper_messages(question: str, prompt: str = "boxed", dataset: str = "") -> list[dict]:
+    system, user, notes = PAPER_PROMPTS[prompt]
+    content = user.format(q=question) + notes.get(dataset, "")
+    return [{"role": "system", "content": system}, {"role": "user", "content": content}]
+
+
+def prompt_ids(
+    tokenizer: Any, question: str, prompt: str = "boxed", dataset: str = "", compat: str = "none"
+) -> list[int]:
+    """The paper's prompt, chat-formatted with a generation prompt, as token ids."""
+    messages = paper_messages(question, prompt, dataset)
+    if compat == "reference":
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(text)["input_ids"])
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+# ------------------------------------------------------------------------------------------
+# Decoding without a cache
+
+
+def model_eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value is not None:
+            ids.update(int(v) for v in value)
+    return ids
+
+
+@torch.no_grad()
+def naive_greedy(
+    model: Any,
+    ids: Sequence[int],
+    max_new_tokens: int,
+    stop: Callable[[int], bool] | set[int],
+) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy decoding without a cache; returns the tokens (the stop token included) and each
+    token's z_t ([D], in the model's dtype). `stop` is a set of ids or a predicate on an id."""
+    is_stop = stop.__contains__ if isinstance(stop, (set, frozenset)) else stop
+    device = next(model.parameters()).device
+    sequence = list(ids)
+    tokens: list[int] = []
+    zs: list[torch.Tensor] = []
+    for _ in range(max_new_tokens):
+        z = model.model(input_ids=torch.tensor([sequence], device=device), use_cache=False)
+        z = z.last_hidden_state[:, -1]  # [1, D] post-final-norm
+        token = int(model.lm_head(z).argmax(dim=-1)[0])
+        tokens.append(token)
+        zs.append(z[0].clone())
+        sequence.append(token)
+        if is_stop(token):
+            break
+    return tokens, zs
+
+
+# ------------------------------------------------------------------------------------------
+# PSRM, written independently of pipeline.grading and pipeline.compat
+
+
+def _last_boxed(text: str) -> str | None:
+    start = text.rfind("\\boxed{")
+    while start != -1:
+        depth, i = 0, start + len("\\boxed")
+        for j in range(i, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            if depth == 0:
+                inside = text[i + 1 : j].strip()
+                if inside:
+                    return inside
+                break
+        start = text.rfind("\\boxed{", 0, start)
+    return None
+
+
+def _plain_number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", "").replace("$", "").strip())
+    except ValueError:
+        return None
+
+
+def psrm_default(text: str, gold: str) -> float:
+    """0 if the last boxed answer (else the last number) equals `gold`, else -1: numbers by
+    value, anything else by math-verify."""
+    found = _last_boxed(text)
+    if found is None:
+        numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
+        found = numbers[-1] if numbers else None
+    if found is None:
+        return -1.0
+    a, b = _plain_number(found), _plain_number(gold)
+    if a is not None and b is not None:
+        return 0.0 if a == b else -1.0
+    from math_verify import parse, verify
+
+    try:
+        return 0.0 if verify(parse(f"${gold}$"), parse(f"${found}$")) else -1.0
+    except Exception:  # noqa: BLE001 - an unparsable answer is a wrong answer
+        return -1.0
+
+
+_N = r"[$€£¥]?\s*-?\s*[\d,]+(?:\.\d+)?"
+
+
+def official_gsm8k_answer(text: str) -> str | None:
+    """SPEC §6's reading of the official GSM8K extraction (boxed prompt, generic model path)."""
+    text = text.strip()
+    found = (
+        re.search(r"\\boxed\{\s*(" + _N + r")\s*\}", text, re.IGNORECASE)
+        or re.search(r"Answer:\s*(" + _N + ")", text, re.IGNORECASE)
+        or re.search(r"=\s*(" + _N + ")", text)
+        or re.search(r"is\s*(" + _N + r")\s*(?:dollars|euros|pounds|yen)", text, re.IGNORECASE)
+    )
+    number = found.group(1) if found else None
+    if number is None:
+        for line in reversed(text.split("\n")):
+            tail = re.search("(" + _N + r")\s*$", line.strip()) if line.strip() else None
+            if tail:
+                number = tail.group(1)
+                break
+    if number is None:
+        every = re.findall("(" + _N + ")", text)
+        number = every[-1] if every else None
+    return None if number is None else re.sub(r"[$€£¥,\s]", "", number)
+
+
+def psrm_official(text: str, label: str) -> float:
+    """0 if the official extraction equals the label string exactly, else -1."""
+    return 0.0 if official_gsm8k_answer(text) == label else -1.0
+
+
+# ------------------------------------------------------------------------------------------
+# The method
+
+
+@dataclass
+class ReferenceResult:
+    cot_tokens: list[int]  # greedy CoT answer (the stop step included if reached)
+    cot_text: str
+    initial_reward: float  # r0
+    update_length: int  # U
+    answer_tokens: list[list[int]] = field(default_factory=list)  # per iteration: prefix + cont.
+    answer_texts: list[str] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)  # reward after each iteration
+    final_text: str = ""  # the last answer (the CoT answer if there was no iteration)
+    stop_reason: str = ""  # cot_accepted | no_update | threshold | max_iters
+    cot_seconds: float = 0.0  # wall time of the CoT pass alone (the naive CoT baseline's cost)
+
+    @property
+    def iterations(self) -> int:
+        return len(self.rewards)
+
+
+def naive_latentseek(
+    model: Any,
+    tokenizer: Any,
+    prompt: Sequence[int],
+    gold: str,
+    *,
+    lr: float,
+    rho: float,
+    max_iters: int,
+    max_new_tokens: int,
+    reward_threshold: float = -0.2,
+    max_update_length: int = 300,
+    compat: str = "none",
+    reward_fn: Callable[[str, str], float] | None = None,
+) -> ReferenceResult:
+    """SPEC §1 for one problem in mode `compat`; `reward_fn(answer_text, gold) -> float`
+    (default: the mode's PSRM; in reference mode `gold` is the label as the data writes it)."""
+    if compat not in MODES:
+        raise ValueError(f"compat={compat!r}: allowed: {', '.join(MODES)}")
+    reference = compat == "reference"
+    reward_of = reward_fn or (psrm_official if reference else psrm_default)
+    eos = model_eos_ids(model, tokenizer)
+    if reference:
+        stop_words = {*STOP_TEXTS_REFERENCE, tokenizer.eos_token}
+
+        def cot_stop(token: int) -> bool:
+            return tokenizer.decode(token) in stop_words
+
+        def continuation_stop(token: int) -> bool:
+            return tokenizer.decode(token) == tokenizer.eos_token
+
+        cot_budget = max_new_tokens + 1
+    else:
+        cot_stop = continuation_stop = eos.__contains__
+        cot_budget = max_new_tokens
+
+    def text_of(tokens: list[int]) -> str:
+        return tokenizer.decode(tokens, skip_special_tokens=not reference)
+
+    # 1-2. CoT pass, keeping z_t; initial reward.
+    start = time.perf_counter()
+    cot, zs = naive_greedy(model, prompt, cot_budget, cot_stop)
+    cot_seconds = time.perf_counter() - start
+    reward = reward_of(text_of(cot), gold)
+    # 3. U = min(floor(rho * T), U_max).
+    u = min(math.floor(rho * len(cot)), max_update_length)
+    res = ReferenceResult(cot, text_of(cot), reward, u, final_text=text_of(cot))
+    res.cot_seconds = cot_seconds
+    if reward > reward_threshold:
+        res.stop_reason = "cot_accepted"
+        return res
+    if u == 0:
+        res.stop_reason = "no_update"
+        return res
+
+    z = torch.stack(zs[:u]).detach().clone()  # [U, D] the trainable parameter
+    z = (z if reference else z.float()).requires_grad_(True)
+    optimizer = torch.optim.Adam([z], lr=lr)
+    continuation_budget = max_new_tokens + 1 if reference else max(max_new_tokens - u, 0)
+    res.stop_reason = "max_iters"
+    # 4. Iterate while r <= tau, at most K times.
+    for _ in range(max_iters):
+        with torch.enable_grad():
+            logits = model.lm_head(z.to(model.lm_head.weight.dtype))  # [U, V], model's dtype
+            if reference:
+                probs = torch.softmax(logits, dim=-1) + PROB_EPS_REFERENCE
+            else:
+                probs = torch.softmax(logits.float(), dim=-1)
+            chosen = probs.argmax(dim=-1)  # [U] a_t
+            logp = torch.log(probs[torch.arange(u), chosen] + LOG_EPS)  # [U]
+            loss = -reward * logp.sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            prefix = model.lm_head(z.to(logits.dtype)).argmax(dim=-1).tolist()  # x'_1..U
+        continuation, _ = naive_greedy(
+            model, list(prompt) + prefix, continuation_budget, continuation_stop
+        )
+        answer = prefix + continuation
+        text = text_of(answer)
+        reward = reward_of(text, gold)
+        res.answer_tokens.append(answer)
+        res.answer_texts.append(text)
+        res.rewards.append(reward)
+        res.final_text = text
+        if reward > reward_threshold:
+            res.stop_reason = "threshold"
+            break
+    return res

@@ -1,0 +1,77 @@
+"""The paper's prompts (SPEC.md §3), verbatim and with their roles, through the embedded model's
+chat template: the exact strings the model sees. The expected strings are written out here by hand
+from SPEC §3 and SmolLM2's ChatML template, not computed from the templates under test."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline import reference
+from pipeline.config import ConfigError
+from pipeline.prompts import load_solver_template, render_chat
+
+Q = "Natalia sold 48 clips in April. How many clips did she sell?"
+
+BOXED = (
+    "<|im_start|>system\n"
+    "Please reason step by step, and put your final answer within \\boxed{}.<|im_end|>\n"
+    "<|im_start|>user\n" + Q + "<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+JSON_HEAD = (
+    "<|im_start|>system\n"
+    "You are a precise math question solver. Solve this math problem. <|im_end|>\n"
+    "<|im_start|>user\n"
+    "QUESTION: " + Q + " \n"
+    "Let's think step by step. Please provide your thought process and your final answer "
+    'separately and response in json format containing the keys "thought process" and "final '
+    'answer". For example your response should be {"thought process": "your thought process", '
+    '"final answer": "your final answer"}. '
+)
+NOTE = (
+    "Note that the final answer should be pure numbers, not the calculation formulas, and "
+    "without any units or explanation!!! "
+)
+TAIL = "<|im_end|>\n<|im_start|>assistant\n"
+
+EXPECTED = {
+    ("boxed", "gsm8k"): BOXED,
+    ("boxed", "math500"): BOXED,
+    ("boxed", "aime2024"): BOXED,
+    ("json", "gsm8k"): JSON_HEAD + NOTE + TAIL,
+    ("json", "math500"): JSON_HEAD + TAIL,
+    ("json", "aime2024"): JSON_HEAD + NOTE + TAIL,
+}
+
+
+@pytest.mark.parametrize("prompt,dataset", sorted(EXPECTED))
+def test_paper_prompt_renders_exactly(embedded, prompt, dataset):
+    tok = embedded.tokenizer
+    messages = load_solver_template(prompt).messages(Q, dataset)
+    assert [m["role"] for m in messages] == ["system", "user"]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == EXPECTED[prompt, dataset]
+    # SmolLM2's default system prompt ("You are a helpful AI assistant named SmolLM ...") is
+    # injected only when no system message is given: it must not appear.
+    assert "SmolLM" not in text
+    # The ids the engine feeds are those of this text, in both compat modes.
+    ids = render_chat(tok, messages)
+    assert tok.decode(ids) == EXPECTED[prompt, dataset]
+    assert render_chat(tok, messages, as_text=True) == ids
+
+
+@pytest.mark.parametrize("prompt,dataset", sorted(EXPECTED))
+def test_reference_keeps_its_own_copy_of_the_same_prompts(embedded, prompt, dataset):
+    # pipeline.reference writes the prompts out independently; both copies must agree.
+    assert reference.paper_messages(Q, prompt, dataset) == load_solver_template(prompt).messages(
+        Q, dataset
+    )
+    ids = reference.prompt_ids(embedded.tokenizer, Q, prompt, dataset)
+    assert embedded.tokenizer.decode(ids) == EXPECTED[prompt, dataset]
+
+
+def test_user_suffix_must_map_to_strings(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text("style: boxed\nuser: '{question}'\nuser_suffix: [a, b]\n")
+    with pytest.raises(ConfigError, match="user_suffix"):
+        load_solver_template(str(path))
