@@ -163,10 +163,31 @@ def test_bench_runs_every_row_end_to_end(tmp_path):
     report = json.loads((out / "bench.json").read_text())
     rows = {(r["row"], r["method"], r["config"]): r for r in report["rows"]}
     assert not [r for r in report["rows"] if "error" in r]
-    for method in ("cot", "latentseek-psrm"):
+    methods = ("cot", "latentseek-psrm")
+    engine = {
+        m: [r for r in report["rows"] if r["row"] == "b" and r["method"] == m] for m in methods
+    }
+    for method in methods:
         assert rows[("b", method, "engine B=1")]["problems"] == 1
         assert rows[("b", method, "engine B=2")]["problems"] == 2
-        assert rows[("d", method, "generate() B=2")]["generated_tokens"] > 0
+    # The ceiling (d) runs at the engine's best batch size, which timing decides: find its row by
+    # kind and check it against the engine rows of this very report, whichever size won.
+    best = {m: max(engine[m], key=lambda r: r["problems_per_hour"])["batch_size"] for m in methods}
+    for method in methods:
+        b = best[method]
+        assert report["ratios"][method]["best_batch_size"] == b
+        (ceiling,) = [r for r in report["rows"] if r["row"] == "d" and r["method"] == method]
+        assert ceiling["batch_size"] == b and ceiling["config"] == f"generate() B={b}"
+        # one batch of b rows for min(engine tokens at B=b (the least over the methods sharing
+        # b), b * max_new_tokens / 2 = 4b) tokens, rounded up to whole rows
+        engine_tokens = min(
+            r["generated_tokens"]
+            for m in methods
+            for r in engine[m]
+            if best[m] == r["batch_size"] == b
+        )
+        total = min(engine_tokens, 4 * b)
+        assert ceiling["generated_tokens"] == b * -(-total // b)
     assert rows[("a", "latentseek-psrm", "naive")]["problems"] == 1
     assert rows[("a", "cot", "naive (CoT pass of the latentseek-psrm row)")]["problems"] == 1
     assert rows[("c", "cot", "ray 2 workers")]["problems"] == 2

@@ -1,6 +1,7 @@
 """`pipeline.methods`: the LatentSeek loop's control flow on a tiny random Llama with scripted
 rewards (a reward's n-th call for a problem returns script[n]; call 0 scores the CoT answer),
-plus `select_best` and `majority_vote`.
+plus `select_best` and `majority_vote`, self-consistency on scripted samples whose majority is
+known, and greedy CoT on the embedded SmolLM2 against Hugging Face's own greedy `generate`.
 
 With max_new_tokens 16 the tiny model never emits EOS (asserted), so T = 16 and
 U = min(floor(rho * 16), max_update_length) is known in advance: rho 0.5 -> U = 8.
@@ -9,12 +10,16 @@ U = min(floor(rho * 16), max_update_length) is known in advance: rho 0.5 -> U = 
 from __future__ import annotations
 
 import math
+import zlib
 
 import pytest
+import torch
 from conftest import ScriptedReward, problem, tiny_loaded
 
 from pipeline.config import Config
+from pipeline.generation import GenerationRequest, GenerationResult
 from pipeline.methods import Solver, majority_vote, problem_seed, select_best
+from pipeline.prompts import render_chat
 
 TAU = -0.2
 
@@ -149,11 +154,36 @@ def test_unknown_method_raises():
         run([-1.0], method="beam")
 
 
-def test_cot_is_greedy_and_final():
-    (r,), reward = run([-1.0], method="cot")
-    (again,), _ = run([-1.0], method="cot")
-    assert r.final_answer == r.cot_answer == again.cot_answer
-    assert r.stop_reason == "length" and r.initial_reward is None and not reward.calls
+def test_cot_is_the_greedy_decode_of_the_prompt(make_solver, embedded_cfg):
+    # On the embedded SmolLM2 (the tiny random model's greedy decode only repeats the prompt's
+    # last token, which any decoder reproduces). The reference: Hugging Face's own greedy decode
+    # (its own cache, do_sample=False) of the rendered prompt, capped at max_new_tokens, stopped
+    # at the model's EOS; the engine's CoT answer must be those very tokens.
+    cfg = embedded_cfg.replace(method=["cot"], max_new_tokens=24)
+    reward = ScriptedReward([-1.0])
+    solver = make_solver(cfg, reward)
+    p = problem("Tom has 3 apples and buys 4 more. How many apples does he have?", "7")
+    (r,) = solver.run("cot", [p])
+    model, tok = solver.loaded.model, solver.tokenizer
+    prompt = render_chat(tok, solver.template.messages(p.question, p.dataset))
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=24,
+            do_sample=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        )
+    expected = out[0, len(prompt) :].tolist()
+    assert len(set(expected)) > 5  # a real answer, not one token repeated
+    assert r.cot_answer == tok.decode(expected, skip_special_tokens=True)
+    assert r.cot_length == r.final_length == len(expected)
+    assert r.final_answer == r.cot_answer and r.answers == []
+    stop = "eos" if expected[-1] == tok.eos_token_id else "length"
+    assert r.stop_reason == stop and r.initial_reward is None
+    assert not reward.calls  # CoT never calls the reward
 
 
 def test_best_of_n_picks_the_best_sample():
@@ -165,15 +195,102 @@ def test_best_of_n_picks_the_best_sample():
     assert again.samples == r.samples  # seeded per (run seed, problem, sample)
 
 
-def test_self_consistency_without_answers():
-    # Random tiny-model samples contain no number (only, rarely, a digit by chance).
-    (r,), reward = run([-1.0], method="sc")
-    assert len(r.samples) == 3 and not reward.calls
-    assert r.stop_reason in ("majority", "no_answer")
+class ScriptedSampler:
+    """Stands in for the solver's `Generator`: the sample drawn with seed
+    `problem_seed(seed, pid, j)` is `texts[pid][j]` (any other seed is a KeyError); keeps the
+    requests. Byte tokens, so the engine decodes each text back as it is."""
+
+    def __init__(self, real, texts: dict[str, list[str]], seed: int) -> None:
+        self.tokenizer = real.tokenizer
+        self.max_positions = real.max_positions  # the solver checks prompt lengths against it
+        self.by_seed = {
+            problem_seed(seed, pid, j): text
+            for pid, samples in texts.items()
+            for j, text in enumerate(samples)
+        }
+        self.requests: list[GenerationRequest] = []
+
+    def generate(self, requests):
+        self.requests.extend(requests)
+        return [
+            GenerationResult(self.tokenizer.encode(self.by_seed[req.seed]), "eos")
+            for req in requests
+        ]
+
+
+def test_self_consistency_returns_the_majority_answer():
+    # Gold 18 everywhere; 4 samples each. Extracted answers, by hand:
+    # maj:  5, 18, 18.0, 18 -> "18" three times (grouped by equivalence): sample 1, its first;
+    # tie:  -, 9, 7, -      -> 1-1 tie: the group that appeared first, sample 1 ("9");
+    # late: -, 4, 18, 18    -> "18" twice beats "4" once (no answer, no vote): sample 2;
+    # none: no number at all -> no answer: sample 0 is returned as it is.
+    texts = {
+        "maj": ["so \\boxed{5}", "so \\boxed{18}", "it is \\boxed{18.0}", "x = 18"],
+        "tie": ["no idea", "\\boxed{9}", "\\boxed{7}", "hmm"],
+        "late": ["hmm", "\\boxed{4}", "thus \\boxed{18}", "\\boxed{18}"],
+        "none": ["no idea", "still thinking", "hmm", "?"],
+    }
+    expected = {  # pid: (stop reason, index of the returned sample, its extracted answer)
+        "maj": ("majority", 1, "18"),
+        "tie": ("majority", 1, "9"),
+        "late": ("majority", 2, "18"),
+        "none": ("no_answer", 0, None),
+    }
+    probs = [problem(f"Question {pid}?", "18", pid) for pid in texts]
+    reward = ScriptedReward([-1.0])
+    cfg = make_cfg(n_samples=4)
+    solver = Solver(cfg, tiny_loaded(), reward=reward)
+    solver.generator = sampler = ScriptedSampler(solver.generator, texts, cfg.seed)
+    results = solver.run("sc", probs)
+    assert [r.problem_id for r in results] == list(texts)
+    for r in results:
+        stop, pick, extracted = expected[r.problem_id]
+        samples = texts[r.problem_id]
+        assert r.samples == samples and r.cot_answer == samples[0]
+        assert (r.stop_reason, r.final_answer) == (stop, samples[pick]), r.problem_id
+        assert (r.final_extracted, r.final_correct) == (extracted, extracted == "18")
+        assert r.final_length == len(samples[pick])  # one byte token per character
+    # N sampled requests per problem with the configured settings, and no reward calls.
+    assert len(sampler.requests) == 4 * len(probs)
+    settings = (True, cfg.temperature, cfg.top_p, cfg.max_new_tokens)
+    assert all(
+        (q.sample, q.temperature, q.top_p, q.max_new_tokens) == settings for q in sampler.requests
+    )
+    assert not reward.calls
+
+
+def test_self_consistency_samples_are_seeded_per_problem_and_sample():
+    # On the real tiny model: sample j of a problem is what the generator draws alone with
+    # seed problem_seed(seed, problem, j), whatever else is in the batch.
+    probs = [problem("What is 1+1?", "2", "p0"), problem("What is 2+5?", "7", "p1")]
+    loaded = tiny_loaded()
+    solver = Solver(make_cfg(n_samples=3), loaded, reward=ScriptedReward([-1.0]))
+    results = solver.run("sc", probs)
+    for p, r in zip(probs, results):
+        prompt = render_chat(loaded.tokenizer, solver.template.messages(p.question, p.dataset))
+        alone = [
+            solver.generator.generate(
+                [
+                    GenerationRequest(
+                        prompt,
+                        16,
+                        sample=True,
+                        temperature=solver.cfg.temperature,
+                        top_p=solver.cfg.top_p,
+                        seed=problem_seed(solver.cfg.seed, p.problem_id, j),
+                    )
+                ]
+            )[0]
+            for j in range(3)
+        ]
+        assert r.samples == [loaded.tokenizer.decode(o.tokens) for o in alone]
+        assert len(set(r.samples)) == 3  # three seeds, three samples
 
 
 def test_problem_seed_is_stable_and_distinct():
-    assert problem_seed(42, "gsm8k-0", 0) == problem_seed(42, "gsm8k-0", 0)
+    # CRC-32 of "seed/problem/index" (31 bits): the same in every process, unlike hash().
+    assert problem_seed(42, "gsm8k-0", 0) == zlib.crc32(b"42/gsm8k-0/0") & 0x7FFFFFFF
+    assert problem_seed(7, "p", 3) == zlib.crc32(b"7/p/3") & 0x7FFFFFFF
     seeds = {problem_seed(42, "gsm8k-0", j) for j in range(3)} | {problem_seed(43, "gsm8k-0", 0)}
     assert len(seeds) == 4
 

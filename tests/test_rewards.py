@@ -1,5 +1,6 @@
-"""Rewards (SPEC.md §2): verdict arithmetic worked out by hand, verdict parsing, PSRM, user
-callables, and the prompt-template loaders' errors.
+"""Rewards (SPEC.md §2): verdict arithmetic worked out by hand, verdict parsing, the self-reward
+through the real engine on the embedded SmolLM2 (verdicts, reward and tokens recomputed from its
+decoded verifier outputs), PSRM, user callables, and the prompt-template loaders' errors.
 
 Default verifiers (configs/prompts/verifiers.yaml), in order, with weights:
 calculation 2, answer_correct 1, completeness 2, understanding 1 -> total 6.
@@ -114,6 +115,7 @@ def test_default_verifiers_are_the_spec_roles():
 )
 def test_parse_verdict(generated, expected):
     assert load_verifiers("verifiers").parse_verdict(generated) is expected
+    assert read_verdict(generated) is expected  # the test's own reader agrees on every case
 
 
 class ScriptedGenerator:
@@ -180,6 +182,77 @@ def test_self_reward_on_the_tiny_model_is_unparsed():
     )
     (rr,) = reward.score([problem()], ["\\boxed{2}"])
     assert rr.value == -1.0 and rr.unparsed == 4 and rr.generated_tokens == 4 * 8
+
+
+class RecordingGenerator:
+    """Wraps the real `Generator`: decodes with it and keeps every request and result."""
+
+    def __init__(self, real: Generator) -> None:
+        self.real = real
+        self.tokenizer = real.tokenizer
+        self.requests: list = []
+        self.outputs: list[GenerationResult] = []
+
+    def generate(self, requests):
+        outputs = self.real.generate(requests)
+        self.requests.extend(requests)
+        self.outputs.extend(outputs)
+        return outputs
+
+
+def read_verdict(text: str) -> bool | None:
+    """The SPEC §2 verdict, read without the library's regex: the last "Verdict:" followed (after
+    spaces and markdown stars) by the whole word True or False, any case; else None."""
+    verdict = None
+    lower = text.lower()
+    start = lower.find("verdict:")
+    while start >= 0:
+        rest = lower[start + len("verdict:") :].lstrip(" \t\n*")
+        for word, value in (("true", True), ("false", False)):
+            after = rest[len(word) : len(word) + 1]
+            if rest.startswith(word) and not (after.isalnum() or after == "_"):
+                verdict = value
+        start = lower.find("verdict:", start + 1)
+    return verdict
+
+
+def test_self_reward_on_the_embedded_model(make_solver, embedded_cfg):
+    # The real engine: the solver's SelfReward, its Generator, the shipped verifier templates,
+    # the embedded SmolLM2, 32 verifier tokens. The answers hold verdicts, which the 135M model
+    # tends to echo, so its outputs hold True, False, no verdict, and two verdicts in one text
+    # (checked at the end: every path of the parsing is exercised by real generated text).
+    solver = make_solver(embedded_cfg.replace(reward="self", verifier_max_new_tokens=32))
+    reward = solver.reward
+    assert isinstance(reward, SelfReward) and reward.max_new_tokens == 32
+    reward.generator = recorder = RecordingGenerator(reward.generator)
+    probs = [problem("What is 2+3?", "5", "p0"), problem("What is 2+3?", "5", "p1")]
+    answers = ["2 + 3 = 5. Verdict: True", "Verdict: False. Verdict: True"]
+    results = reward.score(probs, answers)
+
+    tok, verifiers = solver.tokenizer, load_verifiers("verifiers")
+    n = len(verifiers.verifiers)
+    weights = [v.weight for v in verifiers.verifiers]
+    assert len(recorder.outputs) == n * len(answers)  # every verifier of every answer, once
+    seen, all_texts = [], []
+    for j, (p, answer, rr) in enumerate(zip(probs, answers, results)):
+        prompts = [render_chat(tok, v.messages(p.question, answer)) for v in verifiers.verifiers]
+        outs = recorder.outputs[j * n : (j + 1) * n]
+        assert [list(q.prompt_ids) for q in recorder.requests[j * n : (j + 1) * n]] == prompts
+        texts = [tok.decode(o.tokens, skip_special_tokens=True) for o in outs]
+        verdicts = [read_verdict(t) for t in texts]
+        seen += verdicts
+        all_texts += texts
+        assert list(rr.verdicts) == [v.name for v in verifiers.verifiers]
+        assert list(rr.verdicts.values()) == verdicts, texts
+        assert rr.unparsed == verdicts.count(None)
+        failed = sum(w for d, w in zip(verdicts, weights) if d is not True)
+        assert rr.value == pytest.approx(-failed / sum(weights))
+        assert rr.prompt_tokens == sum(len(q) for q in prompts)
+        assert all(len(o.tokens) <= 32 for o in outs)
+        assert rr.generated_tokens == sum(len(o.tokens) for o in outs)
+    # the test's premise: all three outcomes occur, and some text has two verdicts (the last wins)
+    assert {True, False, None} <= set(seen), all_texts
+    assert any(t.lower().count("verdict:") > 1 for t in all_texts), all_texts
 
 
 @pytest.mark.parametrize(
@@ -262,10 +335,21 @@ def write(tmp_path, text: str, name: str = "t.yaml"):
 def test_shipped_solver_templates_load():
     boxed, js = load_solver_template("boxed"), load_solver_template("json")
     assert (boxed.style, js.style) == ("boxed", "json")
-    msgs = boxed.messages("What is 1+1?")
-    assert msgs == [{"role": "user", "content": msgs[0]["content"]}]
-    assert msgs[0]["content"].startswith("What is 1+1?") and "\\boxed{}" in msgs[0]["content"]
-    assert '{"thought process": "...", "final answer": "42"}' in js.messages("q")[0]["content"]
+    # SPEC §3: the instruction is the system message, the user message the question alone
+    assert boxed.messages("What is 1+1?") == [
+        {
+            "role": "system",
+            "content": "Please reason step by step, and put your final answer within \\boxed{}.",
+        },
+        {"role": "user", "content": "What is 1+1?"},
+    ]
+    system, user = js.messages("q")
+    assert system == {
+        "role": "system",
+        "content": "You are a precise math question solver. Solve this math problem. ",
+    }
+    assert user["role"] == "user" and user["content"].startswith("QUESTION: q \nLet's think")
+    assert '{"thought process": "your thought process", "final answer"' in user["content"]
 
 
 def test_solver_template_with_system_message(tmp_path):
