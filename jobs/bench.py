@@ -2,7 +2,7 @@
 
 Rows, for each method (`cot`, `latentseek-psrm`, `latentseek-self`; K = max_iters, capped tokens):
 
-- (a) naive: `tests/naive_reference.py`, the reference cost structure: one problem at a time, no KV
+- (a) naive: `pipeline/reference.py`, the reference cost structure: one problem at a time, no KV
   cache, one full forward over the whole sequence per generated token, the four self-reward
   verifiers one after another (greedy, capped at `verifier_max_new_tokens`, like the engine);
 - (b) the engine in-process (`Solver.run`) at every batch size of `--batch-sizes` (batch size 1
@@ -285,7 +285,8 @@ def _warm_up(solver: Any, prompt: list[int]) -> None:
 def _prompt_ids(solver: Any, problem: Any) -> list[int]:
     from pipeline.prompts import render_chat
 
-    return render_chat(solver.tokenizer, solver.template.messages(problem.question))
+    messages = solver.template.messages(problem.question, problem.dataset)
+    return render_chat(solver.tokenizer, messages, as_text=solver.rules.render_as_text)
 
 
 def _method_cfg(cfg: Any, key: str) -> Any:
@@ -352,8 +353,8 @@ def _naive_self_reward(model: Any, tokenizer: Any, verifiers: Any, cfg: Any, sty
     without a cache (capped at `verifier_max_new_tokens`, like the engine), verdicts read from the
     generated text only. Returns (reward_fn(question) -> (text, gold) -> float, token counter)."""
     from pipeline.prompts import render_chat
+    from pipeline.reference import naive_greedy
     from pipeline.rewards import combine_verdicts, has_format
-    from tests.naive_reference import naive_greedy
 
     counter = {"generated": 0, "prompt": 0}
     weights = [v.weight for v in verifiers.verifiers]
@@ -378,15 +379,15 @@ def _naive_self_reward(model: Any, tokenizer: Any, verifiers: Any, cfg: Any, sty
 
 def _child_naive(cfg: Any, spec: dict) -> dict:
 
+    from pipeline import reference as naive
     from pipeline.grading import grade
-    from tests import naive_reference as naive
 
     key = spec["method"]
     method, reward_name = METHODS[key]
     cfg = _method_cfg(cfg, key)
-    solver = _solver(cfg)  # for the model, tokenizer, templates and the EOS ids only
+    solver = _solver(cfg)  # for the model, tokenizer and templates only
     model, tok, style = solver.loaded.model, solver.tokenizer, solver.style
-    eos = set(solver.generator.eos_ids)
+    eos = naive.model_eos_ids(model, tok)
     problems = _problems(cfg)
     naive.naive_greedy(model, _prompt_ids(solver, problems[0]), 2, eos)  # warm-up
     rss_loaded = _rss_mb()
@@ -407,12 +408,21 @@ def _child_naive(cfg: Any, spec: dict) -> dict:
                 "",
             )
         else:
-            if reward_name == "psrm":
-                fn = lambda text, gold: naive.psrm_reward(text, gold, style)  # noqa: E731
-            else:
-                fn = self_reward(p.question)
+            # PSRM: the reference loop's own (reward_fn None); self: the naive verifiers above.
+            fn = None if reward_name == "psrm" else self_reward(p.question)
             res = naive.naive_latentseek(
-                model, tok, prompt, p.gold, reward_fn=fn, eos_ids=eos, **naive.config_kwargs(cfg)
+                model,
+                tok,
+                prompt,
+                p.label if cfg.compat == "reference" and p.label else p.gold,
+                lr=cfg.lr,
+                rho=cfg.rho,
+                max_iters=cfg.max_iters,
+                max_new_tokens=cfg.max_new_tokens,
+                reward_threshold=cfg.reward_threshold,
+                max_update_length=cfg.max_update_length,
+                compat=cfg.compat,
+                reward_fn=fn,
             )
             text = res.final_text
             solver_tokens = len(res.cot_tokens) + sum(len(a) for a in res.answer_tokens)
@@ -1123,7 +1133,7 @@ NOTES = [
     "total; methods with the same best batch size share the run. A full batch for its whole "
     "length is generate()'s best case; the engine's batches shrink as rows stop at EOS, and for "
     "self-reward it also decodes the longer verifier prompts (question + answer).",
-    "Naive (a): tests/naive_reference.py (no cache, full forward per token, one problem at a "
+    "Naive (a): pipeline/reference.py (no cache, full forward per token, one problem at a "
     "time); its self-reward runs the verifiers one by one with the engine's greedy/capped "
     "settings (jobs/bench.py _naive_self_reward). The naive cot row is the CoT pass of the naive "
     "latentseek-psrm run on the same problem, timed on its own (the same code a separate naive "
