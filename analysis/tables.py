@@ -4,6 +4,9 @@ Everything here reads the Parquet records (`pipeline.records` schema) and nothin
 the engine, so it works on a run directory copied from a cluster or downloaded from MLflow.
 
 Conventions:
+- One name per metric: the columns of `summary_table` are the names used everywhere else:
+  summary.csv, the table `latentseek run` prints, and MLflow, which logs each numeric column as
+  `<method>/<column>` (`latentseek/mean_final_reward`).
 - A failed problem (`error != ""`) stays in the denominator and counts as incorrect.
 - `accuracy_by_iteration` at budget k: a problem that ran more than k latent iterations is
   scored by its answer at iteration k; one that ran at most k is scored by the answer it

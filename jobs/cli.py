@@ -1,9 +1,13 @@
-"""The `latentseek` command line: run, config, summary, bench.
+"""The `latentseek` command line: run, config, summary, report, reference, submit, bench.
 
 latentseek run [--config FILE] [key=value ...]     evaluate (resumes an existing run_id)
 latentseek config [--config FILE] [key=value ...]  print the resolved config and exit
 latentseek config --keys                            list every config key with its help
 latentseek summary RUN_DIR                          print a run's tables from its records
+latentseek report RUN_OR_SWEEP_DIR [--out DIR]      tables and plots from records
+latentseek reference [--config FILE] [--compare RUN_DIR] [key=value ...]
+                                                    the naive reference loop, and a check
+latentseek submit [run|sweep] ... | status | logs | stop JOB   Ray Jobs on a cluster
 latentseek bench [--problems N] [...]               cost per problem, side by side
 """
 
@@ -46,19 +50,28 @@ def _config(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="latentseek", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, text in [("run", "evaluate methods over a dataset"), ("config", "show the config")]:
+    for name, text in [
+        ("run", "evaluate methods over a dataset"),
+        ("config", "show the config"),
+        ("reference", "run the naive reference loop (and compare a run's records with it)"),
+    ]:
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", type=Path, help=f"YAML config (default {DEFAULT_CONFIG})")
         p.add_argument("overrides", nargs="*", metavar="key=value")
         if name == "config":
             p.add_argument("--keys", action="store_true", help="list every key with its help")
+        if name == "reference":
+            p.add_argument("--compare", type=Path, metavar="RUN_DIR", help="check these records")
     p = sub.add_parser("summary", help="print a run's summary tables from its records")
     p.add_argument("run_dir", type=Path)
-    p = sub.add_parser("bench", help="cost per problem: naive vs engine vs Ray vs ceiling")
-    from jobs.bench import add_arguments
+    from analysis import report
+    from jobs import bench, submit
 
-    add_arguments(p)
+    report.add_arguments(sub.add_parser("report", help="tables and plots from a run's records"))
+    submit.add_arguments(sub)
+    bench.add_arguments(sub.add_parser("bench", help="naive vs engine vs Ray vs ceiling"))
     _quiet_libraries()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
 
     try:
@@ -73,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             from jobs.run import main as run_main
 
-            return run_main(_config(args))
+            return run_main(_config(args), argv=["latentseek", *argv])
         if args.command == "summary":
             from analysis.tables import accuracy_by_iteration, load_run, markdown, summary_table
 
@@ -81,19 +94,26 @@ def main(argv: list[str] | None = None) -> int:
             print(markdown(summary_table(problems)))
             print(markdown(accuracy_by_iteration(problems, iterations)))
             return 0
-        if args.command == "bench":
-            from jobs.bench import main as bench_main
+        if args.command == "report":
+            return report.main(args)
+        if args.command == "reference":
+            from jobs.reference import main as reference_main
 
-            return bench_main(args)
-    except ConfigError as exc:
+            return reference_main(_config(args), compare=args.compare)
+        if args.command in submit.COMMANDS:
+            return submit.main(args)
+        if args.command == "bench":
+            return bench.main(args)
+    except ConfigError as exc:  # also a bad prompt template (pipeline.prompts)
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # noqa: BLE001 - known failure kinds get one clear line
+    except Exception as exc:  # noqa: BLE001 - user errors get one message, bugs a traceback
         from jobs.run import RunError
         from pipeline.data import DataError
         from pipeline.model import ModelError
+        from pipeline.records import DuplicateRecordError
 
-        if isinstance(exc, (DataError, ModelError, RunError)):
+        if isinstance(exc, (DataError, ModelError, RunError, DuplicateRecordError)):
             print(f"error: {exc}", file=sys.stderr)
             return 2
         raise

@@ -1,19 +1,29 @@
 """`latentseek run`: evaluate methods over a dataset on Ray workers, record, track in MLflow.
 
-The driver: resolves the config, loads the dataset, skips what the run directory already holds
-(resume), starts Ray (local in-process, or `ray_address`), creates `workers` actors, feeds them
-batches, writes each returned batch as one atomic shard pair, shows progress, then compacts the
-records, logs the run to MLflow and prints a summary with the paths.
+The driver, in order:
+1. preflight, before anything is started or written: the device settings agree with each
+   other (`pipeline.workers.worker_device`), an existing run directory may be resumed with
+   these settings (`check_resume`), the prompt templates load, the dataset loads, and the
+   model source exists (`pipeline.model.check_model_source`). A user error stops here with
+   one message.
+2. skips what the run directory already holds (resume), starts Ray (local in-process, or
+   `ray_address`) and `workers` actors, and reports a worker that cannot start as one line;
+3. keeps config.yaml (the first invocation's config), appends this invocation to
+   invocations.jsonl, feeds the workers batches and writes each returned batch as one atomic
+   shard pair, showing progress;
+4. compacts the records, writes summary.md / summary.csv / accuracy_by_iteration.csv into the
+   run directory, logs the run to MLflow and returns a summary with the paths.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,14 +31,24 @@ from typing import Any
 import yaml
 
 from pipeline.config import Config
-from pipeline.data import Dataset, load_dataset
-from pipeline.records import CONFIG_FILE, RecordStore, run_dir, write_config
+from pipeline.data import Dataset, Problem, load_dataset
+from pipeline.records import (
+    CONFIG_FILE,
+    RecordStore,
+    append_invocation,
+    run_dir,
+    write_config,
+)
 
-# Keys that may change between a run and its resume (how it runs, not what it computes).
+# Keys that may change between a run and its resume: how it runs, not what it computes.
+# `device`, `dtype` and `gpus_per_worker` may change only as long as the resolved device type
+# (cpu / cuda) and the resolved dtype stay the same (`resolved_precision`, checked apart).
+# `batch_size` is not here: batched decoding pads prompts to a common length, which changes
+# the numbers, so a resume with another batch size would mix results.
 RESUMABLE_KEYS = {
-    "workers", "cpus_per_worker", "gpus_per_worker", "ray_address", "batch_size", "threads",
-    "max_retries", "max_worker_restarts", "mlflow_tracking_uri", "mlflow_experiment",
-    "device", "model_cache_dir", "output_dir",
+    "workers", "cpus_per_worker", "gpus_per_worker", "ray_address", "threads", "max_retries",
+    "max_worker_restarts", "mlflow_tracking_uri", "mlflow_experiment", "device", "dtype",
+    "model_cache_dir", "output_dir", "allow_download",
 }  # fmt: skip
 
 
@@ -52,6 +72,16 @@ class RunSummary:
     ui_command: str
     table: Any  # pandas DataFrame: analysis.tables.summary_table
     curve: Any  # pandas DataFrame: analysis.tables.accuracy_by_iteration
+    files: list[Path]  # the summary files written into run_dir
+
+
+@dataclass
+class _Counts:
+    recorded: int = 0
+    failures: int = 0
+    correct: int = 0
+    worker_failures: int = 0
+    retried: int = 0
 
 
 def resolve_run_id(cfg: Config) -> Config:
@@ -61,22 +91,122 @@ def resolve_run_id(cfg: Config) -> Config:
     return cfg.replace(run_id=f"{stamp}-{uuid.uuid4().hex[:6]}")
 
 
-def check_resume(cfg: Config, directory: Path) -> None:
-    """A run id can be resumed only with the same settings of what it computes."""
-    saved_path = directory / CONFIG_FILE
-    if not saved_path.exists():
-        return
-    saved = yaml.safe_load(saved_path.read_text()) or {}
-    now = cfg.to_dict()
-    changed = sorted(
-        k for k in now if k not in RESUMABLE_KEYS and k in saved and saved[k] != now[k]
-    )
-    if changed:
-        detail = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
-        raise RunError(
-            f"run_id={cfg.run_id!r} already exists in {directory} with different settings "
-            f"({detail}). Use a new run_id, or the same settings to resume it."
+# ------------------------------------------------------------------------------------------
+# Preflight: everything a user can get wrong, checked before anything starts
+
+
+def resolved_precision(device: str, gpus_per_worker: float, dtype: str) -> tuple[str, str]:
+    """(device type, dtype name) the workers will use, e.g. ("cpu", "float32"), worked out from
+    the settings alone (no CUDA needed): GPU workers run on cuda, `dtype=auto` follows it."""
+    import torch
+
+    from pipeline.model import resolve_dtype
+
+    device_type = "cuda" if gpus_per_worker > 0 or device.startswith("cuda") else "cpu"
+    resolved = resolve_dtype(dtype, torch.device(device_type))
+    return device_type, str(resolved).removeprefix("torch.")
+
+
+def check_devices(cfg: Config) -> None:
+    """`device` and `gpus_per_worker` agree, and a local Ray has the GPUs the workers ask for."""
+    from pipeline.workers import worker_device
+
+    try:
+        worker_device(cfg.device, cfg.gpus_per_worker)
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
+    if cfg.gpus_per_worker > 0 and not cfg.ray_address:
+        import ray
+        import torch
+
+        have = (
+            ray.cluster_resources().get("GPU", 0.0)
+            if ray.is_initialized()
+            else torch.cuda.device_count()
         )
+        need = cfg.gpus_per_worker * cfg.workers
+        if have < need:
+            raise RunError(
+                f"workers={cfg.workers} x gpus_per_worker={cfg.gpus_per_worker:g} needs "
+                f"{math.ceil(need)} GPU(s); this machine's local Ray has {have:g}. Lower workers or "
+                "gpus_per_worker, set gpus_per_worker=0 for CPU workers, or give ray_address"
+            )
+
+
+def check_resume(cfg: Config, directory: Path) -> None:
+    """A run id can be resumed only with the same settings of what it computes: the keys not in
+    RESUMABLE_KEYS, the resolved device type and dtype, compared with config.yaml, and the
+    device and dtype recorded in the run's problem rows."""
+    changed: list[str] = []
+    saved_path = directory / CONFIG_FILE
+    if saved_path.exists():
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+        now = cfg.to_dict()
+        for k in sorted(now):
+            if k not in RESUMABLE_KEYS and k in saved and saved[k] != now[k]:
+                changed.append(f"{k}: {saved[k]!r} -> {now[k]!r}")
+        defaults = Config().to_dict()
+        before = resolved_precision(
+            *(saved.get(k, defaults[k]) for k in ("device", "gpus_per_worker", "dtype"))
+        )
+        changed += _precision_changes(before, cfg, "config.yaml")
+    store = RecordStore(directory)
+    types = {str(d).partition(":")[0] for d in store.distinct("device") if d}
+    dtypes = {str(d) for d in store.distinct("dtype") if d}
+    if len(types) > 1 or len(dtypes) > 1:
+        changed.append(f"the recorded rows already mix {sorted(types)} / {sorted(dtypes)}")
+    else:
+        recorded = (next(iter(types), ""), next(iter(dtypes), ""))  # "": nothing recorded
+        changed += _precision_changes(recorded, cfg, "the recorded problem rows")
+    if changed:
+        raise RunError(
+            f"run_id={cfg.run_id!r} already exists in {directory} with different settings of "
+            f"what it computes ({'; '.join(dict.fromkeys(changed))}); resuming would mix "
+            "results. Use a new run_id (run_id=<new>) for these settings, or the same settings "
+            "to resume it."
+        )
+
+
+def _precision_changes(before: tuple[str, str], cfg: Config, where: str) -> list[str]:
+    now = resolved_precision(cfg.device, cfg.gpus_per_worker, cfg.dtype)
+    out = []
+    if before[0] and before[0] != now[0]:
+        out.append(
+            f"device type: {before[0]!r} in {where} -> {now[0]!r} now (device={cfg.device!r}, "
+            f"gpus_per_worker={cfg.gpus_per_worker:g})"
+        )
+    if before[1] and before[1] != now[1]:
+        out.append(f"dtype: {before[1]!r} in {where} -> {now[1]!r} now (dtype={cfg.dtype!r})")
+    return out
+
+
+def check_prompts(cfg: Config) -> None:
+    """The solver and verifier templates load; a ConfigError names the key, the file and the
+    problem."""
+    from pipeline.config import ConfigError
+    from pipeline.prompts import load_solver_template, load_verifiers
+
+    for key, load in (("prompt", load_solver_template), ("verifier_prompts", load_verifiers)):
+        try:
+            load(getattr(cfg, key))
+        except ConfigError as exc:
+            raise ConfigError(f"{key}={getattr(cfg, key)!r}: {exc}") from None
+
+
+def load_selection(cfg: Config, log: Callable[[str], None]) -> Dataset:
+    dataset: Dataset = load_dataset(cfg)
+    if dataset.skipped_rows:
+        log(f"skipped {dataset.skipped_rows} malformed rows of {dataset.source}")
+    if not dataset.problems:
+        raise RunError(f"the selection of {dataset.source} holds no problems")
+    ids = [p.problem_id for p in dataset.problems]
+    if len(set(ids)) != len(ids):
+        raise RunError("problem ids are not unique in the selection")
+    return dataset
+
+
+# ------------------------------------------------------------------------------------------
+# Ray: the cluster and the workers
 
 
 def start_ray(cfg: Config) -> None:
@@ -97,126 +227,206 @@ def start_ray(cfg: Config) -> None:
         )
 
 
+def start_workers(cfg: Config) -> tuple[list[Any], list[dict[str, Any]]]:
+    """`cfg.workers` actors with their models loaded, and their `info()`; a worker that cannot
+    start (its constructor raised, or its process died) stops the run with one line."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    from pipeline.workers import make_worker_class
+
+    worker_cls = make_worker_class(cfg)
+    workers = [worker_cls.remote(cfg) for _ in range(cfg.workers)]
+    try:
+        infos = ray.get([w.info.remote() for w in workers])
+    except RayActorError as exc:
+        _kill(workers)
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+        raise RunError(f"a worker died while starting: {first}") from None
+    errors = [i["start_error"] for i in infos if i["start_error"]]
+    if errors:
+        _kill(workers)
+        raise RunError(f"a worker could not start: {errors[0]}")
+    return workers, infos
+
+
+def _kill(workers: Sequence[Any]) -> None:
+    import ray
+
+    for w in workers:
+        ray.kill(w)
+
+
+# ------------------------------------------------------------------------------------------
+# The run
+
+
 def run_evaluation(
     cfg: Config,
     *,
     progress: bool = True,
     on_batch: Callable[[dict[str, Any]], None] | None = None,
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
+    argv: Sequence[str] | None = None,
 ) -> RunSummary:
     """Run (or resume) the evaluation described by `cfg`. `on_batch` is called after every
-    recorded batch with the scheduler's state (tests use it to inject faults)."""
-    import ray
-    from tqdm import tqdm
-
-    from analysis.tables import accuracy_by_iteration, summary_table
-    from pipeline import tracking
-    from pipeline.model import prepare_model
-    from pipeline.workers import Scheduler, make_batches, make_worker_class
+    recorded batch with the scheduler's state (tests use it to inject faults); `argv` is the
+    command line, kept in invocations.jsonl."""
+    from pipeline.model import check_model_source, prepare_model
 
     start = time.perf_counter()
     cfg = resolve_run_id(cfg)
     directory = run_dir(cfg)
+    check_devices(cfg)
     check_resume(cfg, directory)
-    dataset: Dataset = load_dataset(cfg)
-    if dataset.skipped_rows:
-        log(f"skipped {dataset.skipped_rows} malformed rows of {dataset.source}")
-    if not dataset.problems:
-        raise RunError(f"the selection of {dataset.source} holds no problems")
-    ids = [p.problem_id for p in dataset.problems]
-    if len(set(ids)) != len(ids):
-        raise RunError("problem ids are not unique in the selection")
-
+    check_prompts(cfg)
+    dataset = load_selection(cfg, log)
     store = RecordStore(directory)
-    write_config(cfg, directory)
-    store.cleanup()  # leftovers of a killed driver: temp files, orphan iteration shards
     done = store.completed()
-    total = len(dataset.problems) * len(cfg.method)
     todo = {m: [p for p in dataset.problems if (p.problem_id, m) not in done] for m in cfg.method}
+    total = len(dataset.problems) * len(cfg.method)
     skipped = total - sum(len(v) for v in todo.values())
     if skipped:
         log(f"resuming {cfg.run_id}: {skipped} of {total} records already there")
 
-    worker_failures = retried = recorded = failures = correct = 0
+    counts = _Counts()
     if any(todo.values()):
+        check_model_source(cfg)
         prepare_model(cfg)
         start_ray(cfg)
-        worker_cls = make_worker_class(cfg)
-        workers = [worker_cls.remote(cfg) for _ in range(cfg.workers)]
-        infos = ray.get([w.info.remote() for w in workers])  # models loaded, or fail early
-        batches = []
-        for method in cfg.method:
-            batches += [
-                b for b in make_batches(todo[method], [method], cfg.batch_size) if b.problems
-            ]
-        order = {p.problem_id: i for i, p in enumerate(dataset.problems)}
-        batches.sort(key=lambda b: order[b.problems[0].problem_id])  # stable: methods interleave
-        for i, b in enumerate(batches):
-            b.batch_id = i
-        scheduler = Scheduler(
-            workers,
-            batches,
-            cfg.max_retries,
-            on_worker_lost=lambda why: log(f"worker lost, its batch is re-queued: {why}"),
-        )
-        bar = tqdm(
-            total=total,
-            initial=skipped,
-            disable=not progress,
-            desc=cfg.run_id,
-            unit="rec",
-            dynamic_ncols=True,
-        )
+        workers, infos = start_workers(cfg)
         try:
-            for outcome in scheduler.run():
-                if not outcome.results:
-                    continue
-                attempts = {
-                    (r.problem_id, r.method): outcome.batch.attempts.get(r.problem_id, 1)
-                    for r in outcome.results
-                }
-                store.write(outcome.results, cfg.run_id, _model_name(cfg), outcome.worker, attempts)
-                recorded += len(outcome.results)
-                failures += sum(bool(r.error) for r in outcome.results)
-                correct += sum(r.final_correct for r in outcome.results)
-                bar.update(len(outcome.results))
-                bar.set_postfix(
-                    acc=f"{correct / max(recorded, 1):.3f}",
-                    failed=failures,
-                    lost_workers=scheduler.worker_failures,
-                )
-                if on_batch:
-                    on_batch(
-                        {
-                            "workers": workers,
-                            "infos": infos,
-                            "recorded": recorded,
-                            "scheduler": scheduler,
-                        }
-                    )
+            _open_run(cfg, directory, argv, skipped)
+            _run_batches(cfg, workers, infos, todo, dataset.problems, store, counts,
+                         total, skipped, progress, on_batch, log)  # fmt: skip
         finally:
-            bar.close()
-            worker_failures, retried = scheduler.worker_failures, scheduler.retried
-            for w in workers:
-                ray.kill(w)
+            _kill(workers)
+    else:
+        _open_run(cfg, directory, argv, skipped)
+    return _finish(cfg, directory, store, dataset, total, skipped, counts, start)
+
+
+def _open_run(cfg: Config, directory: Path, argv: Sequence[str] | None, skipped: int) -> None:
+    """Keep config.yaml (the first invocation's), log this invocation, and clean up what a
+    killed driver left (temporary files, orphan iteration shards)."""
+    from pipeline.tracking import git_commit
+
+    saved_path = directory / CONFIG_FILE
+    saved = (yaml.safe_load(saved_path.read_text()) or {}) if saved_path.exists() else {}
+    now = cfg.to_dict()
+    changed = {k: [saved.get(k), v] for k, v in now.items() if saved and saved.get(k) != v}
+    write_config(cfg, directory, keep_existing=True)
+    append_invocation(
+        directory,
+        {
+            "time": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "argv": list(argv) if argv is not None else None,
+            "git_commit": git_commit(),
+            "already_recorded": skipped,
+            "changed_from_config_yaml": changed,
+            "config": now,
+        },
+    )
+    RecordStore(directory).cleanup()
+
+
+def _run_batches(
+    cfg: Config,
+    workers: list[Any],
+    infos: list[dict[str, Any]],
+    todo: dict[str, list[Problem]],
+    problems: list[Problem],
+    store: RecordStore,
+    counts: _Counts,
+    total: int,
+    skipped: int,
+    progress: bool,
+    on_batch: Callable[[dict[str, Any]], None] | None,
+    log: Callable[[str], None],
+) -> None:
+    """Feed every batch to the workers and record each result once, as it comes back."""
+    from tqdm import tqdm
+
+    from pipeline.workers import NoWorkerLeftError, Scheduler, make_batches
+
+    batches = []
+    for method in cfg.method:
+        batches += [b for b in make_batches(todo[method], [method], cfg.batch_size) if b.problems]
+    order = {p.problem_id: i for i, p in enumerate(problems)}
+    batches.sort(key=lambda b: order[b.problems[0].problem_id])  # stable: methods interleave
+    for i, b in enumerate(batches):
+        b.batch_id = i
+    scheduler = Scheduler(
+        workers,
+        batches,
+        cfg.max_retries,
+        on_worker_lost=lambda why: log(f"worker lost, its batch is re-queued: {why}"),
+    )
+    bar = tqdm(total=total, initial=skipped, disable=not progress, desc=cfg.run_id, unit="rec",
+               dynamic_ncols=True)  # fmt: skip
+    try:
+        for outcome in scheduler.run():
+            if not outcome.results:
+                continue
+            attempts = {
+                (r.problem_id, r.method): outcome.batch.attempts.get(r.problem_id, 1)
+                for r in outcome.results
+            }
+            store.write(outcome.results, cfg.run_id, _model_name(cfg), outcome.worker, attempts)
+            counts.recorded += len(outcome.results)
+            counts.failures += sum(bool(r.error) for r in outcome.results)
+            counts.correct += sum(r.final_correct for r in outcome.results)
+            bar.update(len(outcome.results))
+            bar.set_postfix(
+                acc=f"{counts.correct / max(counts.recorded, 1):.3f}",
+                failed=counts.failures,
+                lost_workers=scheduler.worker_failures,
+            )
+            if on_batch:
+                state = {"workers": workers, "infos": infos, "recorded": counts.recorded}
+                on_batch({**state, "scheduler": scheduler})
+    except NoWorkerLeftError as exc:
+        raise RunError(str(exc)) from None
+    finally:
+        bar.close()
+        counts.worker_failures, counts.retried = scheduler.worker_failures, scheduler.retried
+
+
+def _finish(
+    cfg: Config,
+    directory: Path,
+    store: RecordStore,
+    dataset: Dataset,
+    total: int,
+    skipped: int,
+    counts: _Counts,
+    start: float,
+) -> RunSummary:
+    """Compact the records, write the summary files, log the run to MLflow."""
+    from analysis.tables import accuracy_by_iteration, summary_table, write_summary
+    from pipeline import tracking
 
     store.compact()
+    ids = [p.problem_id for p in dataset.problems]
     problems, iterations = store.read_problems(), store.read_iterations()
     selected = problems[problems["problem_id"].isin(ids)]
     table = summary_table(selected)
     curve = accuracy_by_iteration(selected, iterations[iterations["problem_id"].isin(ids)])
+    files = write_summary(directory, table, curve)
     wall = time.perf_counter() - start
-    per_hour = 3600.0 * recorded / wall if recorded else 0.0
+    per_hour = 3600.0 * counts.recorded / wall if counts.recorded else 0.0
+    failures = int((selected["error"] != "").sum())
     mlflow_run = tracking.log_run(
         cfg,
         directory,
         table,
         curve,
         {"name": dataset.name, "digest": dataset.digest, "source": dataset.source},
+        files=files,
         extra_metrics={
             "run_problems_per_hour": per_hour,
-            "run_failures": float(int((selected["error"] != "").sum())),
-            "worker_failures": float(worker_failures),
+            "run_failures": float(failures),
+            "worker_failures": float(counts.worker_failures),
         },
         tags={"run_dir": str(directory.resolve())},
     )
@@ -224,10 +434,10 @@ def run_evaluation(
         run_dir=directory,
         total=total,
         skipped=skipped,
-        recorded=recorded,
-        failures=int((selected["error"] != "").sum()),
-        worker_failures=worker_failures,
-        retried=retried,
+        recorded=counts.recorded,
+        failures=failures,
+        worker_failures=counts.worker_failures,
+        retried=counts.retried,
         wall_seconds=wall,
         problems_per_hour=per_hour,
         mlflow_run_id=mlflow_run,
@@ -235,6 +445,7 @@ def run_evaluation(
         ui_command=tracking.ui_command(cfg),
         table=table,
         curve=curve,
+        files=files,
     )
 
 
@@ -266,14 +477,7 @@ def format_summary(s: RunSummary) -> str:
     return "\n".join(lines)
 
 
-def write_local_summary(s: RunSummary) -> None:
-    from analysis.tables import write_summary
-
-    write_summary(s.run_dir, s.table, s.curve)
-
-
-def main(cfg: Config) -> int:
-    summary = run_evaluation(cfg)
-    write_local_summary(summary)
+def main(cfg: Config, argv: Sequence[str] | None = None) -> int:
+    summary = run_evaluation(cfg, argv=argv)
     print(format_summary(summary))
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -176,7 +177,7 @@ class Config:
         need(self.limit >= 0, "limit", "must be >= 0 (0 means all)")
         need(self.threads >= 0, "threads", "must be >= 0")
         need(
-            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
             "device",
             "allowed: auto, cpu, cuda, cuda:N",
         )

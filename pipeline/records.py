@@ -2,7 +2,11 @@
 
 A run directory `<output_dir>/<run_id>/` holds
 
-    config.yaml                     the resolved config (`write_config`)
+    config.yaml                     the first invocation's resolved config (`write_config`),
+                                    never rewritten
+    invocations.jsonl               one JSON line per invocation (`append_invocation`): UTC
+                                    time, argv, git commit, keys changed from config.yaml,
+                                    the resolved config
     problems/part-<shard>.parquet   one row per (problem, method)       PROBLEM_SCHEMA
     iterations/part-<shard>.parquet one row per answer: iteration 0 is  ITERATION_SCHEMA
                                     the CoT answer, k >= 1 the answer after latent step k
@@ -51,6 +55,7 @@ Key = tuple[str, str]  # (problem_id, method)
 PROBLEMS = "problems"
 ITERATIONS = "iterations"
 CONFIG_FILE = "config.yaml"
+INVOCATIONS_FILE = "invocations.jsonl"
 _SHARD_RE = re.compile(r"^part-[0-9A-Za-z_.-]+\.parquet$")
 _META_KEY = b"latentseek.compaction"
 
@@ -70,6 +75,10 @@ PROBLEM_SCHEMA = pa.schema(
         _req("dataset", pa.string()),
         _req("method", pa.string()),
         _req("model", pa.string()),
+        # Where it ran: "cpu", "cuda", "cuda:0"; "float32", "bfloat16". "" for a problem that
+        # failed outside the model; null in records written before these columns existed.
+        _opt("device", pa.string()),
+        _opt("dtype", pa.string()),
         _req("question", pa.string()),
         _req("gold", pa.string()),
         _req("cot_answer", pa.string()),
@@ -141,6 +150,8 @@ def problem_row(result: ProblemResult, run_id: str, model: str, worker: str, att
         "dataset": result.dataset,
         "method": result.method,
         "model": model,
+        "device": result.device,
+        "dtype": result.dtype,
         "question": result.question,
         "gold": str(result.gold),
         "cot_answer": result.cot_answer,
@@ -223,11 +234,18 @@ def run_dir(cfg: Config) -> Path:
     return Path(cfg.output_dir) / cfg.run_id
 
 
-def write_config(cfg: Config, directory: Path | None = None) -> Path:
-    """Save the resolved config as `<run_dir>/config.yaml` (atomically) and return its path."""
+def write_config(
+    cfg: Config, directory: Path | None = None, *, keep_existing: bool = False
+) -> Path:
+    """Save the resolved config as `<run_dir>/config.yaml` (atomically) and return its path.
+
+    `keep_existing=True` leaves a config.yaml that is already there as it is (the driver keeps
+    the first invocation's config; later ones go to `append_invocation`)."""
     target_dir = Path(directory) if directory is not None else run_dir(cfg)
     target_dir.mkdir(parents=True, exist_ok=True)
     path = target_dir / CONFIG_FILE
+    if keep_existing and path.exists():
+        return path
     tmp = _tmp_name(path)
     try:
         cfg.save(tmp)
@@ -235,6 +253,41 @@ def write_config(cfg: Config, directory: Path | None = None) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def append_invocation(directory: Path | str, entry: dict) -> Path:
+    """Append `entry` as one JSON line to `<run_dir>/invocations.jsonl` and return its path.
+
+    One `write` of one line to a file opened for appending, then fsync: a crash leaves at most
+    a torn last line, which `read_invocations` skips (the next entry starts on a new line);
+    earlier lines are never rewritten."""
+    path = Path(directory) / INVOCATIONS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(entry, sort_keys=False, default=str) + "\n").encode()
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line  # after a torn line
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return path
+
+
+def read_invocations(directory: Path | str) -> list[dict]:
+    """The entries of `<run_dir>/invocations.jsonl`, oldest first (a torn line is skipped)."""
+    path = Path(directory) / INVOCATIONS_FILE
+    if not path.exists():
+        return []
+    entries = []
+    for line in path.read_text().splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return entries
 
 
 def new_shard_id() -> str:
@@ -421,6 +474,15 @@ class RecordStore:
             )
         return df
 
+    def distinct(self, column: str) -> set:
+        """The distinct non-null values of a problem column over the committed rows."""
+        files = self.committed_files()[0]
+        if not files:
+            return set()
+        field = PROBLEM_SCHEMA.field(column)
+        df = pd.read_parquet([str(p) for p in files], columns=[column], schema=pa.schema([field]))
+        return set(df[column].dropna().unique())
+
     def read_iterations(self) -> pd.DataFrame:
         """Iteration rows of committed shards only (orphans of a crash are skipped)."""
         return _to_pandas(self.committed_files()[1], ITERATION_SCHEMA)
@@ -504,12 +566,16 @@ def read_records(path: Path | str) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 __all__ = [
+    "CONFIG_FILE",
+    "INVOCATIONS_FILE",
     "ITERATION_SCHEMA",
     "PROBLEM_SCHEMA",
     "DuplicateRecordError",
     "RecordStore",
+    "append_invocation",
     "iteration_rows",
     "problem_row",
+    "read_invocations",
     "read_records",
     "run_dir",
     "write_config",

@@ -8,15 +8,18 @@
   `latentseek.resumed_param.<key>` instead of failing.
 - tags: model, dataset, method, reward, git_commit (also `mlflow.source.git.commit`), the
   caller's tags, and `latentseek.run_id`.
-- metrics: per method `cot_accuracy`, `final_accuracy`, `mean_iterations`, `mean_reward`,
-  `mean_initial_reward`, `tokens_per_problem`, `flops_per_problem`, `mean_wall_seconds`,
-  `problems_per_hour`, `failures` (prefixed `<method>/` when the run has several methods),
-  the scaling curve as `<method>/accuracy_at_iteration` with `step=k`, and the caller's extra
-  metrics as given. A value equal to the one already logged is not logged again, so a resume
-  does not duplicate the history.
+- metrics: every numeric column of the summary table under its own name, always prefixed by
+  the method (`<method>/final_accuracy`, `<method>/mean_final_reward`, ...: one name per
+  metric across records, tables and MLflow), the scaling curve as
+  `<method>/accuracy_at_iteration` with `step=k`, and the caller's run-level metrics as given
+  (unprefixed). A value equal to the one already logged is not logged again, so a resume does
+  not duplicate the history.
 - the dataset as an MLflow input (context "evaluation");
-- artifacts: problems/, iterations/, config.yaml, summary.md, summary.csv and
-  accuracy_by_iteration.csv.
+- artifacts: problems/, iterations/, config.yaml, invocations.jsonl, and the files the caller
+  hands over (the driver's summary.md, summary.csv and accuracy_by_iteration.csv).
+
+This module reads the records (`pipeline.records`) but no analysis code: the driver computes
+the tables and writes the summary files, and hands both over.
 
 The client API is used throughout (no `mlflow.set_tracking_uri`, no active-run globals).
 """
@@ -30,7 +33,6 @@ import os
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -46,9 +48,8 @@ from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, Ru
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from analysis.tables import write_summary
 from pipeline.config import PROJECT_ROOT, Config
-from pipeline.records import CONFIG_FILE, ITERATIONS, PROBLEMS, RecordStore
+from pipeline.records import CONFIG_FILE, INVOCATIONS_FILE, ITERATIONS, PROBLEMS, RecordStore
 
 RUN_ID_TAG = "latentseek.run_id"
 CHANGED_PARAM_TAG = "latentseek.resumed_param."
@@ -56,20 +57,6 @@ CURVE_METRIC = "accuracy_at_iteration"
 ARTIFACT_DIR = "mlartifacts"
 DB_FILE = "mlflow.db"
 UI_PORT = 5000
-
-# summary_table column -> MLflow metric name
-SUMMARY_METRICS = {
-    "cot_accuracy": "cot_accuracy",
-    "final_accuracy": "final_accuracy",
-    "mean_iterations": "mean_iterations",
-    "mean_final_reward": "mean_reward",
-    "mean_initial_reward": "mean_initial_reward",
-    "tokens_per_problem": "tokens_per_problem",
-    "flops_per_problem": "flops_per_problem",
-    "mean_wall_seconds": "mean_wall_seconds",
-    "problems_per_hour": "problems_per_hour",
-    "failures": "failures",
-}
 
 _BATCH = 100  # MLflow's per-request limit for params and tags (metrics allow 1000)
 _NOISY_LOGGERS = ("mlflow", "alembic", "sqlalchemy")
@@ -178,8 +165,16 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[i : i + size]
 
 
-def _metric_name(method: str, name: str, prefixed: bool) -> str:
-    return f"{method}/{name}" if prefixed else name
+def method_metrics(summary: pd.DataFrame) -> dict[str, float]:
+    """`<method>/<column>` -> value for every numeric column of the summary table."""
+    columns = [
+        c
+        for c in summary.columns
+        if pd.api.types.is_numeric_dtype(summary[c]) and not pd.api.types.is_bool_dtype(summary[c])
+    ]
+    return {
+        f"{row['method']}/{c}": float(row[c]) for row in summary.to_dict("records") for c in columns
+    }
 
 
 def _log_params(client: MlflowClient, mlflow_run: str, params: dict[str, str]) -> None:
@@ -249,13 +244,16 @@ def log_run(
     summary: pd.DataFrame,
     curve: pd.DataFrame,
     dataset_info: Mapping[str, Any],
+    files: Sequence[Path | str] = (),
     extra_metrics: Mapping[str, float] | None = None,
     tags: Mapping[str, str] | None = None,
 ) -> str:
     """Log a run's config, tags, metrics, dataset and records to MLflow; returns the run id.
 
-    `summary` is `analysis.tables.summary_table(problems)`, `curve` is
-    `accuracy_by_iteration(...)`, `dataset_info` holds the dataset's `name` and `digest`.
+    `summary` is the per-method table (`analysis.tables.summary_table`: a `method` column and
+    numeric columns), `curve` the scaling curve (`method, iteration, accuracy`),
+    `dataset_info` holds the dataset's `name` and `digest`, `files` are logged as top-level
+    artifacts (the summary files the driver wrote).
     """
     if not cfg.run_id:
         raise ValueError("log_run needs cfg.run_id: resolve the run's name before logging it")
@@ -277,7 +275,7 @@ def log_run(
         try:
             _log_everything(
                 client, mlflow_run, cfg, run_dir, summary, curve, dataset_info,
-                dict(extra_metrics or {}), dict(tags or {}),
+                [Path(f) for f in files], dict(extra_metrics or {}), dict(tags or {}),
             )  # fmt: skip
         except BaseException:
             client.set_terminated(mlflow_run, RunStatus.to_string(RunStatus.FAILED))
@@ -294,6 +292,7 @@ def _log_everything(
     summary: pd.DataFrame,
     curve: pd.DataFrame,
     dataset_info: Mapping[str, Any],
+    files: list[Path],
     extra_metrics: dict[str, float],
     tags: dict[str, str],
 ) -> None:
@@ -312,12 +311,8 @@ def _log_everything(
         client.log_batch(mlflow_run, tags=chunk)
     _log_params(client, mlflow_run, flatten_params(cfg.to_dict()))
 
-    prefixed = summary["method"].nunique() > 1
     scalars = {str(k): float(v) for k, v in extra_metrics.items()}
-    for row in summary.to_dict("records"):
-        for column, name in SUMMARY_METRICS.items():
-            if column in row:
-                scalars[_metric_name(row["method"], name, prefixed)] = float(row[column])
+    scalars.update(method_metrics(summary))
     curves = {
         f"{method}/{CURVE_METRIC}": list(zip(g["iteration"], g["accuracy"], strict=True))
         for method, g in curve.groupby("method", sort=False)
@@ -330,11 +325,11 @@ def _log_everything(
         _log_dataset(client, mlflow_run, problems, dataset_info)
 
     # Committed shards only: no temporary files, orphans or superseded shards.
-    for sub, files in zip((PROBLEMS, ITERATIONS), store.committed_files(), strict=True):
-        for path in files:
+    for sub, shards in zip((PROBLEMS, ITERATIONS), store.committed_files(), strict=True):
+        for path in shards:
             client.log_artifact(mlflow_run, str(path), artifact_path=sub)
-    if (run_dir / CONFIG_FILE).is_file():
-        client.log_artifact(mlflow_run, str(run_dir / CONFIG_FILE))
-    with tempfile.TemporaryDirectory(prefix="latentseek-summary-") as tmp:
-        for path in write_summary(tmp, summary, curve):
-            client.log_artifact(mlflow_run, str(path))
+    for name in (CONFIG_FILE, INVOCATIONS_FILE):
+        if (run_dir / name).is_file():
+            client.log_artifact(mlflow_run, str(run_dir / name))
+    for path in files:
+        client.log_artifact(mlflow_run, str(path))

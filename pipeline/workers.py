@@ -15,11 +15,18 @@ Faults:
 
 Results come back to the driver, which is the only writer of records (`pipeline.records`), so a
 result is recorded exactly once whatever happens to the workers.
+
+A worker whose constructor fails (the model cannot be loaded, a reward cannot be imported) stays
+alive and reports the error from `info()` (`start_error`), so that the driver can show it as one
+line instead of a Ray traceback; the scheduler treats a restarted worker that reports one as
+dead for good.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import socket
 import time
 import traceback
@@ -33,6 +40,10 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 
 from pipeline.data import Problem
 from pipeline.results import ProblemResult
+
+
+class NoWorkerLeftError(RuntimeError):
+    """Every worker is gone (out of restarts, or unable to start again)."""
 
 
 @dataclass
@@ -51,31 +62,84 @@ class BatchOutcome:
     retry: list[Problem]  # problems that raised and will be tried again
 
 
+def worker_device(device: str, gpus_per_worker: float) -> str:
+    """The device a worker runs on, from the config's `device` and `gpus_per_worker`.
+
+    Ray hands a worker a GPU only when it asks for one (`gpus_per_worker > 0`), and then numbers
+    the GPUs it was given from 0, so:
+
+        device       gpus_per_worker = 0    gpus_per_worker > 0
+        auto         cpu                    cuda
+        cpu          cpu                    error (GPUs reserved and never used)
+        cuda[:N]     error (no GPU given)   cuda[:N], N < the GPUs each worker gets
+
+    Raises ValueError with what to set instead. Pure: the driver calls it before anything
+    starts, and each worker calls it again to pick its device.
+    """
+    if gpus_per_worker == 0:
+        if device in ("auto", "cpu"):
+            return "cpu"
+        raise ValueError(
+            f"device={device!r} needs gpus_per_worker > 0 (a Ray worker gets a GPU only when it "
+            "asks for one); set gpus_per_worker=1, or device=cpu (or auto) for CPU workers"
+        )
+    if device == "cpu":
+        raise ValueError(
+            f"device='cpu' with gpus_per_worker={gpus_per_worker:g} reserves GPUs that the "
+            "workers would not use; set gpus_per_worker=0 for CPU workers, or device=auto"
+        )
+    if device == "auto":
+        return "cuda"
+    match = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if match is None:
+        raise ValueError(f"device={device!r}: allowed: auto, cpu, cuda, cuda:N")
+    visible = max(1, math.ceil(gpus_per_worker))
+    if match.group(1) is not None and int(match.group(1)) >= visible:
+        raise ValueError(
+            f"device={device!r}: a worker with gpus_per_worker={gpus_per_worker:g} sees "
+            f"{visible} GPU(s), numbered from 0 (Ray picks which); use device=cuda"
+        )
+    return device
+
+
 class EvalWorker:
     """Runs batches on one model. Wrapped with `ray.remote` by `make_worker_class`."""
 
     def __init__(self, cfg: Any) -> None:
-        from pipeline.methods import Solver  # heavy imports happen in the worker process
-
-        if cfg.gpus_per_worker == 0:
-            cfg = cfg.replace(device="cpu", threads=cfg.threads or cfg.cpus_per_worker)
-        self.solver = Solver.from_config(cfg)
         ctx = ray.get_runtime_context()
         self.name = f"{socket.gethostname()}:{os.getpid()}:{ctx.get_node_id()[:8]}"
+        self.solver: Any = None
+        self.start_error = ""  # one line: why this worker has no model (see the module doc)
+        try:
+            from pipeline.methods import Solver  # heavy imports happen in the worker process
+
+            device = worker_device(cfg.device, cfg.gpus_per_worker)
+            if device == "cpu":
+                cfg = cfg.replace(device=device, threads=cfg.threads or cfg.cpus_per_worker)
+            else:
+                cfg = cfg.replace(device=device)
+            self.solver = Solver.from_config(cfg)
+        except Exception as exc:  # noqa: BLE001 - reported by info(), shown by the driver
+            self.start_error = one_line(exc)
 
     def info(self) -> dict[str, Any]:
+        loaded = self.solver.loaded if self.solver is not None else None
         return {
             "name": self.name,
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id(),
-            "model": self.solver.loaded.name,
-            "device": str(self.solver.loaded.device),
-            "load_seconds": self.solver.loaded.load_seconds,
+            "start_error": self.start_error,
+            "model": loaded.name if loaded else "",
+            "device": str(loaded.device) if loaded else "",
+            "load_seconds": loaded.load_seconds if loaded else 0.0,
         }
 
     def run(self, method: str, problems: Sequence[Problem]) -> tuple[str, list[Any]]:
         """Run a batch; if it raises, run its problems one by one so one bad problem costs
         only itself. Returns (worker name, [ProblemResult | error text] per problem)."""
+        if self.solver is None:  # the scheduler sends it no work; if it did: an error each
+            error = f"RuntimeError: worker could not start: {self.start_error}"
+            return self.name, [error] * len(problems)
         try:
             return self.name, list(self.solver.run(method, problems))
         except Exception:  # noqa: BLE001 - isolate the failing problem(s) below
@@ -88,6 +152,12 @@ class EvalWorker:
             except Exception:  # noqa: BLE001 - recorded as the problem's error
                 outcomes.append(traceback.format_exc(limit=8))
         return self.name, outcomes
+
+
+def one_line(exc: BaseException) -> str:
+    """`Type: message` on one line (a multi-line message is joined with spaces)."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def make_worker_class(cfg: Any) -> Any:
@@ -180,7 +250,7 @@ class Scheduler:
                 waiting.remove((due, worker))
                 pings[worker.info.remote()] = worker
             if not in_flight and not pings and not waiting:
-                raise RuntimeError(
+                raise NoWorkerLeftError(
                     f"no worker left alive; {len(self.queue)} batches were not run "
                     "(what was recorded is kept: run again with the same run_id to resume)"
                 )
@@ -192,12 +262,20 @@ class Scheduler:
             if ref in pings:  # a restarting worker answered, or is still restarting, or is gone
                 worker = pings.pop(ref)
                 try:
-                    ray.get(ref)
-                    idle.append(worker)
+                    info = ray.get(ref)
                 except ActorUnavailableError:
                     waiting.append((time.monotonic() + 0.5, worker))
                 except RayActorError:
                     pass  # dead for good (out of restarts): the others take its share
+                else:
+                    if not info["start_error"]:
+                        idle.append(worker)
+                    else:  # restarted, but cannot load its model: dead for good too
+                        ray.kill(worker, no_restart=True)
+                        if self.on_worker_lost:
+                            self.on_worker_lost(
+                                f"a restarted worker could not start: {info['start_error']}"
+                            )
                 continue
             worker, batch = in_flight.pop(ref)
             try:

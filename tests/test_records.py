@@ -22,12 +22,15 @@ from analysis.tables import accuracy_by_iteration, load_run, markdown, summary_t
 from pipeline import records
 from pipeline.config import Config
 from pipeline.records import (
+    INVOCATIONS_FILE,
     ITERATION_SCHEMA,
     PROBLEM_SCHEMA,
     DuplicateRecordError,
     RecordStore,
+    append_invocation,
     iteration_rows,
     problem_row,
+    read_invocations,
     run_dir,
     write_config,
 )
@@ -60,6 +63,7 @@ def make_results(dataset: str = "gsm8k", prefix: str = "") -> list[ProblemResult
         iterations=2, update_length=4, cot_length=40, final_length=12, stop_reason="threshold",
         iteration_stats=[_stats(1, -0.5, False), _stats(2, -0.1, True)],
         compute=Compute(100, 50, 30, 20, forward_calls=7, flops=1e9, wall_seconds=2.0),
+        device="cuda:0", dtype="bfloat16",
     )  # fmt: skip
     p2 = ProblemResult(
         problem_id="p2", dataset=dataset, method="latentseek", question="2+2?", gold="4",
@@ -129,6 +133,7 @@ def test_roundtrip_keeps_values_and_types(store):
     assert list(p1["rewards"]) == [-0.5, -0.1]
     assert p1["attempts"] == 2 and p1["worker"] == "w0" and p1["model"] == MODEL
     assert p1["flops"] == 1e9 and p1["solver_prompt_tokens"] == 100
+    assert (p1["device"], p1["dtype"]) == ("cuda:0", "bfloat16")
     p4 = problems.set_index(["problem_id", "method"]).loc[("p4", "latentseek")]
     assert p4["error"] == "RuntimeError: boom" and p4["attempts"] == 1
     cot = problems.set_index(["problem_id", "method"]).loc[("p1", "cot")]
@@ -290,6 +295,56 @@ def test_run_dir_and_write_config(tmp_path):
 
     assert load_config(path) == cfg
     assert [p.name for p in path.parent.iterdir()] == ["config.yaml"]
+    # keep_existing: the first config stays; without it the file is replaced
+    assert write_config(cfg.replace(workers=3), keep_existing=True) == path
+    assert load_config(path).workers == 1
+    write_config(cfg.replace(workers=3))
+    assert load_config(path).workers == 3
+
+
+def test_device_and_dtype_are_recorded_and_older_shards_read_as_null(store):
+    problems = store.read_problems().set_index(["problem_id", "method"])
+    assert (problems.loc[("p1", "latentseek"), "device"]) == "cuda:0"
+    assert problems.loc[("p2", "latentseek"), "device"] == ""  # not set by the result: ""
+    schema = pq.read_schema(next((store.run_dir / "problems").glob("part-*.parquet")))
+    assert schema.field("device").type == pa.string() and schema.field("dtype").nullable
+
+    # A shard written before the columns existed: same schema without device and dtype.
+    old_schema = pa.schema([f for f in PROBLEM_SCHEMA if f.name not in ("device", "dtype")])
+    row = problem_row(make_results(prefix="old-")[1], RUN, MODEL, "w9", 1)
+    del row["device"], row["dtype"]
+    old_iter = iteration_rows(make_results(prefix="old-")[1], RUN)
+    store._write_pair(
+        "part-00000000000000000000-old.parquet",
+        pa.Table.from_pylist([row], schema=old_schema),
+        pa.Table.from_pylist(old_iter, schema=ITERATION_SCHEMA),
+    )
+    assert not pq.read_schema(
+        store.run_dir / "problems" / "part-00000000000000000000-old.parquet"
+    ).names.count("device")
+    problems = store.read_problems().set_index(["problem_id", "method"])
+    assert len(problems) == 6 and pd.isna(problems.loc[("old-p2", "latentseek"), "device"])
+    assert store.distinct("device") == {"cuda:0", ""} and store.distinct("dtype") == {
+        "bfloat16",
+        "",
+    }
+    store.compact()  # the nulls survive compaction
+    problems = store.read_problems().set_index(["problem_id", "method"])
+    assert pd.isna(problems.loc[("old-p2", "latentseek"), "dtype"])
+    assert problems.loc[("p1", "latentseek"), "dtype"] == "bfloat16"
+
+
+def test_invocations_append_one_line_each_and_skip_a_torn_line(tmp_path):
+    assert read_invocations(tmp_path) == []
+    append_invocation(tmp_path, {"n": 1, "argv": ["latentseek", "run"]})
+    path = append_invocation(tmp_path, {"n": 2, "config": {"workers": 2}})
+    assert path == tmp_path / INVOCATIONS_FILE
+    with open(path, "a") as fh:
+        fh.write('{"n": 3, "tor')  # a crash in the middle of a write
+    assert [e["n"] for e in read_invocations(tmp_path)] == [1, 2]
+    append_invocation(tmp_path, {"n": 4})  # starts on a line of its own
+    assert [e["n"] for e in read_invocations(tmp_path)] == [1, 2, 4]
+    assert len(path.read_text().splitlines()) == 4
 
 
 # --- analysis ------------------------------------------------------------------------------

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from analysis.tables import accuracy_by_iteration, summary_table
+from analysis.tables import accuracy_by_iteration, summary_table, write_summary
 from pipeline.config import Config
-from pipeline.records import RecordStore, run_dir, write_config
+from pipeline.records import RecordStore, append_invocation, run_dir, write_config
 from pipeline.results import Compute, IterationStats, ProblemResult
 from pipeline.tracking import (
     RUN_ID_TAG,
@@ -58,11 +58,13 @@ def _record_run(cfg: Config) -> Path:
 
 
 def _log(cfg: Config, rd: Path, **kw) -> str:
+    """What the driver does: the tables, the summary files in the run directory, then log."""
     problems, iterations = RecordStore(rd).read_problems(), RecordStore(rd).read_iterations()
+    summary, curve = summary_table(problems), accuracy_by_iteration(problems, iterations)
+    files = write_summary(rd, summary, curve)
     return log_run(
-        cfg, rd, summary_table(problems), accuracy_by_iteration(problems, iterations),
-        DATASET_INFO, extra_metrics={"run_problems_per_hour": 12.5},
-        tags={"sweep": "s1"}, **kw,
+        cfg, rd, summary, curve, DATASET_INFO, files=files,
+        extra_metrics={"run_problems_per_hour": 12.5}, tags={"sweep": "s1"}, **kw,
     )  # fmt: skip
 
 
@@ -95,6 +97,7 @@ def test_log_run_to_sqlite_and_read_back(tmp_path, monkeypatch, no_env_uri):
     monkeypatch.chdir(cwd)
     cfg = Config(output_dir=str(tmp_path / "out"), run_id="r1", method=["cot", "latentseek"])
     rd = _record_run(cfg)
+    append_invocation(rd, {"argv": ["latentseek", "run"]})
 
     run_id = _log(cfg, rd)
 
@@ -113,17 +116,23 @@ def test_log_run_to_sqlite_and_read_back(tmp_path, monkeypatch, no_env_uri):
     m = run.data.metrics
     assert m["latentseek/final_accuracy"] == 1.0 and m["latentseek/cot_accuracy"] == 0.5
     assert m["cot/final_accuracy"] == 0.5 and m["latentseek/mean_iterations"] == 0.5
-    assert m["latentseek/mean_reward"] == pytest.approx(-0.1)  # (-0.1 + -0.1) / 2
+    assert m["latentseek/mean_final_reward"] == pytest.approx(-0.1)  # (-0.1 + -0.1) / 2
     assert m["latentseek/tokens_per_problem"] == 10  # (15 + 5) / 2
     assert m["latentseek/problems_per_hour"] == 1800 and m["latentseek/failures"] == 0
     assert m["run_problems_per_hour"] == 12.5
-    assert "cot/mean_reward" not in m  # NaN (no reward) is not logged
+    assert "cot/mean_final_reward" not in m  # NaN (no reward) is not logged
+    # one name per metric: every per-method metric is `<method>/<summary table column>`
+    summary = summary_table(RecordStore(rd).read_problems())
+    per_method = {k for k in m if "/" in k and not k.endswith("accuracy_at_iteration")}
+    assert {k.split("/", 1)[1] for k in per_method} <= set(summary.columns)
+    assert {k.split("/", 1)[1] for k in per_method} >= {"mean_final_reward", "mean_initial_reward"}
     history = client.get_metric_history(run_id, "latentseek/accuracy_at_iteration")
     # k=0: a runs on with a wrong CoT, b accepted (right) -> 0.5; k=1: both right -> 1.0
     assert sorted((h.step, h.value) for h in history) == [(0, 0.5), (1, 1.0)]
 
     top = {a.path for a in client.list_artifacts(run_id)}
     assert {"problems", "iterations", "config.yaml", "summary.md", "summary.csv"} <= top
+    assert {"accuracy_by_iteration.csv", "invocations.jsonl"} <= top
     shards = [a.path for a in client.list_artifacts(run_id, "problems")]
     assert len(shards) == 1 and shards[0].startswith("problems/part-")
     local = Path(client.download_artifacts(run_id, "summary.md", str(tmp_path / "dl")))
@@ -235,7 +244,8 @@ def test_log_run_to_a_real_mlflow_server(tmp_path, mlflow_server, no_env_uri):
     client = MlflowClient(mlflow_server)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags[RUN_ID_TAG] == "srv"
-    assert run.data.metrics["final_accuracy"] == 1.0  # one method: no prefix
+    assert run.data.metrics["latentseek/final_accuracy"] == 1.0  # one method: still prefixed
+    assert "final_accuracy" not in run.data.metrics
     history = client.get_metric_history(run_id, "latentseek/accuracy_at_iteration")
     assert sorted((h.step, h.value) for h in history) == [(0, 0.5), (1, 1.0)]
     assert {a.path for a in client.list_artifacts(run_id)} >= {
@@ -248,3 +258,16 @@ def test_log_run_to_a_real_mlflow_server(tmp_path, mlflow_server, no_env_uri):
     assert len(stored) == 2  # problems/ and iterations/
     assert not (tmp_path / "out" / "mlartifacts").exists()
     assert run.inputs.dataset_inputs[0].dataset.digest == "d1g35t"
+
+
+def test_tracking_imports_no_analysis_code():
+    code = (
+        "import sys, pipeline.tracking; "
+        "print(sorted(m for m in sys.modules if m == 'analysis' or m.startswith('analysis.')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

@@ -15,10 +15,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import ray
+import torch
 
-from jobs.run import RunError, run_evaluation
+from jobs.run import RunError, check_resume, run_evaluation
 from pipeline.config import Config
-from pipeline.records import RecordStore
+from pipeline.records import RecordStore, read_invocations, write_config
+from pipeline.results import ProblemResult
+from pipeline.workers import worker_device
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -69,6 +72,14 @@ def test_run_records_every_problem_once_and_uses_both_workers(tmp_path, local_ra
     assert (problems["error"] == "").all()
     assert summary.recorded == 12 and summary.failures == 0
     assert (summary.run_dir / "config.yaml").exists()
+    # each row says where it ran: CPU workers (gpus_per_worker=0), dtype=auto -> float32
+    assert set(problems["device"]) == {"cpu"} and set(problems["dtype"]) == {"float32"}
+    # the driver wrote the summary files into the run directory
+    assert {p.name for p in summary.files} == {
+        "summary.md", "summary.csv", "accuracy_by_iteration.csv",
+    }  # fmt: skip
+    assert all(p.parent == summary.run_dir and p.exists() for p in summary.files)
+    config_text = (summary.run_dir / "config.yaml").read_text()
 
     from mlflow.tracking import MlflowClient
 
@@ -78,12 +89,22 @@ def test_run_records_every_problem_once_and_uses_both_workers(tmp_path, local_ra
     assert run.data.tags["latentseek.run_id"] == "r1"
     history = client.get_metric_history(summary.mlflow_run_id, "latentseek/accuracy_at_iteration")
     assert sorted(m.step for m in history) == [0, 1]
+    assert "latentseek/mean_final_reward" in run.data.metrics  # the summary column's own name
 
-    # Same run id again: everything is already there, nothing is recomputed or duplicated.
-    again = run_evaluation(cfg, progress=False, log=lambda m: None)
+    # Same run id again, with fewer workers (how it runs, not what it computes): everything is
+    # already there, nothing is recomputed or duplicated.
+    again = run_evaluation(cfg.replace(workers=1), progress=False, log=lambda m: None)
     assert again.recorded == 0 and again.skipped == 12
     assert_exactly_once(summary.run_dir, 6, ["cot", "latentseek"])
     assert again.mlflow_run_id == summary.mlflow_run_id
+    # config.yaml stays the first invocation's; every invocation is in invocations.jsonl
+    assert (summary.run_dir / "config.yaml").read_text() == config_text
+    first, second = read_invocations(summary.run_dir)
+    assert first["changed_from_config_yaml"] == {} and first["config"]["workers"] == 2
+    assert first["already_recorded"] == 0 and second["already_recorded"] == 12
+    assert second["changed_from_config_yaml"] == {"workers": [2, 1]}
+    assert second["config"] == cfg.replace(workers=1).to_dict()
+    assert second["time"].endswith("Z") and second["git_commit"]
 
 
 def test_sigkilled_worker_is_replaced_and_nothing_is_lost(tmp_path, local_ray):
@@ -125,8 +146,142 @@ def test_a_problem_that_raises_is_retried_then_recorded_with_its_error(tmp_path,
 def test_resume_with_different_settings_is_refused(tmp_path, local_ray):
     cfg = small_cfg(tmp_path, limit=2, method=["cot"])
     run_evaluation(cfg, progress=False, log=lambda m: None)
-    with pytest.raises(RunError, match="max_new_tokens"):
-        run_evaluation(cfg.replace(max_new_tokens=9), progress=False, log=lambda m: None)
+    config_text = (tmp_path / "out" / "r1" / "config.yaml").read_text()
+    for change, match in [
+        ({"max_new_tokens": 9}, "max_new_tokens: 8 -> 9"),
+        ({"batch_size": 3}, "batch_size: 2 -> 3"),
+        ({"dtype": "bfloat16"}, "dtype: 'float32' in config.yaml -> 'bfloat16'"),
+    ]:
+        with pytest.raises(RunError, match=match) as err:
+            run_evaluation(cfg.replace(**change), progress=False, log=lambda m: None)
+        assert "run_id=<new>" in str(err.value)
+    # dtype=float32 is what dtype=auto resolved to on CPU: the same run, resumed
+    again = run_evaluation(cfg.replace(dtype="float32"), progress=False, log=lambda m: None)
+    assert again.recorded == 0 and again.skipped == 2
+    assert (tmp_path / "out" / "r1" / "config.yaml").read_text() == config_text
+    assert len(read_invocations(tmp_path / "out" / "r1")) == 2  # refused ones are not logged
+
+
+# --- devices and resume, decided before anything starts (no Ray) ----------------------------
+
+
+@pytest.mark.parametrize(
+    "device, gpus, expected",
+    [
+        ("auto", 0, "cpu"),
+        ("cpu", 0, "cpu"),
+        ("auto", 1, "cuda"),
+        ("auto", 0.5, "cuda"),
+        ("cuda", 1, "cuda"),
+        ("cuda:1", 2, "cuda:1"),
+        ("cuda", 0, "needs gpus_per_worker > 0"),
+        ("cuda:0", 0, "needs gpus_per_worker > 0"),
+        ("cpu", 1, "reserves GPUs that the workers would not use"),
+        ("cuda:1", 1, "sees 1 GPU"),
+        ("cudax", 1, "allowed: auto, cpu, cuda, cuda:N"),
+    ],
+)
+def test_worker_device_decision(device, gpus, expected):
+    if expected in ("cpu", "cuda", "cuda:1"):
+        assert worker_device(device, gpus) == expected
+    else:
+        with pytest.raises(ValueError, match=expected):
+            worker_device(device, gpus)
+
+
+def _no_ray(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(ray, "init", refuse)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"device": "cuda"}, r"device='cuda' needs gpus_per_worker > 0"),
+        ({"device": "cpu", "gpus_per_worker": 1.0}, r"device='cpu' with gpus_per_worker=1"),
+    ],
+)
+def test_device_mismatch_stops_before_anything_starts(tmp_path, monkeypatch, change, match):
+    _no_ray(monkeypatch)
+    with pytest.raises(RunError, match=match):
+        run_evaluation(small_cfg(tmp_path, **change), progress=False, log=lambda m: None)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without GPUs")
+def test_gpu_workers_on_a_machine_without_gpus_stop_before_ray(tmp_path, monkeypatch):
+    _no_ray(monkeypatch)
+    cfg = small_cfg(tmp_path, gpus_per_worker=1.0, workers=2)
+    with pytest.raises(RunError, match=r"needs 2 GPU\(s\); this machine's local Ray has 0"):
+        run_evaluation(cfg, progress=False, log=lambda m: None)
+
+
+def _cpu_run_dir(tmp_path) -> tuple[Config, Path]:
+    cfg = small_cfg(tmp_path)
+    directory = tmp_path / "out" / "r1"
+    write_config(cfg, directory)
+    return cfg, directory
+
+
+def test_resume_compares_resolved_device_and_dtype(tmp_path):
+    cfg, directory = _cpu_run_dir(tmp_path)  # device=auto, gpus_per_worker=0, dtype=auto
+    for same in [
+        {"dtype": "float32"},  # what auto resolves to on CPU
+        {"device": "cpu"},
+        {"workers": 5, "threads": 2, "cpus_per_worker": 2, "max_retries": 3},
+    ]:
+        check_resume(cfg.replace(**same), directory)
+    for change, match in [
+        ({"dtype": "bfloat16"}, r"dtype: 'float32' in config.yaml -> 'bfloat16' now"),
+        ({"gpus_per_worker": 1.0}, r"device type: 'cpu' in config.yaml -> 'cuda' now"),
+        ({"batch_size": 4}, r"batch_size: 2 -> 4"),
+        ({"rho": 0.2}, r"rho: 0.5 -> 0.2"),
+    ]:
+        with pytest.raises(RunError, match=match):
+            check_resume(cfg.replace(**change), directory)
+    # GPU workers with dtype=auto resolve to bfloat16: both keys are named
+    with pytest.raises(RunError, match=r"device type.*'cuda'.*dtype: 'float32'.*'bfloat16'"):
+        check_resume(cfg.replace(gpus_per_worker=1.0), directory)
+
+
+def test_resume_compares_the_device_recorded_in_the_rows(tmp_path):
+    cfg = small_cfg(tmp_path)
+    directory = tmp_path / "out" / "r1"  # records, but no config.yaml (deleted, or older run)
+    row = ProblemResult("gsm8k-0", "gsm8k", "cot", "q", "1", device="cuda:0", dtype="bfloat16")
+    RecordStore(directory).write([row], "r1", "m", "w0")
+    with pytest.raises(RunError, match=r"device type: 'cuda' in the recorded problem rows"):
+        check_resume(cfg, directory)
+    check_resume(cfg.replace(gpus_per_worker=1.0), directory)  # cuda + auto -> bfloat16: same
+    with pytest.raises(RunError, match=r"dtype: 'bfloat16' in the recorded problem rows"):
+        check_resume(cfg.replace(gpus_per_worker=1.0, dtype="float16"), directory)
+
+    # rows of a problem that failed outside the model say nothing about where the run ran
+    elsewhere = tmp_path / "out" / "r2"
+    failed = ProblemResult("gsm8k-0", "gsm8k", "cot", "q", "1", error="boom")
+    RecordStore(elsewhere).write([failed], "r2", "m", "w0")
+    check_resume(cfg, elsewhere)
+    check_resume(cfg.replace(gpus_per_worker=1.0), elsewhere)
+    # rows that already mix devices cannot be resumed at all
+    cpu_row = ProblemResult("gsm8k-1", "gsm8k", "cot", "q", "1", device="cpu", dtype="float32")
+    RecordStore(directory).write([cpu_row], "r1", "m", "w0")
+    with pytest.raises(RunError, match=r"already mix \['cpu', 'cuda'\]"):
+        check_resume(cfg.replace(gpus_per_worker=1.0), directory)
+
+
+def test_a_worker_that_cannot_load_its_model_stops_the_run_with_one_line(tmp_path, local_ray):
+    model_dir = tmp_path / "broken-model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text('{"model_type": "llama"}')
+    (model_dir / "model.safetensors").write_bytes(b"not a safetensors file")
+    cfg = small_cfg(tmp_path, model=str(model_dir), workers=1, method=["cot"])
+    with pytest.raises(RunError) as err:
+        run_evaluation(cfg, progress=False, log=lambda m: None)
+    msg = str(err.value)
+    assert msg.startswith("a worker could not start: ModelError: ")
+    assert str(model_dir) in msg and "\n" not in msg and "Traceback" not in msg
+    assert not (tmp_path / "out" / "r1").exists()  # nothing written for a run that never started
 
 
 def test_killed_driver_resumes_without_loss_or_duplicates(tmp_path):

