@@ -3,6 +3,7 @@
 latentseek run [--config FILE] [key=value ...]     evaluate (resumes an existing run_id)
 latentseek config [--config FILE] [key=value ...]  print the resolved config and exit
 latentseek config --keys                            list every config key with its help
+latentseek sweep SWEEP_FILE [key=value ...]         a scaling sweep: nested runs, one report
 latentseek summary RUN_DIR                          print a run's tables from its records
 latentseek report RUN_OR_SWEEP_DIR [--out DIR]      tables and plots from records
 latentseek reference [--config FILE] [--compare RUN_DIR] [key=value ...]
@@ -62,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--keys", action="store_true", help="list every key with its help")
         if name == "reference":
             p.add_argument("--compare", type=Path, metavar="RUN_DIR", help="check these records")
+    p = sub.add_parser("sweep", help="run a test-time scaling sweep (configs/sweeps/*.yaml)")
+    p.add_argument("sweep_file", type=Path, help="a sweep file, e.g. configs/sweeps/k-scaling.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="for every point")
     p = sub.add_parser("summary", help="print a run's summary tables from its records")
     p.add_argument("run_dir", type=Path)
     from analysis import report
@@ -94,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
             print(markdown(summary_table(problems)))
             print(markdown(accuracy_by_iteration(problems, iterations)))
             return 0
+        if args.command == "sweep":
+            from jobs.sweep import main as sweep_main
+
+            return sweep_main(args.sweep_file, args.overrides)
         if args.command == "report":
             return report.main(args)
         if args.command == "reference":

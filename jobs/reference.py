@@ -83,7 +83,7 @@ def main(cfg: Config, compare: Path | None = None) -> int:
             print(f"-> {p.problem_id}: not in {compare}")
             differ += 1
             continue
-        theirs = [row.initial_reward, *list(row.rewards)]
+        theirs = [float(row.initial_reward), *(float(r) for r in row.rewards)]
         same_cot, same_rewards = row.cot_answer == res.cot_text, theirs == rewards
         print(
             f"-> run: CoT {'same' if same_cot else 'DIFFERS'}, rewards {theirs} "

@@ -250,6 +250,41 @@ def start_workers(cfg: Config) -> tuple[list[Any], list[dict[str, Any]]]:
     return workers, infos
 
 
+# Keys that decide which model a worker loads and how it is placed: configs equal on these can
+# share workers (a sweep's points); anything else is sent with each batch.
+MODEL_KEYS = (
+    "model", "device", "dtype", "trust_remote_code", "allow_download", "model_cache_dir",
+    "threads", "workers", "cpus_per_worker", "gpus_per_worker", "max_worker_restarts",
+    "ray_address",
+)  # fmt: skip
+
+
+class WorkerPool:
+    """Workers kept across evaluations that load the same model (a sweep's points): the next
+    evaluation reuses them when its config agrees on MODEL_KEYS, else they are replaced."""
+
+    def __init__(self) -> None:
+        self.cfg: Config | None = None
+        self.workers: list[Any] = []
+        self.infos: list[dict[str, Any]] = []
+        self.starts = 0  # how many times workers were started (for the sweep's report)
+
+    def acquire(self, cfg: Config) -> tuple[list[Any], list[dict[str, Any]]]:
+        same = self.cfg is not None and all(
+            getattr(self.cfg, k) == getattr(cfg, k) for k in MODEL_KEYS
+        )
+        if not same:
+            self.close()
+            self.workers, self.infos = start_workers(cfg)
+            self.starts += 1
+        self.cfg = cfg
+        return self.workers, self.infos
+
+    def close(self) -> None:
+        _kill(self.workers)
+        self.workers, self.infos, self.cfg = [], [], None
+
+
 def _kill(workers: Sequence[Any]) -> None:
     import ray
 
@@ -268,10 +303,13 @@ def run_evaluation(
     on_batch: Callable[[dict[str, Any]], None] | None = None,
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
     argv: Sequence[str] | None = None,
+    pool: WorkerPool | None = None,
+    tags: dict[str, str] | None = None,
 ) -> RunSummary:
     """Run (or resume) the evaluation described by `cfg`. `on_batch` is called after every
     recorded batch with the scheduler's state (tests use it to inject faults); `argv` is the
-    command line, kept in invocations.jsonl."""
+    command line, kept in invocations.jsonl; `pool` keeps the workers for the caller's next
+    evaluation (a sweep) instead of stopping them; `tags` go to the MLflow run."""
     from pipeline.model import check_model_source, prepare_model
 
     start = time.perf_counter()
@@ -294,16 +332,17 @@ def run_evaluation(
         check_model_source(cfg)
         prepare_model(cfg)
         start_ray(cfg)
-        workers, infos = start_workers(cfg)
+        workers, infos = pool.acquire(cfg) if pool is not None else start_workers(cfg)
         try:
             _open_run(cfg, directory, argv, skipped)
             _run_batches(cfg, workers, infos, todo, dataset.problems, store, counts,
                          total, skipped, progress, on_batch, log)  # fmt: skip
         finally:
-            _kill(workers)
+            if pool is None:
+                _kill(workers)
     else:
         _open_run(cfg, directory, argv, skipped)
-    return _finish(cfg, directory, store, dataset, total, skipped, counts, start)
+    return _finish(cfg, directory, store, dataset, total, skipped, counts, start, tags)
 
 
 def _open_run(cfg: Config, directory: Path, argv: Sequence[str] | None, skipped: int) -> None:
@@ -361,6 +400,7 @@ def _run_batches(
         batches,
         cfg.max_retries,
         on_worker_lost=lambda why: log(f"worker lost, its batch is re-queued: {why}"),
+        settings=cfg,
     )
     bar = tqdm(total=total, initial=skipped, disable=not progress, desc=cfg.run_id, unit="rec",
                dynamic_ncols=True)  # fmt: skip
@@ -401,6 +441,7 @@ def _finish(
     skipped: int,
     counts: _Counts,
     start: float,
+    tags: dict[str, str] | None = None,
 ) -> RunSummary:
     """Compact the records, write the summary files, log the run to MLflow."""
     from analysis.tables import accuracy_by_iteration, summary_table, write_summary
@@ -413,6 +454,7 @@ def _finish(
     table = summary_table(selected)
     curve = accuracy_by_iteration(selected, iterations[iterations["problem_id"].isin(ids)])
     files = write_summary(directory, table, curve)
+    files += _report(directory)
     wall = time.perf_counter() - start
     per_hour = 3600.0 * counts.recorded / wall if counts.recorded else 0.0
     failures = int((selected["error"] != "").sum())
@@ -428,7 +470,7 @@ def _finish(
             "run_failures": float(failures),
             "worker_failures": float(counts.worker_failures),
         },
-        tags={"run_dir": str(directory.resolve())},
+        tags={"run_dir": str(directory.resolve()), **(tags or {})},
     )
     return RunSummary(
         run_dir=directory,
@@ -447,6 +489,14 @@ def _finish(
         curve=curve,
         files=files,
     )
+
+
+def _report(directory: Path) -> list[Path]:
+    """The run's report (`analysis.report`: tables and plots from its records) in
+    <run_dir>/report/, logged with the run."""
+    from analysis.report import write_report
+
+    return write_report(directory, directory / "report").paths()
 
 
 def _model_name(cfg: Config) -> str:

@@ -83,9 +83,8 @@ class JobPlan:
 
     @property
     def entrypoint(self) -> str:
-        return shlex.join(
-            ["python", "-m", "jobs.cli", self.command, "--config", self.config_arg, *self.overrides]
-        )
+        config = [self.config_arg] if self.command == "sweep" else ["--config", self.config_arg]
+        return shlex.join(["python", "-m", "jobs.cli", self.command, *config, *self.overrides])
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -235,7 +234,9 @@ def plan(command: str, config: Path | None, overrides: list[str]) -> JobPlan:
     config_arg = carried_path(config) or f"{STAGED_CONFIG_DIR}/{config.name}"
     if command == "sweep":  # it reads its own config: forwarded as given, joined to the cluster
         if not config.exists():
-            raise ConfigError(f"config file not found: {config}")
+            raise ConfigError(f"sweep file not found: {config}")
+        if not carried_path(config):  # its `config:` is relative to it: it must travel as is
+            raise ConfigError(f"{config}: a submitted sweep file must be inside the project")
         return JobPlan(command, config, config_arg, [*overrides, "ray_address=auto"], "", "", "")
     cfg = job_config(config, overrides)
     return JobPlan(

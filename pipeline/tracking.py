@@ -52,6 +52,10 @@ from pipeline.config import PROJECT_ROOT, Config
 from pipeline.records import CONFIG_FILE, INVOCATIONS_FILE, ITERATIONS, PROBLEMS, RecordStore
 
 RUN_ID_TAG = "latentseek.run_id"
+SWEEP_TAG = "latentseek.sweep"  # on a sweep's parent run: the sweep's name
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: nests a run under another in the UI
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"  # the UI's "model training" view
 CHANGED_PARAM_TAG = "latentseek.resumed_param."
 CURVE_METRIC = "accuracy_at_iteration"
 ARTIFACT_DIR = "mlartifacts"
@@ -128,6 +132,8 @@ def _quiet() -> Iterator[None]:
 
 
 def _experiment_id(client: MlflowClient, cfg: Config, uri: str) -> str:
+    """The experiment's id, created if needed, marked as a model-training experiment so that
+    the MLflow UI opens on its runs (MLflow 3 opens an unmarked one on GenAI traces)."""
     name = cfg.mlflow_experiment
     exp = client.get_experiment_by_name(name)
     if exp is None:
@@ -135,7 +141,10 @@ def _experiment_id(client: MlflowClient, cfg: Config, uri: str) -> str:
         if not _is_server(uri):  # keep artifacts beside the records, never in the CWD
             location = (Path(cfg.output_dir).resolve() / ARTIFACT_DIR).as_uri()
         try:
-            return client.create_experiment(name, artifact_location=location)
+            experiment_id = client.create_experiment(
+                name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND}
+            )
+            return experiment_id
         except MlflowException:  # created meanwhile by another driver
             exp = client.get_experiment_by_name(name)
             if exp is None:
@@ -145,6 +154,8 @@ def _experiment_id(client: MlflowClient, cfg: Config, uri: str) -> str:
             f"MLflow experiment {name!r} is deleted; restore it in the MLflow UI or set "
             "mlflow_experiment=<another name>"
         )
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
     return exp.experiment_id
 
 
@@ -331,5 +342,78 @@ def _log_everything(
     for name in (CONFIG_FILE, INVOCATIONS_FILE):
         if (run_dir / name).is_file():
             client.log_artifact(mlflow_run, str(run_dir / name))
-    for path in files:
-        client.log_artifact(mlflow_run, str(path))
+    for path in files:  # the summary files, and the report's under report/
+        sub = "report" if path.parent.name == "report" else None
+        client.log_artifact(mlflow_run, str(path), artifact_path=sub)
+
+
+# ------------------------------------------------------------------------------------------
+# Sweeps: a parent run, nested point runs (executed ones via log_run with PARENT_TAG), and
+# derived points (metrics read off an executed point's records, no records of their own).
+
+
+def _client_and_experiment(cfg: Config) -> tuple[MlflowClient, str]:
+    uri = resolve_tracking_uri(cfg)
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    client = MlflowClient(tracking_uri=uri)
+    return client, _experiment_id(client, cfg, uri)
+
+
+def open_sweep_run(cfg: Config, name: str, params: Mapping[str, Any]) -> str:
+    """The sweep's parent run (found again by its name on resume), set RUNNING."""
+    with _quiet():
+        client, experiment_id = _client_and_experiment(cfg)
+        runs = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{SWEEP_TAG}` = '{name}'",
+            run_view_type=ViewType.ACTIVE_ONLY,
+            max_results=1,
+            order_by=["attributes.start_time DESC"],
+        )
+        if runs:
+            parent = runs[0].info.run_id
+            client.update_run(parent, status=RunStatus.to_string(RunStatus.RUNNING))
+        else:
+            parent = client.create_run(
+                experiment_id, run_name=name, tags={SWEEP_TAG: name}
+            ).info.run_id
+        _log_params(client, parent, flatten_params(dict(params)))
+    return parent
+
+
+def log_derived_run(
+    cfg: Config,
+    parent: str,
+    scalars: Mapping[str, float],
+    tags: Mapping[str, str],
+) -> str:
+    """A sweep point whose results are read off another point's records: a nested run with the
+    point's config as params and the derived metrics, under the same names as an executed run."""
+    with _quiet():
+        client, experiment_id = _client_and_experiment(cfg)
+        run = find_run(client, experiment_id, cfg.run_id)
+        if run is None:
+            run = client.create_run(
+                experiment_id, run_name=cfg.run_id, tags={RUN_ID_TAG: cfg.run_id}
+            ).info.run_id
+        all_tags = {**{k: str(v) for k, v in tags.items()}, PARENT_TAG: parent}
+        client.log_batch(run, tags=[RunTag(k, v) for k, v in all_tags.items()])
+        _log_params(client, run, flatten_params(cfg.to_dict()))
+        _log_metrics(client, run, {k: float(v) for k, v in scalars.items()}, {})
+        client.set_terminated(run, RunStatus.to_string(RunStatus.FINISHED))
+    return run
+
+
+def close_sweep_run(
+    cfg: Config, parent: str, files: Sequence[Path | str], scalars: Mapping[str, float]
+) -> None:
+    """Log the sweep's report files and totals to its parent run and mark it finished."""
+    with _quiet():
+        client, _ = _client_and_experiment(cfg)
+        _log_metrics(client, parent, {k: float(v) for k, v in scalars.items()}, {})
+        for path in files:
+            path = Path(path)
+            sub = "report" if path.parent.name == "report" else None
+            client.log_artifact(parent, str(path), artifact_path=sub)
+        client.set_terminated(parent, RunStatus.to_string(RunStatus.FINISHED))

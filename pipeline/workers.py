@@ -109,18 +109,30 @@ class EvalWorker:
         ctx = ray.get_runtime_context()
         self.name = f"{socket.gethostname()}:{os.getpid()}:{ctx.get_node_id()[:8]}"
         self.solver: Any = None
+        self.settings: Any = cfg  # the config of the work it runs now
         self.start_error = ""  # one line: why this worker has no model (see the module doc)
         try:
             from pipeline.methods import Solver  # heavy imports happen in the worker process
 
-            device = worker_device(cfg.device, cfg.gpus_per_worker)
-            if device == "cpu":
-                cfg = cfg.replace(device=device, threads=cfg.threads or cfg.cpus_per_worker)
-            else:
-                cfg = cfg.replace(device=device)
-            self.solver = Solver.from_config(cfg)
+            self.solver = Solver.from_config(self._local(cfg))
         except Exception as exc:  # noqa: BLE001 - reported by info(), shown by the driver
             self.start_error = one_line(exc)
+
+    @staticmethod
+    def _local(cfg: Any) -> Any:
+        """The config as this worker runs it: its device, and CPU threads for CPU workers."""
+        device = worker_device(cfg.device, cfg.gpus_per_worker)
+        if device == "cpu":
+            return cfg.replace(device=device, threads=cfg.threads or cfg.cpus_per_worker)
+        return cfg.replace(device=device)
+
+    def _configure(self, cfg: Any) -> None:
+        """Run the next work with `cfg` (a sweep's next point) on the model already loaded;
+        the driver reuses a worker only for configs that load the same model (MODEL_KEYS)."""
+        from pipeline.methods import Solver
+
+        self.solver = Solver(self._local(cfg), self.solver.loaded)
+        self.settings = cfg
 
     def info(self) -> dict[str, Any]:
         loaded = self.solver.loaded if self.solver is not None else None
@@ -134,12 +146,18 @@ class EvalWorker:
             "load_seconds": loaded.load_seconds if loaded else 0.0,
         }
 
-    def run(self, method: str, problems: Sequence[Problem]) -> tuple[str, list[Any]]:
-        """Run a batch; if it raises, run its problems one by one so one bad problem costs
-        only itself. Returns (worker name, [ProblemResult | error text] per problem)."""
+    def run(
+        self, method: str, problems: Sequence[Problem], settings: Any = None
+    ) -> tuple[str, list[Any]]:
+        """Run a batch (with `settings`, when given: the config of the batch's run, so a worker
+        restarted by Ray with its first config still runs each batch as its run says); if it
+        raises, run its problems one by one so one bad problem costs only itself. Returns
+        (worker name, [ProblemResult | error text] per problem)."""
         if self.solver is None:  # the scheduler sends it no work; if it did: an error each
             error = f"RuntimeError: worker could not start: {self.start_error}"
             return self.name, [error] * len(problems)
+        if settings is not None and settings != self.settings:
+            self._configure(settings)
         try:
             return self.name, list(self.solver.run(method, problems))
         except Exception:  # noqa: BLE001 - isolate the failing problem(s) below
@@ -193,8 +211,10 @@ class Scheduler:
         batches: Sequence[Batch],
         max_retries: int,
         on_worker_lost: Callable[[str], None] | None = None,
+        settings: Any = None,
     ) -> None:
         self.workers = list(workers)
+        self.settings = settings  # sent with every batch (EvalWorker.run)
         self.queue: deque[Batch] = deque(batches)
         self.max_retries = max_retries
         self.on_worker_lost = on_worker_lost
@@ -243,7 +263,7 @@ class Scheduler:
             while idle and self.queue:
                 worker = idle.pop()
                 batch = self.queue.popleft()
-                ref = worker.run.remote(batch.method, batch.problems)
+                ref = worker.run.remote(batch.method, batch.problems, self.settings)
                 in_flight[ref] = (worker, batch)
             now = time.monotonic()
             for due, worker in [w for w in waiting if w[0] <= now]:

@@ -1,0 +1,117 @@
+"""Sweeps (`pipeline/sweep.py` plans, `jobs/sweep.py` runs): a 2 x 2 grid on a tiny setting with a
+real local Ray, the embedded model and a real MLflow store; resume; derived points checked against
+the records they are read from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+from mlflow.tracking import MlflowClient
+
+from jobs.sweep import run_sweep
+from pipeline.config import ConfigError
+from pipeline.records import RecordStore, read_invocations, read_records
+from pipeline.sweep import load_sweep, plan
+
+SWEEP = """
+name: tiny
+set:
+  dataset: gsm8k
+  limit: 2
+  method: [latentseek]
+  reward: psrm
+  rho: 0.5
+  max_new_tokens: 8
+  batch_size: 2
+  workers: 1
+grid:
+  lr: [0.01, 0.2]
+  max_iters: [1, 2]
+"""
+
+
+def write_sweep(tmp_path: Path, text: str = SWEEP) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_plan_derives_smaller_k_from_the_largest(tmp_path):
+    points = plan(load_sweep(write_sweep(tmp_path)), [f"output_dir={tmp_path}"])
+    executed = [p.run_id for p in points if p.executed]
+    assert executed == ["tiny-lr_0.01-max_iters_2", "tiny-lr_0.2-max_iters_2"]
+    derived = {p.run_id: (p.derived_from, p.derived) for p in points if not p.executed}
+    assert derived == {
+        "tiny-lr_0.01-max_iters_1": ("tiny-lr_0.01-max_iters_2", {"max_iters": 1}),
+        "tiny-lr_0.2-max_iters_1": ("tiny-lr_0.2-max_iters_2", {"max_iters": 1}),
+    }
+    assert all(p.cfg.run_id == p.run_id for p in points)
+
+
+def test_plan_errors_name_the_problem(tmp_path):
+    with pytest.raises(ConfigError, match="swept"):
+        plan(load_sweep(write_sweep(tmp_path)), ["lr=0.5"])
+    with pytest.raises(ConfigError, match="unknown sweep keys"):
+        load_sweep(write_sweep(tmp_path, "name: x\ngrids: {lr: [1]}\n"))
+    with pytest.raises(ConfigError, match="rho=2.0"):
+        plan(load_sweep(write_sweep(tmp_path, "name: x\ngrid: {rho: [0.1, 2.0]}\n")))
+
+
+@pytest.fixture
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _children(uri: str, parent: str) -> dict[str, dict]:
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs(
+        [client.get_run(parent).info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent}'",
+    )
+    return {r.info.run_name: r.data.metrics for r in runs}
+
+
+def test_sweep_runs_derives_and_resumes(tmp_path, local_ray):
+    path = write_sweep(tmp_path)
+    out = tmp_path / "out"
+    first = run_sweep(path, [f"output_dir={out}"], progress=False, log=lambda m: None)
+    sweep_dir = out / "tiny"
+    assert first.worker_starts == 1  # one model load for both executed points
+
+    manifest = yaml.safe_load((sweep_dir / "sweep.yaml").read_text())
+    assert [p["status"] for p in manifest["points"]] == ["done"] * 4
+    for run_id in first.seconds:  # the executed points: 2 problems each, exactly once
+        problems = RecordStore(sweep_dir / run_id).read_problems()
+        assert sorted(problems["problem_id"]) == ["gsm8k-0", "gsm8k-1"]
+
+    children = _children(first.tracking_uri, first.mlflow_run_id)
+    assert sorted(children) == sorted(p.run_id for p in first.points)
+    # A derived point's metrics are the records of its executed point read at K = 1: the
+    # iteration-1 answer of each problem that iterated, the final answer of one that did not.
+    problems, iterations = read_records(sweep_dir / "tiny-lr_0.2-max_iters_2")
+    at_1 = iterations[iterations["iteration"] == 1].set_index("problem_id")["correct"]
+    expected = [
+        bool(at_1[pid]) if pid in at_1.index else bool(final)
+        for pid, final in zip(problems["problem_id"], problems["final_correct"])
+    ]
+    derived = children["tiny-lr_0.2-max_iters_1"]
+    assert derived["latentseek/final_accuracy"] == pytest.approx(sum(expected) / len(expected))
+    assert derived["latentseek/mean_iterations"] == pytest.approx(
+        problems["iterations"].clip(upper=1).mean()
+    )
+    assert (sweep_dir / "report" / "report.md").is_file()
+
+    # Re-running the same sweep redoes nothing: no new records, no new MLflow runs.
+    shards = sorted(p.name for p in (sweep_dir / "tiny-lr_0.01-max_iters_2" / "problems").iterdir())
+    again = run_sweep(path, [f"output_dir={out}"], progress=False, log=lambda m: None)
+    assert again.worker_starts == 0  # nothing to run: no worker was started
+    after = sorted(p.name for p in (sweep_dir / "tiny-lr_0.01-max_iters_2" / "problems").iterdir())
+    assert after == shards
+    assert len(read_invocations(sweep_dir / "tiny-lr_0.01-max_iters_2")) == 2
+    assert again.mlflow_run_id == first.mlflow_run_id
+    assert sorted(_children(again.tracking_uri, again.mlflow_run_id)) == sorted(children)
