@@ -37,3 +37,24 @@ def test_batched_cot_matches_one_at_a_time_on_cuda(gpu_solver):
     alone = [gpu_solver.run("cot", [p])[0] for p in problems]
     same = sum(a.final_answer == b.final_answer for a, b in zip(together, alone))
     assert same >= len(problems) - 1  # bf16 rounding may flip a near-tie once
+
+
+def test_captured_states_give_back_the_decoded_tokens_on_cuda(gpu_solver):
+    # argmax(W z_t) = x_t in bf16 on the GPU: decoding and the latent step share head_logits.
+    from pipeline.generation import GenerationRequest, head_logits
+
+    problems = load_dataset(gpu_solver.cfg).problems
+    prompts = [gpu_solver._prompt(p)[0] for p in problems]
+    outs = gpu_solver.generator.generate([GenerationRequest(p, 32, capture=32) for p in prompts])
+    for out in outs:
+        tokens = head_logits(gpu_solver.generator.lm_head, out.hidden).argmax(-1).tolist()
+        assert tokens == out.tokens[: len(tokens)]
+
+
+def test_reference_mode_runs_with_z_in_bf16_on_cuda(gpu_solver):
+    cfg = gpu_solver.cfg.replace(compat="reference")
+    solver = Solver(cfg, gpu_solver.loaded)
+    results = solver.run("latentseek", load_dataset(cfg).problems[:2])
+    assert all(
+        not r.error and r.dtype == "bfloat16" and r.device.startswith("cuda") for r in results
+    )
