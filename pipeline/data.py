@@ -398,8 +398,8 @@ def _build(
         else:
             meta = {k: row[k] for k in fields.meta if k in row and _small(row[k])}
         meta = {k: None if _missing(v) else v for k, v in meta.items()}
-        label = fields.label(str(row[fields.answer])) if fields.label else ""
-        problems.append(Problem(problem_id, dataset, question, gold, meta, label))
+        raw_label = fields.label(str(row[fields.answer])) if fields.label else ""
+        problems.append(Problem(problem_id, dataset, question, gold, meta, raw_label))
     return problems, skipped
 
 
