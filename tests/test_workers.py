@@ -74,11 +74,13 @@ def test_run_records_every_problem_once_and_uses_both_workers(tmp_path, local_ra
     assert (summary.run_dir / "config.yaml").exists()
     # each row says where it ran: CPU workers (gpus_per_worker=0), dtype=auto -> float32
     assert set(problems["device"]) == {"cpu"} and set(problems["dtype"]) == {"float32"}
-    # the driver wrote the summary files into the run directory
-    assert {p.name for p in summary.files} == {
-        "summary.md", "summary.csv", "accuracy_by_iteration.csv",
-    }  # fmt: skip
-    assert all(p.parent == summary.run_dir and p.exists() for p in summary.files)
+    # the driver wrote the summary files into the run directory, and the report into report/
+    top = {p.name for p in summary.files if p.parent == summary.run_dir}
+    assert top == {"summary.md", "summary.csv", "accuracy_by_iteration.csv"}
+    report = {p.name for p in summary.files if p.parent == summary.run_dir / "report"}
+    assert {"report.md", "table.md", "table.csv", "scaling.png"} <= report
+    assert len(top) + len(report) == len(summary.files)
+    assert all(p.exists() for p in summary.files)
     config_text = (summary.run_dir / "config.yaml").read_text()
 
     from mlflow.tracking import MlflowClient
@@ -90,6 +92,10 @@ def test_run_records_every_problem_once_and_uses_both_workers(tmp_path, local_ra
     history = client.get_metric_history(summary.mlflow_run_id, "latentseek/accuracy_at_iteration")
     assert sorted(m.step for m in history) == [0, 1]
     assert "latentseek/mean_final_reward" in run.data.metrics  # the summary column's own name
+    plots = {a.path for a in client.list_artifacts(summary.mlflow_run_id, "report")}
+    assert {"report/report.md", "report/scaling.png"} <= plots  # the report, as artifacts
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
     # Same run id again, with fewer workers (how it runs, not what it computes): everything is
     # already there, nothing is recomputed or duplicated.
