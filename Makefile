@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: help setup run test test-slow test-gpu bench lint format clean
+.PHONY: help setup run test test-slow test-gpu test-ui bench lint format clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -37,6 +37,10 @@ test-slow: $(STAMP)  ## the slow tests (longer fidelity runs)
 
 test-gpu: $(STAMP)  ## the GPU tests (need CUDA)
 	$(PY) -m pytest -q -m gpu $(ARGS)
+
+test-ui: $(STAMP)  ## the MLflow UI checked in headless Chromium (installs Debian's chromium if missing)
+	@scripts/install-chromium.sh
+	$(PY) -m pytest -q -s -m ui $(ARGS)
 
 bench: $(STAMP)  ## cost per problem: naive reference vs engine vs Ray vs the generate() ceiling
 	$(VENV)/bin/latentseek bench $(ARGS)

@@ -80,14 +80,22 @@ def _is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://", "databricks"))
 
 
+# MLflow 3.17's UI opens an experiment on its GenAI overview unless the URL asks for the model
+# training view (the experiment's kind tag alone does not change that, checked in test_ui).
+TRAINING_VIEW = "?workflowType=machine_learning"
+
+
 def ui_command(cfg: Config) -> str:
-    """The shell command that shows this run's store in a browser."""
+    """The shell command that shows this run's store in a browser, and the page to open."""
     uri = resolve_tracking_uri(cfg)
     if _is_server(uri):
-        return f"python -m webbrowser {shlex.quote(uri)}"
+        return f"python -m webbrowser {shlex.quote(uri.rstrip('/') + '/#/' + TRAINING_VIEW)}"
     exe = Path(sys.executable).parent / "mlflow"  # the environment's own mlflow, if there
     mlflow_cmd = shlex.quote(str(exe)) if exe.exists() else "mlflow"
-    return f"{mlflow_cmd} ui --backend-store-uri {shlex.quote(uri)} --port {UI_PORT}"
+    return (
+        f"{mlflow_cmd} ui --backend-store-uri {shlex.quote(uri)} --port {UI_PORT}  "
+        f"# then open http://127.0.0.1:{UI_PORT}/#/{TRAINING_VIEW}"
+    )
 
 
 def git_commit(cwd: Path = PROJECT_ROOT) -> str:
@@ -132,8 +140,8 @@ def _quiet() -> Iterator[None]:
 
 
 def _experiment_id(client: MlflowClient, cfg: Config, uri: str) -> str:
-    """The experiment's id, created if needed, marked as a model-training experiment so that
-    the MLflow UI opens on its runs (MLflow 3 opens an unmarked one on GenAI traces)."""
+    """The experiment's id, created if needed, tagged as a model-training experiment (MLflow's
+    own kind tag; MLflow 3.17's UI still needs `TRAINING_VIEW` in the URL to open on runs)."""
     name = cfg.mlflow_experiment
     exp = client.get_experiment_by_name(name)
     if exp is None:

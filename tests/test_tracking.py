@@ -78,7 +78,8 @@ def test_resolve_tracking_uri_order(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert resolve_tracking_uri(cfg) == f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
     assert ui_command(cfg).endswith(
-        f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'out' / 'mlflow.db'} --port 5000"
+        f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'out' / 'mlflow.db'} --port 5000  "
+        "# then open http://127.0.0.1:5000/#/?workflowType=machine_learning"
     )
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
     assert resolve_tracking_uri(cfg) == "http://127.0.0.1:1"

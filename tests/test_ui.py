@@ -1,0 +1,426 @@
+"""The MLflow dashboards, checked in a real browser (`make test-ui`; excluded from `make test`).
+
+One tiny real evaluation (2 GSM8K problems, CoT + LatentSeek, 8 answer tokens, K = 1) runs
+in-process on a local Ray and logs to SQLite with its artifacts under the same temporary
+folder; a real `mlflow server` serves that store on 127.0.0.1; headless Chromium (Debian's
+`chromium`, installed by `make test-ui`) opens each page in a fresh browser context (no UI
+state from another page, as for a first-time user), waits until the page has settled, then
+keeps its visible text (asserted on) and a screenshot (one PNG per page, kept under the test's
+temporary folder and copied to ui-screenshots/ when LATENTSEEK_UI_SCREENSHOTS is set).
+
+Chromium is driven over the DevTools protocol on a pipe (`--remote-debugging-pipe`: JSON
+messages ending in NUL on file descriptors 3 and 4), with the standard library only. The
+simpler `--dump-dom --screenshot --virtual-time-budget` run shows the same text, but its
+screenshots catch folder-unfolding animations half way; here a page counts as settled when its
+text, its network traffic and its animations have all been still for a moment.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.ui
+
+REPO = Path(__file__).resolve().parent.parent
+RUN_NAME = "ui-run"
+METRIC = "latentseek/final_accuracy"
+PNG = "report/scaling.png"
+# MLflow 3.17's UI picks the experiment view from a global switch (GenAI / Model training,
+# kept in the browser's localStorage, default GenAI), or from this query parameter.
+TRAINING_VIEW = "?workflowType=machine_learning"
+WINDOW = (1400, 1000)
+RUN_WINDOW = (1400, 1500)  # the run overview down to its metrics table
+TALL_WINDOW = (1400, 2600)  # the model-metrics tab down to the latentseek charts
+SETTLE_S = 30.0  # at most this long for a page to settle
+QUIET_S = 1.5  # ... which it has when nothing changed for this long
+
+
+@dataclass
+class Page:
+    text: str = field(repr=False)  # document.body.innerText (what is rendered), spaces collapsed
+    title: str
+    html: str = field(repr=False)  # the rendered DOM
+    screenshot: Path
+    settled: bool  # False: still changing after SETTLE_S; asserted on as it was then
+    value: object = None  # what the caller's JavaScript expression returned, if any
+
+
+class Chromium:
+    """Headless Chromium over the DevTools protocol on a pipe; one fresh context per page."""
+
+    def __init__(self, exe: str, profile: Path, log: Path) -> None:
+        cmd_r, cmd_w = os.pipe()  # commands: we write, Chromium reads its fd 3
+        res_r, res_w = os.pipe()  # replies and events: Chromium writes its fd 4
+        # Above 9, so that moving them to 3 and 4 in the child cannot overwrite each other.
+        cmd_r, res_w = (self._above_9(fd) for fd in (cmd_r, res_w))
+        args = [
+            exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+            "--no-proxy-server", f"--user-data-dir={profile}", "--remote-debugging-pipe",
+            "about:blank",
+        ]  # fmt: skip
+        self._log = open(log, "wb")  # closed in close()
+        self.proc = subprocess.Popen(
+            ["bash", "-c", f'exec "$@" 3<&{cmd_r} 4>&{res_w} {cmd_r}<&- {res_w}>&-', "bash", *args],
+            pass_fds=(cmd_r, res_w), stdin=subprocess.DEVNULL, stdout=self._log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        os.close(cmd_r)
+        os.close(res_w)
+        self._out, self._in = cmd_w, res_r
+        self._buf = b""
+        self._id = 0
+        self._network: dict[str, int] = {}  # session -> Network events seen
+
+    @staticmethod
+    def _above_9(fd: int) -> int:
+        high = fcntl.fcntl(fd, fcntl.F_DUPFD, 10)
+        os.close(fd)
+        return high
+
+    def send(self, method: str, params: dict | None = None, session: str | None = None) -> dict:
+        self._id += 1
+        message = {"id": self._id, "method": method, "params": params or {}}
+        if session:
+            message["sessionId"] = session
+        os.write(self._out, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + 60
+        while True:
+            while b"\0" in self._buf:
+                raw, self._buf = self._buf.split(b"\0", 1)
+                reply = json.loads(raw)
+                if reply.get("id") == self._id:
+                    if "error" in reply:
+                        raise RuntimeError(f"chromium: {method}: {reply['error']}")
+                    return reply["result"]
+                if reply.get("method", "").startswith("Network."):
+                    key = reply.get("sessionId", "")
+                    self._network[key] = self._network.get(key, 0) + 1
+            ready, _, _ = select.select([self._in], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise TimeoutError(f"chromium: no answer to {method} in 60 s")
+            chunk = os.read(self._in, 1 << 20)
+            if not chunk:
+                raise RuntimeError(f"chromium exited (rc {self.proc.poll()}) during {method}")
+            self._buf += chunk
+
+    def _eval(self, session: str, expression: str):
+        params = {"expression": expression, "returnByValue": True}
+        return self.send("Runtime.evaluate", params, session)["result"].get("value")
+
+    def open(self, url: str, shot: Path, window: tuple[int, int], evaluate: str = "") -> Page:
+        context = self.send("Target.createBrowserContext")["browserContextId"]
+        params = {"url": "about:blank", "browserContextId": context}
+        target = self.send("Target.createTarget", params)["targetId"]
+        try:
+            params = {"targetId": target, "flatten": True}
+            session = self.send("Target.attachToTarget", params)["sessionId"]
+            width, height = window
+            metrics = {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}
+            self.send("Emulation.setDeviceMetricsOverride", metrics, session)
+            self.send("Network.enable", {}, session)
+            self.send("Page.navigate", {"url": url}, session)
+            settled = self._settle(session)
+            png = self.send("Page.captureScreenshot", {"format": "png"}, session)["data"]
+            shot.write_bytes(base64.b64decode(png))
+            text = self._eval(session, "document.body ? document.body.innerText : ''") or ""
+            return Page(
+                text=" ".join(text.split()),
+                title=self._eval(session, "document.title") or "",
+                html=self._eval(session, "document.documentElement.outerHTML") or "",
+                screenshot=shot,
+                settled=settled,
+                value=self._eval(session, evaluate) if evaluate else None,
+            )
+        finally:
+            self.send("Target.closeTarget", {"targetId": target})
+            self.send("Target.disposeBrowserContext", {"browserContextId": context})
+
+    def _settle(self, session: str) -> bool:
+        """Wait until the text, the network and the animations have been still for QUIET_S."""
+        probe = (
+            "[document.readyState, document.body ? document.body.innerText : '', "
+            "document.getAnimations().filter(a => a.playState === 'running').filter(a => {"
+            "  const t = a.effect && a.effect.target;"  # spinners of charts never scrolled to
+            "  if (!t || !t.getBoundingClientRect) return true;"  # keep turning off screen
+            "  const r = t.getBoundingClientRect();"
+            "  return r.width > 0 && r.height > 0 && r.bottom > 0 && r.right > 0"
+            "    && r.top < innerHeight && r.left < innerWidth;"
+            "}).length]"
+        )
+        start = time.monotonic()
+        last, still_since = None, start
+        while time.monotonic() - start < SETTLE_S:
+            time.sleep(0.25)
+            ready, text, running = self._eval(session, probe)
+            now = time.monotonic()
+            state = (text, self._network.get(session, 0))
+            if state != last or ready != "complete" or running:
+                last, still_since = state, now
+            elif now - still_since >= QUIET_S:
+                return True
+        return False
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.send("Browser.close")
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=5)
+        with contextlib.suppress(ProcessLookupError):  # its helpers (zygote, renderers)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        os.close(self._out)
+        os.close(self._in)
+        self._log.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _shown(value: float) -> str:
+    """A metric value as the UI prints it (JavaScript's Number.toString for these values)."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+# --- the run, the server, the browser ---------------------------------------------------------
+
+
+@dataclass
+class Logged:
+    root: Path
+    experiment_id: str
+    run_id: str
+    metrics: dict[str, float]
+    artifact_dir: Path  # the run's artifacts on disk
+
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory) -> Logged:
+    """A tiny real evaluation, logged to sqlite:///<tmp>/mlflow.db (artifacts in <tmp>/mlartifacts)."""
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from jobs.run import run_evaluation
+    from pipeline.config import Config
+
+    root = tmp_path_factory.mktemp("ui-store")
+    cfg = Config(
+        dataset="gsm8k", limit=2, method=["cot", "latentseek"], reward="psrm",
+        max_new_tokens=8, max_iters=1, rho=0.5, workers=1, output_dir=str(root), run_id=RUN_NAME,
+    )  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        started = not ray.is_initialized()
+        if started:
+            # address="local": a Ray of our own, never another job's cluster on this machine
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            summary = run_evaluation(cfg, progress=False, log=lambda m: None)
+        finally:
+            if started:
+                ray.shutdown()
+    assert summary.tracking_uri == f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(summary.tracking_uri)
+    run = client.get_run(summary.mlflow_run_id)
+    # What the pages must show is there in the store first.
+    assert run.info.run_name == RUN_NAME and run.info.status == "FINISHED"
+    assert METRIC in run.data.metrics
+    assert run.info.artifact_uri.startswith((root / "mlartifacts").as_uri())
+    assert PNG in {a.path for a in client.list_artifacts(run.info.run_id, "report")}
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"
+    return Logged(
+        root=root,
+        experiment_id=run.info.experiment_id,
+        run_id=run.info.run_id,
+        metrics=dict(run.data.metrics),
+        artifact_dir=Path(run.info.artifact_uri.removeprefix("file://")),
+    )
+
+
+@pytest.fixture(scope="module")
+def server(logged):
+    """`mlflow server` on a free 127.0.0.1 port over the run's store; stopped with its group."""
+    exe = Path(sys.executable).parent / "mlflow"
+    if not exe.exists():
+        pytest.fail(f"no mlflow executable next to {sys.executable}")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    cmd = [
+        str(exe), "server",
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{logged.root / 'mlflow.db'}",
+        # The run's artifact_uri is a file URI under <tmp>/mlartifacts, which the server reads
+        # directly; new runs logged through this server would go to the same folder.
+        "--artifacts-destination", str(logged.root / "mlartifacts"),
+    ]  # fmt: skip
+    log_path = logged.root / "server.log"
+    log = open(log_path, "wb")  # closed below
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=logged.root,
+        start_new_session=True,  # its own process group: its workers stop with it
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited: {log_path.read_text()[-2000:]}")
+            try:
+                with direct.open(f"{url}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server not healthy in 90 s: {log_path.read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield url, log_path, direct
+    finally:
+        # The server, its uvicorn worker and its job consumers are one process group.
+        with contextlib.suppress(ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=15)
+        with contextlib.suppress(ProcessLookupError):  # whatever the group left behind
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browse(logged, server, tmp_path_factory):
+    """open(name, route, window, evaluate) -> Page: the route rendered by headless Chromium
+    (`evaluate`: a JavaScript expression whose value the page keeps)."""
+    exe = shutil.which("chromium")
+    if exe is None:
+        pytest.fail("no `chromium` on PATH: run `make test-ui`, which installs Debian's chromium")
+    url, _, _ = server
+    shots = tmp_path_factory.mktemp("ui-screenshots")
+    keep = REPO / "ui-screenshots" if os.environ.get("LATENTSEEK_UI_SCREENSHOTS") else None
+    browser = Chromium(exe, shots / "profile", shots / "chromium.log")
+
+    def open_page(name: str, route: str, window=WINDOW, evaluate: str = "") -> Page:
+        page = browser.open(f"{url}/{route}", shots / f"{name}.png", window, evaluate)
+        print(f"\nscreenshot: {page.screenshot}  ({url}/{route})", end="")
+        if keep is not None:
+            keep.mkdir(exist_ok=True)
+            shutil.copy2(page.screenshot, keep / page.screenshot.name)
+            print(f"\nscreenshot: {keep / page.screenshot.name}", end="")
+        if not page.settled:
+            print(f" (still changing after {SETTLE_S:.0f} s)", end="")
+        return page
+
+    try:
+        yield open_page
+    finally:
+        browser.close()
+
+
+# --- the pages -------------------------------------------------------------------------------
+
+
+def test_experiment_page_lists_the_run(logged, browse):
+    """The experiment's runs list (the Model training view) shows the run by its name."""
+    page = browse("experiment-runs", f"#/experiments/{logged.experiment_id}{TRAINING_VIEW}")
+    assert page.title.startswith(f"Runs - Experiment {logged.experiment_id}"), page.title
+    assert "Run Name" in page.text  # the runs table's header
+    assert RUN_NAME in page.text
+    assert "1 matching run" in page.text
+    assert "gsm8k" in page.text  # the dataset column: logged as the run's evaluation input
+    assert "No data available" not in page.text
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,  # a broken fixture or browser is an error, not this known failure
+    reason="MLflow 3.17's UI ignores the experiment tag mlflow.experimentKind: a fresh browser "
+    "opens every experiment on the GenAI traces overview until the user switches to "
+    "'Model training' (or the URL carries ?workflowType=machine_learning)",
+)
+def test_experiment_page_opens_on_the_runs_list(logged, browse):
+    """What a first-time user sees on the experiment's plain link (the home page's link): the
+    runs list that tracking's `mlflow.experimentKind=custom_model_development` asks for, not
+    the GenAI traces overview."""
+    page = browse("experiment-default", f"#/experiments/{logged.experiment_id}")
+    assert "Traces" in page.text  # the page rendered (the sidebar), whichever view it chose
+    assert page.title.startswith(f"Runs - Experiment {logged.experiment_id}"), page.title
+    assert RUN_NAME in page.text
+
+
+def test_run_page_shows_the_metrics(logged, browse):
+    """The run's overview: its name, status, and the metrics table with the values logged."""
+    page = browse(
+        "run-overview",
+        f"#/experiments/{logged.experiment_id}/runs/{logged.run_id}{TRAINING_VIEW}",
+        RUN_WINDOW,  # the metrics table starts below the first screen
+    )
+    assert RUN_NAME in page.text and "Finished" in page.text
+    assert f"Metrics ({len(logged.metrics)})" in page.text
+    assert f"{METRIC} {_shown(logged.metrics[METRIC])}" in page.text
+    assert "latentseek/accuracy_at_iteration" in page.text
+    assert "latentseek.run_id : ui-run" in page.text  # the tag that finds the run on resume
+
+
+def test_model_metrics_tab_draws_a_chart_per_metric(logged, browse):
+    """The Model metrics tab groups the charts by method and draws the LatentSeek ones."""
+    page = browse(
+        "run-model-metrics",
+        f"#/experiments/{logged.experiment_id}/runs/{logged.run_id}/model-metrics{TRAINING_VIEW}",
+        TALL_WINDOW,  # the latentseek section comes after cot's
+    )
+    per_method = sum(k.startswith("latentseek/") for k in logged.metrics)
+    assert f"latentseek ({per_method})" in page.text  # the section, with its chart count
+    assert f'title="{METRIC}"' in page.html  # a chart card titled with the full name
+    assert 'title="latentseek/accuracy_at_iteration"' in page.html
+    assert f"{RUN_NAME} (latentseek/accuracy_at_iteration)" in page.text  # the curve's legend
+
+
+def test_artifacts_tab_shows_the_report_png(logged, server, browse):
+    """The Artifacts tab lists the records and the report, and previews report/scaling.png
+    with the bytes the server read from the run's artifact folder."""
+    url, log_path, direct = server
+    page = browse(
+        "run-artifacts",
+        f"#/experiments/{logged.experiment_id}/runs/{logged.run_id}/artifacts/{PNG}{TRAINING_VIEW}",
+        evaluate=f"[...document.querySelectorAll('img[alt=\"{PNG}\"]')].map(i => i.naturalWidth)",
+    )
+    for entry in ("problems", "iterations", "report", "config.yaml", "summary.md"):
+        assert entry in page.text
+    # report/ is unfolded in the tree, its PNG selected; the preview's header names it.
+    for entry in ("scaling.csv", "rewards.png", "tokens_changed.png"):
+        assert entry in page.text
+    assert f"{PNG} " in page.text
+    widths = page.value  # the preview image, decoded (0 for a broken image)
+    assert widths and all(w > 0 for w in widths), f"preview of {PNG} not drawn: {widths}"
+    # The browser fetched it and the server answered with the file.
+    fetched = f'"GET /get-artifact?path=report%2Fscaling.png&run_uuid={logged.run_id} HTTP/1.1" 200'
+    assert fetched in log_path.read_text()
+    request = f"{url}/get-artifact?path={PNG}&run_uuid={logged.run_id}"
+    with direct.open(request, timeout=10) as resp:
+        body = resp.read()
+    assert body == (logged.artifact_dir / PNG).read_bytes()
+    assert body.startswith(b"\x89PNG")
