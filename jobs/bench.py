@@ -379,6 +379,7 @@ def _naive_self_reward(model: Any, tokenizer: Any, verifiers: Any, cfg: Any, sty
 
 def _child_naive(cfg: Any, spec: dict) -> dict:
 
+    from jobs.reference import run_reference
     from pipeline import reference as naive
     from pipeline.grading import grade
 
@@ -410,20 +411,7 @@ def _child_naive(cfg: Any, spec: dict) -> dict:
         else:
             # PSRM: the reference loop's own (reward_fn None); self: the naive verifiers above.
             fn = None if reward_name == "psrm" else self_reward(p.question)
-            res = naive.naive_latentseek(
-                model,
-                tok,
-                prompt,
-                p.label if cfg.compat == "reference" and p.label else p.gold,
-                lr=cfg.lr,
-                rho=cfg.rho,
-                max_iters=cfg.max_iters,
-                max_new_tokens=cfg.max_new_tokens,
-                reward_threshold=cfg.reward_threshold,
-                max_update_length=cfg.max_update_length,
-                compat=cfg.compat,
-                reward_fn=fn,
-            )
+            res = run_reference(cfg, solver.loaded, p, prompt, reward_fn=fn)
             text = res.final_text
             solver_tokens = len(res.cot_tokens) + sum(len(a) for a in res.answer_tokens)
             iterations, stop = res.iterations, res.stop_reason

@@ -37,6 +37,29 @@ def check_supported(cfg: Config) -> None:
         )
 
 
+def run_reference(cfg: Config, loaded: Any, problem: Any, prompt_ids: list[int], reward_fn=None):
+    """`pipeline.reference.naive_latentseek` on one problem with the config's method settings
+    (read here, in the entry points, never by the reference itself); `reward_fn=None` is the
+    mode's own PSRM, which in reference mode compares with the label as the data writes it."""
+    from pipeline import reference
+
+    gold = problem.label if cfg.compat == "reference" and problem.label else problem.gold
+    return reference.naive_latentseek(
+        loaded.model,
+        loaded.tokenizer,
+        prompt_ids,
+        gold,
+        lr=cfg.lr,
+        rho=cfg.rho,
+        max_iters=cfg.max_iters,
+        max_new_tokens=cfg.max_new_tokens,
+        reward_threshold=cfg.reward_threshold,
+        max_update_length=cfg.max_update_length,
+        compat=cfg.compat,
+        reward_fn=reward_fn,
+    )
+
+
 def _recorded(run_dir: Path) -> dict[str, Any]:
     from pipeline.records import read_records
 
@@ -60,19 +83,7 @@ def main(cfg: Config, compare: Path | None = None) -> int:
     differ = 0
     for p in load_dataset(cfg).problems:
         ids = reference.prompt_ids(loaded.tokenizer, p.question, cfg.prompt, p.dataset, cfg.compat)
-        res = reference.naive_latentseek(
-            loaded.model,
-            loaded.tokenizer,
-            ids,
-            p.label if cfg.compat == "reference" and p.label else p.gold,
-            lr=cfg.lr,
-            rho=cfg.rho,
-            max_iters=cfg.max_iters,
-            max_new_tokens=cfg.max_new_tokens,
-            reward_threshold=cfg.reward_threshold,
-            max_update_length=cfg.max_update_length,
-            compat=cfg.compat,
-        )
+        res = run_reference(cfg, loaded, p, ids)
         rewards = [res.initial_reward, *res.rewards]
         print(f"## {p.problem_id}: T={len(res.cot_tokens)} U={res.update_length} rewards={rewards}")
         print(res.cot_text)

@@ -520,6 +520,7 @@ def format_summary(s: RunSummary) -> str:
         f"{s.worker_failures} workers lost, {s.retried} retries)",
         f"config:    {(s.run_dir / CONFIG_FILE).resolve()}",
         f"summary:   {(s.run_dir / 'summary.md').resolve()}",
+        f"report:    {(s.run_dir / 'report' / 'report.md').resolve()}",
         f"mlflow:    run {s.mlflow_run_id} in {s.tracking_uri}",
         f"open UI:   {s.ui_command}",
         f"wall time: {s.wall_seconds:.1f} s ({s.problems_per_hour:.0f} records/hour)",

@@ -167,11 +167,14 @@ def _experiment_id(client: MlflowClient, cfg: Config, uri: str) -> str:
     return exp.experiment_id
 
 
-def find_run(client: MlflowClient, experiment_id: str, run_id: str) -> str | None:
-    """The MLflow run id of the active run tagged with this LatentSeek run_id, if any."""
+def find_run(
+    client: MlflowClient, experiment_id: str, run_id: str, tag: str = RUN_ID_TAG
+) -> str | None:
+    """The MLflow run id of the newest active run whose `tag` is `run_id` (by default: the run
+    of this LatentSeek run_id), if any."""
     runs = client.search_runs(
         [experiment_id],
-        filter_string=f"tags.`{RUN_ID_TAG}` = '{run_id}'",
+        filter_string=f"tags.`{tag}` = '{run_id}'",
         run_view_type=ViewType.ACTIVE_ONLY,
         max_results=1,
         order_by=["attributes.start_time DESC"],
@@ -372,15 +375,8 @@ def open_sweep_run(cfg: Config, name: str, params: Mapping[str, Any]) -> str:
     """The sweep's parent run (found again by its name on resume), set RUNNING."""
     with _quiet():
         client, experiment_id = _client_and_experiment(cfg)
-        runs = client.search_runs(
-            [experiment_id],
-            filter_string=f"tags.`{SWEEP_TAG}` = '{name}'",
-            run_view_type=ViewType.ACTIVE_ONLY,
-            max_results=1,
-            order_by=["attributes.start_time DESC"],
-        )
-        if runs:
-            parent = runs[0].info.run_id
+        parent = find_run(client, experiment_id, name, tag=SWEEP_TAG)
+        if parent is not None:
             client.update_run(parent, status=RunStatus.to_string(RunStatus.RUNNING))
         else:
             parent = client.create_run(
