@@ -310,6 +310,7 @@ def run_evaluation(
     recorded batch with the scheduler's state (tests use it to inject faults); `argv` is the
     command line, kept in invocations.jsonl; `pool` keeps the workers for the caller's next
     evaluation (a sweep) instead of stopping them; `tags` go to the MLflow run."""
+    from pipeline import tracking
     from pipeline.model import check_model_source, prepare_model
 
     start = time.perf_counter()
@@ -335,8 +336,16 @@ def run_evaluation(
         workers, infos = pool.acquire(cfg) if pool is not None else start_workers(cfg)
         try:
             _open_run(cfg, directory, argv, skipped)
-            _run_batches(cfg, workers, infos, todo, dataset.problems, store, counts,
-                         total, skipped, progress, on_batch, log)  # fmt: skip
+            mlflow_run = tracking.start_run(
+                cfg, {"run_dir": str(directory.resolve()), **(tags or {})}
+            )
+            try:
+                _run_batches(cfg, workers, infos, todo, dataset.problems, store, counts,
+                             total, skipped, progress, on_batch, log, mlflow_run)  # fmt: skip
+            except BaseException as exc:
+                failed = not isinstance(exc, KeyboardInterrupt)
+                tracking.end_run(cfg, mlflow_run, "FAILED" if failed else "KILLED")
+                raise
         finally:
             if pool is None:
                 _kill(workers)
@@ -382,6 +391,7 @@ def _run_batches(
     progress: bool,
     on_batch: Callable[[dict[str, Any]], None] | None,
     log: Callable[[str], None],
+    mlflow_run: str = "",
 ) -> None:
     """Feed every batch to the workers and record each result once, as it comes back."""
     from tqdm import tqdm
@@ -404,6 +414,7 @@ def _run_batches(
     )
     bar = tqdm(total=total, initial=skipped, disable=not progress, desc=cfg.run_id, unit="rec",
                dynamic_ncols=True)  # fmt: skip
+    last_logged = float("-inf")
     try:
         for outcome in scheduler.run():
             if not outcome.results:
@@ -422,6 +433,10 @@ def _run_batches(
                 failed=counts.failures,
                 lost_workers=scheduler.worker_failures,
             )
+            done = counts.recorded == total - skipped
+            if mlflow_run and (done or time.monotonic() - last_logged >= PROGRESS_EVERY_S):
+                _log_progress(cfg, mlflow_run, counts, skipped, scheduler.worker_failures)
+                last_logged = time.monotonic()
             if on_batch:
                 state = {"workers": workers, "infos": infos, "recorded": counts.recorded}
                 on_batch({**state, "scheduler": scheduler})
@@ -430,6 +445,26 @@ def _run_batches(
     finally:
         bar.close()
         counts.worker_failures, counts.retried = scheduler.worker_failures, scheduler.retried
+
+
+PROGRESS_EVERY_S = 2.0  # live MLflow metrics at most this often (and after the last batch)
+
+
+def _log_progress(cfg: Config, mlflow_run: str, counts: _Counts, skipped: int, lost: int) -> None:
+    """Live metrics, step = records done in this invocation: what the progress bar shows."""
+    from pipeline import tracking
+
+    tracking.log_progress(
+        cfg,
+        mlflow_run,
+        counts.recorded,
+        {
+            "records": float(counts.recorded + skipped),
+            "accuracy": counts.correct / max(counts.recorded, 1),
+            "failures": float(counts.failures),
+            "workers_lost": float(lost),
+        },
+    )
 
 
 def _finish(

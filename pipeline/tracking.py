@@ -359,6 +359,51 @@ def _log_everything(
 
 
 # ------------------------------------------------------------------------------------------
+# The run while it runs: opened when the evaluation starts (so its duration spans the work),
+# live progress metrics, a failed or interrupted evaluation marked as such.
+
+PROGRESS_PREFIX = "progress/"
+
+
+def start_run(cfg: Config, tags: Mapping[str, str] | None = None) -> str:
+    """The evaluation's MLflow run (found again by run_id on resume, else created), RUNNING,
+    with the config as params and `tags`; `log_run` finishes it."""
+    if not cfg.run_id:
+        raise ValueError("start_run needs cfg.run_id")
+    with _quiet():
+        client, experiment_id = _client_and_experiment(cfg)
+        run = find_run(client, experiment_id, cfg.run_id)
+        if run is None:
+            run = client.create_run(
+                experiment_id, run_name=cfg.run_id, tags={RUN_ID_TAG: cfg.run_id}
+            ).info.run_id
+        else:
+            client.update_run(run, status=RunStatus.to_string(RunStatus.RUNNING))
+        if tags:
+            client.log_batch(run, tags=[RunTag(str(k), str(v)) for k, v in tags.items()])
+        _log_params(client, run, flatten_params(cfg.to_dict()))
+    return run
+
+
+def log_progress(cfg: Config, mlflow_run: str, step: int, values: Mapping[str, float]) -> None:
+    """Live metrics while the evaluation runs: `progress/<name>` at step = records done."""
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(PROGRESS_PREFIX + k, float(v), now, int(step))
+        for k, v in values.items()
+        if math.isfinite(v)
+    ]
+    with _quiet():
+        MlflowClient(tracking_uri=resolve_tracking_uri(cfg)).log_batch(mlflow_run, metrics=metrics)
+
+
+def end_run(cfg: Config, mlflow_run: str, status: str) -> None:
+    """Mark a run that did not finish: status "FAILED" or "KILLED"."""
+    with _quiet():
+        MlflowClient(tracking_uri=resolve_tracking_uri(cfg)).set_terminated(mlflow_run, status)
+
+
+# ------------------------------------------------------------------------------------------
 # Sweeps: a parent run, nested point runs (executed ones via log_run with PARENT_TAG), and
 # derived points (metrics read off an executed point's records, no records of their own).
 

@@ -92,6 +92,12 @@ def test_run_records_every_problem_once_and_uses_both_workers(tmp_path, local_ra
     history = client.get_metric_history(summary.mlflow_run_id, "latentseek/accuracy_at_iteration")
     assert sorted(m.step for m in history) == [0, 1]
     assert "latentseek/mean_final_reward" in run.data.metrics  # the summary column's own name
+    # The MLflow run spans the evaluation: it was open while batches were recorded (live
+    # progress metrics logged between its start and its end), and ends FINISHED.
+    live = client.get_metric_history(summary.mlflow_run_id, "progress/records")
+    assert live and live[-1].value == 12 and live[-1].step == 12
+    assert all(run.info.start_time <= m.timestamp <= run.info.end_time for m in live)
+    assert run.info.status == "FINISHED"
     plots = {a.path for a in client.list_artifacts(summary.mlflow_run_id, "report")}
     assert {"report/report.md", "report/scaling.png"} <= plots  # the report, as artifacts
     experiment = client.get_experiment(run.info.experiment_id)
