@@ -182,6 +182,17 @@ def find_run(
     return runs[0].info.run_id if runs else None
 
 
+def _open(client: MlflowClient, experiment_id: str, run_id: str) -> str:
+    """The MLflow run of this LatentSeek run_id, found again or created, set RUNNING."""
+    mlflow_run = find_run(client, experiment_id, run_id)
+    if mlflow_run is None:
+        return client.create_run(
+            experiment_id, run_name=run_id, tags={RUN_ID_TAG: run_id}
+        ).info.run_id
+    client.update_run(mlflow_run, status=RunStatus.to_string(RunStatus.RUNNING))
+    return mlflow_run
+
+
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
@@ -286,14 +297,7 @@ def log_run(
     with _quiet():
         client = MlflowClient(tracking_uri=uri)
         experiment_id = _experiment_id(client, cfg, uri)
-        mlflow_run = find_run(client, experiment_id, cfg.run_id)
-        if mlflow_run is None:
-            run = client.create_run(
-                experiment_id, run_name=cfg.run_id, tags={RUN_ID_TAG: cfg.run_id}
-            )
-            mlflow_run = run.info.run_id
-        else:
-            client.update_run(mlflow_run, status=RunStatus.to_string(RunStatus.RUNNING))
+        mlflow_run = _open(client, experiment_id, cfg.run_id)
         try:
             _log_everything(
                 client, mlflow_run, cfg, run_dir, summary, curve, dataset_info,
@@ -372,13 +376,7 @@ def start_run(cfg: Config, tags: Mapping[str, str] | None = None) -> str:
         raise ValueError("start_run needs cfg.run_id")
     with _quiet():
         client, experiment_id = _client_and_experiment(cfg)
-        run = find_run(client, experiment_id, cfg.run_id)
-        if run is None:
-            run = client.create_run(
-                experiment_id, run_name=cfg.run_id, tags={RUN_ID_TAG: cfg.run_id}
-            ).info.run_id
-        else:
-            client.update_run(run, status=RunStatus.to_string(RunStatus.RUNNING))
+        run = _open(client, experiment_id, cfg.run_id)
         if tags:
             client.log_batch(run, tags=[RunTag(str(k), str(v)) for k, v in tags.items()])
         _log_params(client, run, flatten_params(cfg.to_dict()))
@@ -441,11 +439,7 @@ def log_derived_run(
     point's config as params and the derived metrics, under the same names as an executed run."""
     with _quiet():
         client, experiment_id = _client_and_experiment(cfg)
-        run = find_run(client, experiment_id, cfg.run_id)
-        if run is None:
-            run = client.create_run(
-                experiment_id, run_name=cfg.run_id, tags={RUN_ID_TAG: cfg.run_id}
-            ).info.run_id
+        run = _open(client, experiment_id, cfg.run_id)
         all_tags = {**{k: str(v) for k, v in tags.items()}, PARENT_TAG: parent}
         client.log_batch(run, tags=[RunTag(k, v) for k, v in all_tags.items()])
         _log_params(client, run, flatten_params(cfg.to_dict()))
