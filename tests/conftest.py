@@ -193,3 +193,28 @@ def make_solver(embedded: LoadedModel) -> Callable[..., object]:
 @pytest.fixture(scope="session")
 def solver(make_solver, embedded_cfg):
     return make_solver(embedded_cfg)
+
+
+# --- a server on loopback -----------------------------------------------------------------------
+
+
+def wait_healthy(proc, url: str, log_path, opener, timeout_s: float) -> None:
+    """Poll `<url>/health` until it answers 200; fail with the server's log if the process
+    exits or `timeout_s` passes (a bounded loop: the tests never wait forever)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"mlflow server exited: {log_path.read_text()[-2000:]}")
+        try:
+            with opener.open(f"{url}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(
+                f"mlflow server not healthy in {timeout_s:.0f} s: {log_path.read_text()[-2000:]}"
+            )
+        time.sleep(0.5)

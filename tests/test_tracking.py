@@ -10,11 +10,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import wait_healthy
 from mlflow.tracking import MlflowClient
 
 from analysis.tables import accuracy_by_iteration, summary_table, write_summary
@@ -203,23 +203,7 @@ def mlflow_server(tmp_path, monkeypatch):
     url = f"http://127.0.0.1:{port}"
     direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(
-                    f"mlflow server exited: {(tmp_path / 'server.log').read_text()[-2000:]}"
-                )
-            try:
-                with direct.open(f"{url}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"mlflow server not healthy after 60 s: {(tmp_path / 'server.log').read_text()[-2000:]}"
-                )
-            time.sleep(0.5)
+        wait_healthy(proc, url, tmp_path / "server.log", direct, 60)
         yield url
     finally:
         if proc.poll() is None:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from conftest import wait_healthy
 
 pytestmark = pytest.mark.ui
 
@@ -286,19 +287,7 @@ def server(logged):
     url = f"http://127.0.0.1:{port}"
     direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited: {log_path.read_text()[-2000:]}")
-            try:
-                with direct.open(f"{url}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not healthy in 90 s: {log_path.read_text()[-2000:]}")
-            time.sleep(0.5)
+        wait_healthy(proc, url, log_path, direct, 90)
         yield url, log_path, direct
     finally:
         # The server, its uvicorn worker and its job consumers are one process group.
