@@ -122,7 +122,21 @@ class Config:
     )
 
     # --- execution -------------------------------------------------------------------------
-    batch_size: int = _f(8, "problems decoded together by one worker")
+    batch_size: int = _f(
+        8,
+        "rows one worker decodes together (a row: a problem's answer, a sample, "
+        "a continuation or a verifier prompt)",
+    )
+    batching: Literal["continuous", "static"] = _f(
+        "continuous",
+        "'continuous': a worker admits pending work (a new problem's CoT, a continuation, a "
+        "verifier prompt) as soon as rows finish; 'static': each round's rows decode together "
+        "and the round waits for its longest row (README 'Throughput')",
+    )
+    task_size: int = _f(
+        0,
+        "problems sent to a worker at once; 0: batch_size (static) or 4 x batch_size (continuous)",
+    )
     workers: int = _f(1, "Ray workers; each loads the model once")
     cpus_per_worker: int = _f(1, "CPU threads per worker when there is no GPU")
     gpus_per_worker: float = _f(0.0, "GPUs per worker; 0 means CPU workers")
@@ -168,6 +182,7 @@ class Config:
         need(self.temperature > 0, "temperature", "must be > 0 (use method=cot for greedy)")
         need(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         need(self.batch_size >= 1, "batch_size", "must be >= 1")
+        need(self.task_size >= 0, "task_size", "must be >= 0 (0: chosen from batch_size)")
         need(self.workers >= 1, "workers", "must be >= 1")
         need(self.cpus_per_worker >= 1, "cpus_per_worker", "must be >= 1")
         need(self.gpus_per_worker >= 0, "gpus_per_worker", "must be >= 0")
@@ -186,6 +201,13 @@ class Config:
             "run_id",
             "use letters, digits, '-', '_' and '.' only",
         )
+
+    @property
+    def problems_per_task(self) -> int:
+        """Problems the driver sends to a worker at once (`task_size`, or its default)."""
+        if self.task_size:
+            return self.task_size
+        return self.batch_size * (4 if self.batching == "continuous" else 1)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -166,8 +166,23 @@ class Generator:
 
     @torch.no_grad()
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        if not requests:
-            return []
+        """Decode `requests` as one static batch: every row starts together, finished rows leave
+        at once, and the call returns when the last row is done."""
+        batch, done = self.open(requests)
+        while batch.rows:
+            done += batch.step()
+        by_handle = {row.handle: row.result for row in done}
+        return [by_handle[i] for i in range(len(requests))]
+
+    @torch.no_grad()
+    def open(
+        self, requests: Sequence[GenerationRequest], handles: Sequence[Any] | None = None
+    ) -> tuple[DecodeBatch, list[Row]]:
+        """Start decoding `requests`: prefill the prompts that have no state, feed the forced
+        prefixes, and return the batch (step it until it is empty, or merge it into a running
+        one) with the rows that are done already (nothing to decode). Each row carries its
+        `handle` (default: its index in `requests`)."""
+        handles = list(range(len(requests))) if handles is None else list(handles)
         for r in requests:
             if len(r.prompt_ids) == 0:
                 raise ValueError("empty prompt")
@@ -178,8 +193,18 @@ class Generator:
                     f"max_new_tokens ({r.max_new_tokens}) exceeds the model's context "
                     f"({self.max_positions})"
                 )
-        n = len(requests)
-        results = [GenerationResult(tokens=[], finish_reason="length") for _ in range(n)]
+        rows = [
+            Row(
+                handle=h,
+                request=r,
+                result=GenerationResult(tokens=[], finish_reason="length"),
+                stops=r.stop_ids or self.eos_ids,
+                sampler=(
+                    torch.Generator(device=self.device).manual_seed(r.seed) if r.sample else None
+                ),
+            )
+            for h, r in zip(handles, requests)
+        ]
 
         # 1. Prompt states: reuse the given ones, prefill the rest together.
         states: list[PromptState | None] = [r.prompt_state for r in requests]
@@ -188,17 +213,18 @@ class Generator:
             fresh = self.prefill([requests[i].prompt_ids for i in missing])
             for i, s in zip(missing, fresh):
                 states[i] = s
-                results[i].prompt_tokens = s.length
-                results[i].token_passes += s.length
-                results[i].forward_calls += 1
+                rows[i].result.prompt_tokens = s.length
+                rows[i].result.token_passes += s.length
+                rows[i].result.forward_calls += 1
         for i, r in enumerate(requests):
             if r.keep_prompt_state:
-                results[i].prompt_state = states[i]
+                rows[i].result.prompt_state = states[i]
 
         # Rows with nothing to decode are done already.
         live = [i for i, r in enumerate(requests) if r.max_new_tokens > 0]
+        done = [rows[i] for i, r in enumerate(requests) if r.max_new_tokens <= 0]
         if not live:
-            return results
+            return DecodeBatch.empty(self), done
 
         # 2. Assemble the batch cache: [zeros | prompt_i] along the sequence axis, in buffers that
         #    already hold room for the prefixes and every token to decode (no per-step concat).
@@ -231,58 +257,150 @@ class Generator:
                 f = len(requests[i].prefix_ids)
                 if f:
                     z[row] = hidden[row, -1]
-                    results[i].token_passes += f
-                    results[i].forward_calls += 1
+                    rows[i].result.token_passes += f
+                    rows[i].result.forward_calls += 1
             next_pos = next_pos + torch.tensor(
                 [len(requests[i].prefix_ids) for i in live], device=self.device
             )
+        return DecodeBatch(self, [rows[i] for i in live], cache, mask, width, next_pos, z), done
 
-        # 4. Decode; drop finished rows from the batch as soon as they finish.
-        rows = list(live)  # request index of each batch row
-        captured: dict[int, list[torch.Tensor]] = {i: [] for i in live}
-        generators = {
-            i: torch.Generator(device=self.device).manual_seed(requests[i].seed)
-            for i in live
-            if requests[i].sample
-        }
-        stops = {i: requests[i].stop_ids or self.eos_ids for i in live}
-        while rows:
-            logits = self.logits(z)  # [b, V] in the head's dtype
-            chosen = logits.argmax(dim=-1)  # [b]
-            for row, i in enumerate(rows):
-                req = requests[i]
-                if req.sample:
-                    chosen[row] = _sample(logits[row], req.temperature, req.top_p, generators[i])
-                if len(captured[i]) < req.capture:
-                    captured[i].append(z[row].detach().float().clone())
-            keep = []
-            for row, i in enumerate(rows):
-                token = int(chosen[row])
-                results[i].tokens.append(token)
-                if token in stops[i]:
-                    results[i].finish_reason = "eos"
-                elif len(results[i].tokens) < requests[i].max_new_tokens:
-                    keep.append(row)
-            if not keep:
-                break
-            if len(keep) < len(rows):
-                index = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(index)
-                mask, next_pos, chosen = mask[index], next_pos[index], chosen[index]
-                rows = [rows[row] for row in keep]
-            mask[:, width] = 1
-            width += 1
-            hidden = self._forward(chosen[:, None], mask[:, :width], next_pos[:, None], cache)
-            z = hidden[:, -1]
-            next_pos = next_pos + 1
-            for i in rows:
-                results[i].token_passes += 1
-                results[i].forward_calls += 1
 
-        for i in live:
-            if captured[i]:
-                results[i].hidden = torch.stack(captured[i])
-        return results
+@dataclass
+class Row:
+    """One request while it decodes: its handle, its result so far and its sampling state."""
+
+    handle: Any
+    request: GenerationRequest
+    result: GenerationResult
+    stops: frozenset[int] | set[int]
+    sampler: torch.Generator | None = None
+    captured: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def remaining(self) -> int:  # tokens this row may still decode
+        return self.request.max_new_tokens - len(self.result.tokens)
+
+    def finish(self) -> Row:
+        if self.captured:
+            self.result.hidden = torch.stack(self.captured)
+            self.captured = []
+        return self
+
+
+class DecodeBatch:
+    """Rows decoding together over one cache (`[B, H_kv, capacity, D_head]` per layer), with a
+    2-D attention mask, explicit positions and `z`, each row's hidden state that predicts its
+    next token. `step` decodes one token per row and drops the rows that finish; `merge` takes in
+    the rows of another batch (continuous batching: rows join as others leave).
+
+    A row's columns in the cache are wherever the layout put them: its positions are explicit and
+    its mask hides every other column, so a row's tokens do not depend on the batch around it
+    (except for floating-point rounding of different matrix shapes)."""
+
+    def __init__(
+        self,
+        generator: Generator,
+        rows: list[Row],
+        cache: DynamicCache | None,
+        mask: torch.Tensor,  # [B, capacity]
+        width: int,  # columns of `mask` in use
+        next_pos: torch.Tensor,  # [B] position of each row's next token
+        z: torch.Tensor,  # [B, D]
+    ) -> None:
+        self.gen = generator
+        self.rows = rows
+        self.cache = cache
+        self.mask = mask
+        self.width = width
+        self.next_pos = next_pos
+        self.z = z
+
+    @classmethod
+    def empty(cls, generator: Generator) -> DecodeBatch:
+        none = torch.zeros((0, 0), dtype=torch.long)
+        return cls(generator, [], None, none, 0, torch.zeros(0, dtype=torch.long), none)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @torch.no_grad()
+    def step(self) -> list[Row]:
+        """Choose each row's next token; return the rows that finished (removed from the batch)
+        and run the others' new tokens through the model."""
+        rows = self.rows
+        logits = self.gen.logits(self.z)  # [b, V] in the head's dtype
+        chosen = logits.argmax(dim=-1)  # [b]
+        for b, row in enumerate(rows):
+            if row.sampler is not None:
+                req = row.request
+                chosen[b] = _sample(logits[b], req.temperature, req.top_p, row.sampler)
+            if len(row.captured) < row.request.capture:
+                row.captured.append(self.z[b].detach().float().clone())
+        keep, finished = [], []
+        for b, row in enumerate(rows):
+            token = int(chosen[b])
+            row.result.tokens.append(token)
+            if token in row.stops:
+                row.result.finish_reason = "eos"
+                finished.append(row.finish())
+            elif row.remaining > 0:
+                keep.append(b)
+            else:
+                finished.append(row.finish())
+        if not keep:
+            self.rows = []
+            self.cache = None
+            return finished
+        if len(keep) < len(rows):
+            index = torch.tensor(keep, device=self.gen.device)
+            self.cache.batch_select_indices(index)
+            self.mask, self.next_pos, chosen = self.mask[index], self.next_pos[index], chosen[index]
+            self.rows = [rows[b] for b in keep]
+        self.mask[:, self.width] = 1
+        self.width += 1
+        hidden = self.gen._forward(
+            chosen[:, None], self.mask[:, : self.width], self.next_pos[:, None], self.cache
+        )
+        self.z = hidden[:, -1]
+        self.next_pos = self.next_pos + 1
+        for row in self.rows:
+            row.result.token_passes += 1
+            row.result.forward_calls += 1
+        return finished
+
+    def merge(self, other: DecodeBatch) -> DecodeBatch:
+        """This batch's rows followed by `other`'s, in new buffers: each batch's used columns are
+        right-aligned at the wider of the two widths, with room for every row's remaining
+        tokens."""
+        if not other.rows:
+            return self
+        if not self.rows:
+            return other
+        width = max(self.width, other.width)
+        capacity = width + max(row.remaining for row in self.rows + other.rows)
+        layers = []
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            merged = []
+            for a, b in ((mine.keys, theirs.keys), (mine.values, theirs.values)):
+                buf = a.new_zeros((a.shape[0] + b.shape[0], a.shape[1], capacity, a.shape[3]))
+                buf[: a.shape[0], :, width - self.width : width] = a[:, :, : self.width]
+                buf[a.shape[0] :, :, width - other.width : width] = b[:, :, : other.width]
+                merged.append(buf)
+            layers.append(_BufferLayer(merged[0], merged[1], width))
+        cache = DynamicCache(config=self.gen.model.config)
+        cache.layers = layers
+        mask = self.mask.new_zeros((len(self.rows) + len(other.rows), capacity))
+        mask[: len(self.rows), width - self.width : width] = self.mask[:, : self.width]
+        mask[len(self.rows) :, width - other.width : width] = other.mask[:, : other.width]
+        return DecodeBatch(
+            self.gen,
+            self.rows + other.rows,
+            cache,
+            mask,
+            width,
+            torch.cat([self.next_pos, other.next_pos]),
+            torch.cat([self.z, other.z]),
+        )
 
 
 class _BufferLayer(DynamicLayer):

@@ -4,9 +4,13 @@
 - `bon`: N sampled answers, the one with the highest reward (ties: the earliest sample).
 - `sc`: N sampled answers, the majority of the extracted answers (answers grouped by
   equivalence; ties: the group that appeared first).
-- `latentseek`: SPEC.md §1 with any reward. Every problem of the batch keeps moving: problems that
-  stop leave the batch, and each round's pending generations (continuations, then verifier
-  prompts) go through the model together. The latent step itself is `pipeline.latent.latent_step`.
+- `latentseek`: SPEC.md §1 with any reward. The latent step itself is
+  `pipeline.latent.latent_step`.
+
+Each method is written once, per problem, as a task that yields the generations it needs next
+(`pipeline.batching`); `batching=static` decodes each round's generations of all problems
+together (the round waits for its longest row), `batching=continuous` keeps up to `batch_size`
+rows decoding and lets a problem move on as soon as its own generations are done.
 
 Decisions the spec leaves open (documented in the README), in the default mode:
 - `max_new_tokens` caps the whole answer, so a continuation after a U-token prefix gets
@@ -24,12 +28,13 @@ from __future__ import annotations
 import functools
 import time
 import zlib
+from collections.abc import Generator as PyGenerator
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from pipeline.batching import Task, run_continuous, run_static
 from pipeline.compat import decode_rules, make_grader
 from pipeline.data import Problem
 from pipeline.generation import GenerationRequest, GenerationResult, Generator, head_logits
@@ -44,32 +49,6 @@ from pipeline.rewards import Reward, RewardResult, build_reward
 def problem_seed(seed: int, problem_id: str, index: int = 0) -> int:
     """A seed per (run seed, problem, sample): independent of batch composition and order."""
     return zlib.crc32(f"{seed}/{problem_id}/{index}".encode()) & 0x7FFFFFFF
-
-
-@dataclass
-class _Latent:
-    """The optimisation state of one problem between rounds."""
-
-    index: int  # position in the batch
-    z: torch.Tensor  # [1, U, D] leaf, requires grad (float32; the model's dtype in compat mode)
-    optimizer: torch.optim.Optimizer
-    prefix: list[int]  # current prefix tokens
-    reward: float  # reward of the current answer
-    generator: torch.Generator | None
-    step: Any = None  # the last `LatentStepResult`
-
-
-@dataclass
-class _LatentBatch:
-    """What a LatentSeek batch carries between its phases (init, rounds, settle)."""
-
-    problems: Sequence[Problem]
-    prompts: Sequence[list[int]]
-    results: Sequence[ProblemResult]
-    cot: list[GenerationResult]  # the CoT pass, with each prompt's cached state
-    tokens: list[list[int]]  # each problem's current answer tokens
-    best: list[tuple[float, str, int]]  # (reward, text, length) of the best answer so far
-    active: list[_Latent]  # problems still iterating
 
 
 class Solver:
@@ -123,15 +102,19 @@ class Solver:
             sub_problems = [problems[i] for i in runnable]
             sub_prompts = [prompts[i] for i in runnable]
             sub_results = [results[i] for i in runnable]
-            run = {
+            work = {
                 "cot": self._cot,
                 "bon": self._bon,
                 "sc": self._sc,
                 "latentseek": self._latentseek,
             }.get(method)
-            if run is None:
+            if work is None:
                 raise ValueError(f"unknown method {method!r}")
-            run(sub_problems, sub_prompts, sub_results)
+            tasks = [work(*args) for args in zip(sub_problems, sub_prompts, sub_results)]
+            if self.cfg.batching == "static":
+                run_static(self.generator, tasks)
+            else:
+                run_continuous(self.generator, tasks, self.cfg.batch_size)
         elapsed = time.perf_counter() - start
         device, dtype = str(self.loaded.device), str(self.loaded.dtype).removeprefix("torch.")
         for r in results:
@@ -200,22 +183,29 @@ class Solver:
         r.final_answer, r.final_extracted, r.final_correct = text, g.extracted, g.correct
         r.final_length = length
 
-    # -------------------------------------------------------------------------------------
-    def _cot(self, problems, prompts, results) -> None:
-        outs = self.generator.generate([self._answer_request(p) for p in prompts])
-        for p, r, out in zip(problems, results, outs):
-            self._charge_solver(r, out)
-            text = self._decode(out.tokens)
-            r.cot_answer, r.cot_length = text, len(out.tokens)
-            r.cot_correct = self._correct(p, text)
-            r.answers = []
-            r.stop_reason = out.finish_reason
-            self._finish(p, r, text, len(out.tokens))
+    def _score(self, p: Problem, answer: str) -> PyGenerator[Any, Any, RewardResult]:
+        """The reward of `answer`, after the generations it needs (self-reward's verifiers)."""
+        requests = self.reward.requests(p, answer)
+        outputs = (yield requests) if requests else []
+        return self.reward.result(p, answer, outputs)
 
-    def _samples(self, problems, prompts, results) -> list[list[int]]:
-        """Decode N samples per problem into `r.samples`; returns their token lengths."""
+    # -------------------------------------------------------------------------------------
+    def _cot(self, p: Problem, prompt: list[int], r: ProblemResult) -> Task:
+        (out,) = yield [self._answer_request(prompt)]
+        self._charge_solver(r, out)
+        text = self._decode(out.tokens)
+        r.cot_answer, r.cot_length = text, len(out.tokens)
+        r.cot_correct = self._correct(p, text)
+        r.answers = []
+        r.stop_reason = out.finish_reason
+        self._finish(p, r, text, len(out.tokens))
+
+    def _samples(
+        self, p: Problem, prompt: list[int], r: ProblemResult
+    ) -> PyGenerator[Any, Any, list[int]]:
+        """Decode N samples into `r.samples`; returns their token lengths."""
         cfg = self.cfg
-        requests = [
+        outs = yield [
             self._answer_request(
                 prompt,
                 sample=True,
@@ -223,183 +213,134 @@ class Solver:
                 top_p=cfg.top_p,
                 seed=problem_seed(cfg.seed, p.problem_id, j),
             )
-            for p, prompt in zip(problems, prompts)
             for j in range(cfg.n_samples)
         ]
-        outs = self.generator.generate(requests)
-        lengths: list[list[int]] = []
-        n = cfg.n_samples
-        for k, (p, r) in enumerate(zip(problems, results)):
-            mine = outs[k * n : (k + 1) * n]
-            for out in mine:
-                self._charge_solver(r, out)
-            r.samples = [self._decode(o.tokens) for o in mine]
-            r.cot_answer, r.cot_length = r.samples[0], len(mine[0].tokens)
-            r.cot_correct = self._correct(p, r.samples[0])
-            lengths.append([len(o.tokens) for o in mine])
-        return lengths
+        for out in outs:
+            self._charge_solver(r, out)
+        r.samples = [self._decode(o.tokens) for o in outs]
+        r.cot_answer, r.cot_length = r.samples[0], len(outs[0].tokens)
+        r.cot_correct = self._correct(p, r.samples[0])
+        return [len(o.tokens) for o in outs]
 
-    def _bon(self, problems, prompts, results) -> None:
-        lengths = self._samples(problems, prompts, results)
-        n = self.cfg.n_samples
-        flat_p = [p for p in problems for _ in range(n)]
-        scored = self.reward.score(flat_p, [a for r in results for a in r.samples])
-        for k, (p, r) in enumerate(zip(problems, results)):
-            mine = scored[k * n : (k + 1) * n]
-            for rr in mine:
-                self._charge_reward(r, rr)
-            r.sample_rewards = [rr.value for rr in mine]
-            best = select_best(r.sample_rewards)
-            r.stop_reason = "best_of_n"
-            self._finish(p, r, r.samples[best], lengths[k][best])
+    def _bon(self, p: Problem, prompt: list[int], r: ProblemResult) -> Task:
+        lengths = yield from self._samples(p, prompt, r)
+        wanted = [self.reward.requests(p, a) for a in r.samples]
+        flat = [req for reqs in wanted for req in reqs]
+        outputs = iter((yield flat) if flat else [])
+        for answer, reqs in zip(r.samples, wanted):
+            rr = self.reward.result(p, answer, [next(outputs) for _ in reqs])
+            self._charge_reward(r, rr)
+            r.sample_rewards.append(rr.value)
+        best = select_best(r.sample_rewards)
+        r.stop_reason = "best_of_n"
+        self._finish(p, r, r.samples[best], lengths[best])
 
-    def _sc(self, problems, prompts, results) -> None:
-        lengths = self._samples(problems, prompts, results)
-        for k, (p, r) in enumerate(zip(problems, results)):
-            extracted = [extract_answer(s, self.style) for s in r.samples]
-            winner = majority_vote(extracted)
-            r.stop_reason = "majority" if winner is not None else "no_answer"
-            pick = 0 if winner is None else winner
-            self._finish(p, r, r.samples[pick], lengths[k][pick])
+    def _sc(self, p: Problem, prompt: list[int], r: ProblemResult) -> Task:
+        lengths = yield from self._samples(p, prompt, r)
+        extracted = [extract_answer(s, self.style) for s in r.samples]
+        winner = majority_vote(extracted)
+        r.stop_reason = "majority" if winner is not None else "no_answer"
+        pick = 0 if winner is None else winner
+        self._finish(p, r, r.samples[pick], lengths[pick])
 
     # -------------------------------------------------------------------------------------
-    # LatentSeek: init (CoT pass, r0, who iterates), rounds (step, continue, rescore), settle.
-
-    def _latentseek(self, problems, prompts, results) -> None:
-        batch = self._latent_init(problems, prompts, results)
-        for k in range(1, self.cfg.max_iters + 1):
-            if not batch.active:
-                break
-            batch.active = self._latent_round(batch, k)
-        self._latent_settle(batch)
-
-    def _latent_init(self, problems, prompts, results) -> _LatentBatch:
-        """The CoT pass with z_t captured, the initial reward r0, and SPEC §1 steps 2-3: a problem
-        iterates unless r0 > tau, U = 0 or K = 0."""
+    def _latentseek(self, p: Problem, prompt: list[int], r: ProblemResult) -> Task:
+        """SPEC §1 for one problem: the CoT with z_t captured and its reward r0; iterate unless
+        r0 > tau, U = 0 or K = 0; then K rounds of (latent step, continuation from the new
+        prefix, reward), stopping early once the reward exceeds tau."""
         cfg = self.cfg
-        outs = self.generator.generate(
-            [
-                self._answer_request(p, capture=cfg.max_update_length, keep_prompt_state=True)
-                for p in prompts
-            ]
-        )
-        texts = [self._decode(o.tokens) for o in outs]
-        for p, r, out, text in zip(problems, results, outs, texts):
-            self._charge_solver(r, out)
-            r.cot_answer, r.cot_length = text, len(out.tokens)
-            r.cot_correct = self._correct(p, text)
-        batch = _LatentBatch(
-            problems, prompts, results, outs, [list(o.tokens) for o in outs], [], []
-        )
-        z_dtype = self.loaded.dtype if self.rules.reference else torch.float32
-        scored = self.reward.score(problems, texts)
-        for i, (r, out, rr) in enumerate(zip(results, outs, scored)):
-            self._charge_reward(r, rr)
-            r.initial_reward = rr.value
-            batch.best.append((rr.value, texts[i], len(out.tokens)))
-            u = min(int(cfg.rho * len(out.tokens)), cfg.max_update_length)
-            r.update_length = u
-            if rr.value > cfg.reward_threshold:
-                r.stop_reason = "cot_accepted"
-            elif u == 0:
-                r.stop_reason = "no_update"
-            elif cfg.max_iters == 0:
-                r.stop_reason = "max_iters"
-            else:
-                z = out.hidden[None, :u].to(z_dtype).clone().requires_grad_(True)  # [1, U, D]
-                lr = cfg.lr * (hidden_rms(z) if cfg.lr_relative else 1.0)
-                gen = None
-                if cfg.sample_update:
-                    gen = torch.Generator(device=z.device)
-                    gen.manual_seed(problem_seed(cfg.seed, problems[i].problem_id))
-                optimizer = torch.optim.Adam([z], lr=lr)
-                batch.active.append(_Latent(i, z, optimizer, out.tokens[:u], rr.value, gen))
-        return batch
-
-    def _latent_round(self, batch: _LatentBatch, k: int) -> list[_Latent]:
-        """Iteration k: a latent step per active problem, all continuations decoded together,
-        then all new answers rescored together. Returns the problems that go on."""
-        cfg = self.cfg
-        stepped: list[_Latent] = []
-        for st in batch.active:
-            with torch.enable_grad():
-                st.step = latent_step(
-                    st.z,
-                    None,
-                    torch.tensor([st.reward], device=st.z.device),
-                    self.head,
-                    st.optimizer,
-                    sample=cfg.sample_update,
-                    grad_clip=cfg.grad_clip,
-                    generator=st.generator,
-                    reference=self.rules.reference,
+        (cot,) = yield [
+            self._answer_request(prompt, capture=cfg.max_update_length, keep_prompt_state=True)
+        ]
+        self._charge_solver(r, cot)
+        text = self._decode(cot.tokens)
+        r.cot_answer, r.cot_length = text, len(cot.tokens)
+        r.cot_correct = self._correct(p, text)
+        rr = yield from self._score(p, text)
+        self._charge_reward(r, rr)
+        r.initial_reward = rr.value
+        tokens = list(cot.tokens)
+        best = (rr.value, text, len(tokens))  # (reward, text, length) of the best answer so far
+        u = min(int(cfg.rho * len(cot.tokens)), cfg.max_update_length)
+        r.update_length = u
+        if rr.value > cfg.reward_threshold:
+            r.stop_reason = "cot_accepted"
+        elif u == 0:
+            r.stop_reason = "no_update"
+        elif cfg.max_iters == 0:
+            r.stop_reason = "max_iters"
+        else:
+            z_dtype = self.loaded.dtype if self.rules.reference else torch.float32
+            z = cot.hidden[None, :u].to(z_dtype).clone().requires_grad_(True)  # [1, U, D]
+            lr = cfg.lr * (hidden_rms(z) if cfg.lr_relative else 1.0)
+            optimizer = torch.optim.Adam([z], lr=lr)
+            sampler = None
+            if cfg.sample_update:
+                sampler = torch.Generator(device=z.device)
+                sampler.manual_seed(problem_seed(cfg.seed, p.problem_id))
+            reward = rr.value
+            for k in range(1, cfg.max_iters + 1):
+                with torch.enable_grad():
+                    step = latent_step(
+                        z,
+                        None,
+                        torch.tensor([reward], device=z.device),
+                        self.head,
+                        optimizer,
+                        sample=cfg.sample_update,
+                        grad_clip=cfg.grad_clip,
+                        generator=sampler,
+                        reference=self.rules.reference,
+                    )
+                if not bool(step.finite[0]):
+                    r.stop_reason = "nan_loss"
+                    break
+                prefix = step.tokens[0].tolist()
+                (cont,) = yield [
+                    GenerationRequest(
+                        prompt,
+                        self.rules.continuation_max_new_tokens(len(prefix)),
+                        prefix_ids=prefix,
+                        prompt_state=cot.prompt_state,
+                        stop_ids=self.rules.continuation_stop_ids,
+                    )
+                ]
+                self._charge_solver(r, cont, forced=len(prefix))
+                tokens = prefix + cont.tokens
+                text = self._decode(tokens)
+                rr = yield from self._score(p, text)
+                self._charge_reward(r, rr)
+                r.iterations = k
+                r.rewards.append(rr.value)
+                r.answers.append(text)
+                r.iteration_stats.append(
+                    IterationStats(
+                        iteration=k,
+                        reward=rr.value,
+                        answer=text,
+                        correct=self._correct(p, text),
+                        tokens=len(tokens),
+                        loss=float(step.loss[0]),
+                        grad_norm=float(step.grad_norm[0]),
+                        tokens_changed=int(step.tokens_changed[0]),
+                        mean_logprob=float(step.mean_logprob[0]),
+                    )
                 )
-            if not bool(st.step.finite[0]):
-                batch.results[st.index].stop_reason = "nan_loss"
-                continue
-            st.prefix = st.step.tokens[0].tolist()
-            stepped.append(st)
-        if not stepped:
-            return []
-        conts = self.generator.generate(
-            [
-                GenerationRequest(
-                    batch.prompts[st.index],
-                    self.rules.continuation_max_new_tokens(len(st.prefix)),
-                    prefix_ids=st.prefix,
-                    prompt_state=batch.cot[st.index].prompt_state,
-                    stop_ids=self.rules.continuation_stop_ids,
-                )
-                for st in stepped
-            ]
-        )
-        texts = []
-        for st, cont in zip(stepped, conts):
-            self._charge_solver(batch.results[st.index], cont, forced=len(st.prefix))
-            batch.tokens[st.index] = st.prefix + cont.tokens
-            texts.append(self._decode(batch.tokens[st.index]))
-        scored = self.reward.score([batch.problems[st.index] for st in stepped], texts)
-        going_on: list[_Latent] = []
-        for st, text, rr in zip(stepped, texts, scored):
-            r = batch.results[st.index]
-            self._charge_reward(r, rr)
-            n_tokens = len(batch.tokens[st.index])
-            r.iterations = k
-            r.rewards.append(rr.value)
-            r.answers.append(text)
-            r.iteration_stats.append(
-                IterationStats(
-                    iteration=k,
-                    reward=rr.value,
-                    answer=text,
-                    correct=self._correct(batch.problems[st.index], text),
-                    tokens=n_tokens,
-                    loss=float(st.step.loss[0]),
-                    grad_norm=float(st.step.grad_norm[0]),
-                    tokens_changed=int(st.step.tokens_changed[0]),
-                    mean_logprob=float(st.step.mean_logprob[0]),
-                )
-            )
-            if rr.value > batch.best[st.index][0]:
-                batch.best[st.index] = (rr.value, text, n_tokens)
-            st.reward = rr.value
-            if rr.value > cfg.reward_threshold:
-                r.stop_reason = "threshold"
-            elif k == cfg.max_iters:
-                r.stop_reason = "max_iters"
-            else:
-                going_on.append(st)
-        return going_on
-
-    def _latent_settle(self, batch: _LatentBatch) -> None:
-        """The returned answer: the last one (reference), or the best-rewarded (`return_best`)."""
-        for i, (p, r) in enumerate(zip(batch.problems, batch.results)):
-            if self.cfg.return_best:
-                _, text, length = batch.best[i]
-            else:
-                text = r.answers[-1] if r.answers else r.cot_answer
-                length = len(batch.tokens[i])
-            self._finish(p, r, text, length)
+                if rr.value > best[0]:
+                    best = (rr.value, text, len(tokens))
+                reward = rr.value
+                if rr.value > cfg.reward_threshold:
+                    r.stop_reason = "threshold"
+                    break
+                if k == cfg.max_iters:
+                    r.stop_reason = "max_iters"
+        # The returned answer: the last one (reference), or the best-rewarded (`return_best`).
+        if cfg.return_best:
+            _, text, length = best
+        else:
+            text = r.answers[-1] if r.answers else r.cot_answer
+            length = len(tokens)
+        self._finish(p, r, text, length)
 
 
 def select_best(rewards: Sequence[float]) -> int:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.data import Problem
-from pipeline.generation import GenerationRequest, Generator
+from pipeline.generation import GenerationRequest, GenerationResult, Generator
 from pipeline.grading import Grade, extract_answer, is_equivalent
 from pipeline.prompts import VerifierSet, render_chat
 
@@ -44,12 +44,32 @@ class RewardResult:
 
 
 class Reward:
-    """Scores answers; `needs_model` says whether it spends solver-model compute."""
+    """Scores answers. A reward that spends solver-model compute (self-reward) says which
+    generations it needs (`requests`) and reads its value from their results (`result`), so
+    that the caller decides how they are batched; `score` does both for a batch at once."""
 
     name = "reward"
+    generator: Generator | None = None
+
+    def requests(self, problem: Problem, answer: str) -> list[GenerationRequest]:
+        """The generations this reward needs to score `answer` (none for model-free rewards)."""
+        return []
+
+    def result(
+        self, problem: Problem, answer: str, outputs: Sequence[GenerationResult]
+    ) -> RewardResult:
+        """The reward of `answer`, given the results of `requests(problem, answer)`."""
+        raise NotImplementedError
 
     def score(self, problems: Sequence[Problem], answers: Sequence[str]) -> list[RewardResult]:
-        raise NotImplementedError
+        """Score a batch: every request of every answer decoded together in one batch."""
+        wanted = [self.requests(p, a) for p, a in zip(problems, answers)]
+        flat = [r for rs in wanted for r in rs]
+        outputs = iter(self.generator.generate(flat) if flat else [])
+        return [
+            self.result(p, a, [next(outputs) for _ in rs])
+            for p, a, rs in zip(problems, answers, wanted)
+        ]
 
 
 def has_format(answer: str, style: str) -> bool:
@@ -89,39 +109,33 @@ class SelfReward(Reward):
         self.style = style
         self.format_rule = format_rule
 
-    def score(self, problems: Sequence[Problem], answers: Sequence[str]) -> list[RewardResult]:
+    def requests(self, problem: Problem, answer: str) -> list[GenerationRequest]:
         tok = self.generator.tokenizer
-        requests = [
+        return [
             GenerationRequest(
-                prompt_ids=render_chat(tok, v.messages(p.question, a)),
+                prompt_ids=render_chat(tok, v.messages(problem.question, answer)),
                 max_new_tokens=self.max_new_tokens,
             )
-            for p, a in zip(problems, answers)
             for v in self.verifiers.verifiers
         ]
-        outputs = self.generator.generate(requests)
-        n_v = len(self.verifiers.verifiers)
+
+    def result(
+        self, problem: Problem, answer: str, outputs: Sequence[GenerationResult]
+    ) -> RewardResult:
+        tok = self.generator.tokenizer
+        texts = [tok.decode(o.tokens, skip_special_tokens=True) for o in outputs]
+        verdicts = [self.verifiers.parse_verdict(t) for t in texts]
         weights = [v.weight for v in self.verifiers.verifiers]
-        results = []
-        for j, answer in enumerate(answers):
-            outs = outputs[j * n_v : (j + 1) * n_v]
-            texts = [tok.decode(o.tokens, skip_special_tokens=True) for o in outs]
-            verdicts = [self.verifiers.parse_verdict(t) for t in texts]
-            format_ok = not self.format_rule or has_format(answer, self.style)
-            results.append(
-                RewardResult(
-                    value=combine_verdicts(
-                        verdicts, weights, format_ok, self.verifiers.format_penalty
-                    ),
-                    verdicts={v.name: d for v, d in zip(self.verifiers.verifiers, verdicts)},
-                    unparsed=sum(d is None for d in verdicts),
-                    prompt_tokens=sum(o.prompt_tokens for o in outs),
-                    generated_tokens=sum(len(o.tokens) for o in outs),
-                    token_passes=sum(o.token_passes for o in outs),
-                    forward_calls=max((o.forward_calls for o in outs), default=0),
-                )
-            )
-        return results
+        format_ok = not self.format_rule or has_format(answer, self.style)
+        return RewardResult(
+            value=combine_verdicts(verdicts, weights, format_ok, self.verifiers.format_penalty),
+            verdicts={v.name: d for v, d in zip(self.verifiers.verifiers, verdicts)},
+            unparsed=sum(d is None for d in verdicts),
+            prompt_tokens=sum(o.prompt_tokens for o in outputs),
+            generated_tokens=sum(len(o.tokens) for o in outputs),
+            token_passes=sum(o.token_passes for o in outputs),
+            forward_calls=max((o.forward_calls for o in outputs), default=0),
+        )
 
 
 class PsrmReward(Reward):
@@ -138,10 +152,10 @@ class PsrmReward(Reward):
             return self.grader(problem, answer).correct
         return is_equivalent(extract_answer(answer, self.style), problem.gold)
 
-    def score(self, problems: Sequence[Problem], answers: Sequence[str]) -> list[RewardResult]:
-        return [
-            RewardResult(0.0 if self._correct(p, a) else -1.0) for p, a in zip(problems, answers)
-        ]
+    def result(
+        self, problem: Problem, answer: str, outputs: Sequence[GenerationResult] = ()
+    ) -> RewardResult:
+        return RewardResult(0.0 if self._correct(problem, answer) else -1.0)
 
 
 class CallableReward(Reward):
@@ -149,14 +163,13 @@ class CallableReward(Reward):
         self.fn = fn
         self.name = name
 
-    def score(self, problems: Sequence[Problem], answers: Sequence[str]) -> list[RewardResult]:
-        out = []
-        for p, a in zip(problems, answers):
-            value = float(self.fn(p, a))
-            if not math.isfinite(value):
-                raise ValueError(f"reward {self.name} returned {value} for {p.problem_id}")
-            out.append(RewardResult(value))
-        return out
+    def result(
+        self, problem: Problem, answer: str, outputs: Sequence[GenerationResult] = ()
+    ) -> RewardResult:
+        value = float(self.fn(problem, answer))
+        if not math.isfinite(value):
+            raise ValueError(f"reward {self.name} returned {value} for {problem.problem_id}")
+        return RewardResult(value)
 
 
 def import_callable(path: str) -> Callable[..., Any]:

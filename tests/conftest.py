@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import pytest
 import torch
@@ -139,15 +140,12 @@ class ScriptedReward(Reward):
         self.calls: dict[str, int] = defaultdict(int)
         self.seen: dict[str, list[str]] = defaultdict(list)  # answers scored, per problem
 
-    def score(self, problems: Sequence[Problem], answers: Sequence[str]) -> list[RewardResult]:
-        out = []
-        for p, a in zip(problems, answers):
-            values = self.script(p) if callable(self.script) else self.script
-            n = self.calls[p.problem_id]
-            self.calls[p.problem_id] += 1
-            self.seen[p.problem_id].append(a)
-            out.append(RewardResult(float(values[min(n, len(values) - 1)])))
-        return out
+    def result(self, problem: Problem, answer: str, outputs: Sequence[Any] = ()) -> RewardResult:
+        values = self.script(problem) if callable(self.script) else self.script
+        n = self.calls[problem.problem_id]
+        self.calls[problem.problem_id] += 1
+        self.seen[problem.problem_id].append(answer)
+        return RewardResult(float(values[min(n, len(values) - 1)]))
 
 
 def problem(question: str = "What is 1+1?", gold: str = "2", pid: str = "p0") -> Problem:

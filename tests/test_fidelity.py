@@ -12,8 +12,9 @@ Rewards: PSRM (every answer of a 135M model is wrong within a few dozen tokens, 
 the whole loop runs), and a deterministic reward of the answer text that crosses tau on some
 iterations, so the threshold path (stop at iteration k < K, and r0 > tau) is compared too.
 
-Batch size > 1 must give the same outputs as batch size 1 in compat=reference (padding changes
-matrix shapes, so this is measured on real problems, not assumed).
+Batch size > 1 must give the same outputs as batch size 1 in compat=reference, and continuous
+batching the same as static batching in both modes (padding and batch composition change matrix
+shapes, so this is measured on real problems, not assumed).
 
 Cost on a 2-core CPU: the naive loop runs ~0.1-0.5 s per token; the default tests take ~3 min;
 the slow variant (the setting SPEC §6 names: 5 problems, K 3, 128 tokens) ~25 min.
@@ -132,6 +133,22 @@ def test_reference_mode_batch_equals_batch_size_1(
     batched = solver.run("latentseek", problems)
     differ = [a.problem_id for a, b in zip(reference_mode_b1, batched) if not same_outputs(a, b)]
     assert differ == [], f"batch size 3 differs from batch size 1 on {differ}"
+
+
+@pytest.mark.parametrize("compat", ["none", "reference"])
+def test_continuous_batching_equals_static_batching(
+    make_solver, embedded_cfg, problems, reference_mode_b1, compat
+):
+    # Continuous batching with 2 rows for 3 problems: the third problem's CoT joins the batch
+    # while the others are mid-answer, and continuations join as rows free up.
+    static = make_solver(engine_cfg(embedded_cfg, compat, batching="static"))
+    continuous = make_solver(engine_cfg(embedded_cfg, compat, batching="continuous", batch_size=2))
+    a, b = static.run("latentseek", problems), continuous.run("latentseek", problems)
+    assert all(r.iterations == SETTINGS["max_iters"] for r in a)  # the whole loop is compared
+    differ = [x.problem_id for x, y in zip(a, b) if not same_outputs(x, y)]
+    assert differ == [], f"continuous batching differs from static batching on {differ}"
+    if compat == "reference":
+        assert [x.problem_id for x, y in zip(reference_mode_b1, b) if not same_outputs(x, y)] == []
 
 
 @pytest.mark.slow

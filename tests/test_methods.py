@@ -17,7 +17,7 @@ import torch
 from conftest import ScriptedReward, problem, tiny_loaded
 
 from pipeline.config import Config
-from pipeline.generation import GenerationRequest, GenerationResult
+from pipeline.generation import DecodeBatch, GenerationRequest, GenerationResult, Row
 from pipeline.methods import Solver, majority_vote, problem_seed, select_best
 from pipeline.prompts import render_chat
 
@@ -216,6 +216,14 @@ class ScriptedSampler:
             GenerationResult(self.tokenizer.encode(self.by_seed[req.seed]), "eos")
             for req in requests
         ]
+
+    def open(self, requests, handles=None):  # continuous batching: every row is done at once
+        handles = range(len(requests)) if handles is None else handles
+        done = [
+            Row(h, q, out, frozenset())
+            for h, q, out in zip(handles, requests, self.generate(requests))
+        ]
+        return DecodeBatch.empty(self), done
 
 
 def test_self_consistency_returns_the_majority_answer():
