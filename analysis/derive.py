@@ -16,29 +16,48 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from analysis.report import latent_curve, sample_curve
-from analysis.tables import summary_table
+from analysis.tables import iteration_curves, summary_table
 from pipeline.records import read_records
 
 
-def derived_metrics(run_dir: Path | str, cfg: Any, derived: dict[str, int]) -> dict[str, float]:
-    """`<method>/<metric>` for the run at `run_dir` as if it had run with `derived`
-    (`{"max_iters": k}` and/or `{"n_samples": n}`), for the metrics a run logs that depend on
-    them: final_accuracy, mean_final_reward, mean_iterations, tokens_per_problem,
-    flops_per_problem; the rest (cot_accuracy, problems, failures ...) are the run's own."""
+def derived_metrics(
+    run_dir: Path | str, cfg: Any, derived: dict[str, int]
+) -> dict[str, dict[str, float]]:
+    """method -> {metric: value} for the run at `run_dir` as if it had run with `derived`
+    (`{"max_iters": k}` and/or `{"n_samples": n}`), under the names an executed run logs for
+    each method. Those that depend on them are derived: final_accuracy, mean_final_reward,
+    mean_iterations, tokens_per_problem, flops_per_problem; the rest (cot_accuracy, problems,
+    failures ...) are the run's own."""
     problems, iterations = read_records(run_dir)
-    out: dict[str, float] = {}
+    out: dict[str, dict[str, float]] = {}
     summary = summary_table(problems)
     for row in summary.to_dict("records"):
         method = row["method"]
-        for key in ("problems", "failures", "cot_accuracy", "mean_initial_reward"):
-            if key in row and row[key] is not None and np.isfinite(row[key]):
-                out[f"{method}/{key}"] = float(row[key])
+        values = {
+            key: float(row[key])
+            for key in ("problems", "failures", "cot_accuracy", "mean_initial_reward")
+            if key in row and row[key] is not None and np.isfinite(row[key])
+        }
         g = problems[problems["method"] == method].reset_index(drop=True)
-        values = _derive_method(method, g, iterations, cfg, derived, row)
-        out.update({f"{method}/{k}": float(v) for k, v in values.items() if np.isfinite(v)})
+        derived_values = _derive_method(method, g, iterations, cfg, derived, row)
+        values.update({k: float(v) for k, v in derived_values.items() if np.isfinite(v)})
+        out[method] = values
     return out
+
+
+def derived_curves(run_dir: Path | str, derived: dict[str, int]) -> pd.DataFrame:
+    """The scaling curve and reward trajectory (`analysis.tables.iteration_curves`) of the run at
+    `run_dir` as if it had run with `derived`: k = 0..`max_iters` (the executed run's curve up to
+    there, read the same way). BoN / SC rows are left out when `n_samples` is derived: their
+    recorded curve is the N-sample run's."""
+    problems, iterations = read_records(run_dir)
+    curves = iteration_curves(problems, iterations, derived.get("max_iters"))
+    if "n_samples" in derived:
+        curves = curves[~curves["method"].isin(["bon", "sc"])].reset_index(drop=True)
+    return curves
 
 
 def _derive_method(method, g, iterations, cfg, derived, row) -> dict[str, float]:

@@ -5,8 +5,8 @@ the engine, so it works on a run directory copied from a cluster or downloaded f
 
 Conventions:
 - One name per metric: the columns of `summary_table` are the names used everywhere else:
-  summary.csv, the table `latentseek run` prints, and MLflow, which logs each numeric column as
-  `<method>/<column>` (`latentseek/mean_final_reward`).
+  summary.csv, the table `latentseek run` prints, and MLflow, which logs each numeric column
+  under the same name in the method's own run (`mean_final_reward`).
 - A failed problem (`error != ""`) stays in the denominator and counts as incorrect.
 - `accuracy_by_iteration` at budget k: a problem that ran more than k latent iterations is
   scored by its answer at iteration k; one that ran at most k is scored by the answer it
@@ -40,6 +40,7 @@ SUMMARY_COLUMNS = [
     "problems_per_hour",
 ]
 CURVE_COLUMNS = ["method", "iteration", "accuracy"]
+REWARD_CURVE_COLUMNS = ["method", "iteration", "mean_reward"]
 
 
 def load_run(run_dir: Path | str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -114,6 +115,47 @@ def accuracy_by_iteration(
             rows.append({"method": method, "iteration": k, "accuracy": float(acc)})
     return pd.DataFrame(rows, columns=CURVE_COLUMNS).sort_values(
         ["method", "iteration"], kind="stable", ignore_index=True
+    )
+
+
+def reward_by_iteration(
+    problems: pd.DataFrame, iterations: pd.DataFrame, max_k: int | None = None
+) -> pd.DataFrame:
+    """The reward trajectory: mean reward per method if every problem stopped by k.
+
+    The same k and carry-forward rule as `accuracy_by_iteration`: a problem that ran more than
+    k iterations has the reward of its iteration-k answer (iteration 0: `initial_reward`), one
+    that ran at most k the reward of the answer it returned (the last of `rewards`, else
+    `initial_reward`). Problems without a reward are left out (NaN where none has one, e.g.
+    CoT). Columns: method, iteration, mean_reward.
+    """
+    if problems.empty:
+        return pd.DataFrame(columns=REWARD_CURVE_COLUMNS)
+    top = int(problems["iterations"].max()) if max_k is None else int(max_k)
+    key = ["problem_id", "method"]
+    base = problems[[*key, "iterations"]].reset_index(drop=True)
+    base["final"] = problems.apply(_final_reward, axis=1).to_numpy(dtype=float)
+    steps = iterations.loc[iterations["iteration"] <= top, [*key, "iteration", "reward"]]
+    rows = []
+    for k in range(top + 1):
+        step = steps[steps["iteration"] == k].drop_duplicates(key, keep="last")
+        at_k = base.merge(step[[*key, "reward"]], on=key, how="left")  # keeps base's order
+        stepped = pd.to_numeric(at_k["reward"], errors="coerce").astype(float)
+        reward = stepped.where(at_k["iterations"] > k, at_k["final"])
+        for method, mean in reward.groupby(at_k["method"], sort=False).mean().items():
+            rows.append({"method": method, "iteration": k, "mean_reward": float(mean)})
+    return pd.DataFrame(rows, columns=REWARD_CURVE_COLUMNS).sort_values(
+        ["method", "iteration"], kind="stable", ignore_index=True
+    )
+
+
+def iteration_curves(
+    problems: pd.DataFrame, iterations: pd.DataFrame, max_k: int | None = None
+) -> pd.DataFrame:
+    """`accuracy_by_iteration` and `reward_by_iteration` side by side: method, iteration,
+    accuracy, mean_reward (what MLflow logs per method with step = k)."""
+    return accuracy_by_iteration(problems, iterations, max_k).merge(
+        reward_by_iteration(problems, iterations, max_k), on=["method", "iteration"], how="left"
     )
 
 

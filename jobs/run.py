@@ -227,16 +227,24 @@ def start_ray(cfg: Config) -> None:
         )
 
 
-def start_workers(cfg: Config) -> tuple[list[Any], list[dict[str, Any]]]:
+def start_workers(
+    cfg: Config, start_worker: Callable[[Config], Any] | None = None
+) -> tuple[list[Any], list[dict[str, Any]]]:
     """`cfg.workers` actors with their models loaded, and their `info()`; a worker that cannot
-    start (its constructor raised, or its process died) stops the run with one line."""
+    start (its constructor raised, or its process died) stops the run with one line.
+
+    `start_worker(cfg)` starts one actor and returns its handle; by default an `EvalWorker`
+    (`make_worker_class`). Another actor with EvalWorker's `info` and `run` may stand in for it
+    (`jobs.simulate`: the driver at cluster scale without models)."""
     import ray
     from ray.exceptions import RayActorError
 
     from pipeline.workers import make_worker_class
 
-    worker_cls = make_worker_class(cfg)
-    workers = [worker_cls.remote(cfg) for _ in range(cfg.workers)]
+    if start_worker is None:
+        worker_cls = make_worker_class(cfg)
+        start_worker = worker_cls.remote
+    workers = [start_worker(cfg) for _ in range(cfg.workers)]
     try:
         infos = ray.get([w.info.remote() for w in workers])
     except RayActorError as exc:
@@ -257,6 +265,21 @@ MODEL_KEYS = (
     "threads", "workers", "cpus_per_worker", "gpus_per_worker", "max_worker_restarts",
     "ray_address",
 )  # fmt: skip
+
+
+def row_memory(cfg: Config, infos: Sequence[dict[str, Any]]) -> str:
+    """One line: the KV cache a worker holds for `batch_size` rows of the longest answer (a
+    512-token prompt assumed), and per problem waiting in a task (its cached prompt)."""
+    per_token = max((int(i.get("kv_bytes_per_token", 0)) for i in infos), default=0)
+    if not per_token:
+        return ""
+    row = per_token * (512 + cfg.max_new_tokens + 1)
+    return (
+        f"KV cache: {per_token / 1024:.0f} KiB per token; a row of a 512-token prompt and "
+        f"{cfg.max_new_tokens} new tokens {row / 2**20:.0f} MiB; batch_size={cfg.batch_size} "
+        f"rows {cfg.batch_size * row / 2**30:.2f} GiB per worker, plus each cached prompt of a "
+        f"task's {cfg.problems_per_task} problems"
+    )
 
 
 class WorkerPool:
@@ -305,11 +328,14 @@ def run_evaluation(
     argv: Sequence[str] | None = None,
     pool: WorkerPool | None = None,
     tags: dict[str, str] | None = None,
+    start_worker: Callable[[Config], Any] | None = None,
 ) -> RunSummary:
     """Run (or resume) the evaluation described by `cfg`. `on_batch` is called after every
     recorded batch with the scheduler's state (tests use it to inject faults); `argv` is the
     command line, kept in invocations.jsonl; `pool` keeps the workers for the caller's next
-    evaluation (a sweep) instead of stopping them; `tags` go to the MLflow run."""
+    evaluation (a sweep) instead of stopping them; `tags` go to the MLflow run;
+    `start_worker` starts each worker instead of `EvalWorker` (`start_workers`; not with
+    `pool`, which starts its own)."""
     from pipeline import tracking
     from pipeline.model import check_model_source, prepare_model
 
@@ -333,7 +359,12 @@ def run_evaluation(
         check_model_source(cfg)
         prepare_model(cfg)
         start_ray(cfg)
-        workers, infos = pool.acquire(cfg) if pool is not None else start_workers(cfg)
+        if pool is not None:
+            workers, infos = pool.acquire(cfg)
+        else:
+            workers, infos = start_workers(cfg, start_worker)
+        if memory := row_memory(cfg, infos):
+            log(memory)
         try:
             _open_run(cfg, directory, argv, skipped)
             mlflow_run = tracking.start_run(
@@ -400,7 +431,10 @@ def _run_batches(
 
     batches = []
     for method in cfg.method:
-        batches += [b for b in make_batches(todo[method], [method], cfg.batch_size) if b.problems]
+        size = cfg.problems_per_task
+        if not cfg.task_size:  # small runs: at least one task per worker, when there are enough
+            size = min(size, max(cfg.batch_size, math.ceil(len(todo[method]) / cfg.workers)))
+        batches += [b for b in make_batches(todo[method], [method], size) if b.problems]
     order = {p.problem_id: i for i, p in enumerate(problems)}
     batches.sort(key=lambda b: order[b.problems[0].problem_id])  # stable: methods interleave
     for i, b in enumerate(batches):
@@ -478,8 +512,11 @@ def _finish(
     start: float,
     tags: dict[str, str] | None = None,
 ) -> RunSummary:
-    """Compact the records, write the summary files, log the run to MLflow."""
-    from analysis.tables import accuracy_by_iteration, summary_table, write_summary
+    """Compact the records, write the summary files and the report, log the run to MLflow
+    (the report's Table 1 also as an MLflow table)."""
+    import pandas as pd
+
+    from analysis.tables import CURVE_COLUMNS, iteration_curves, summary_table, write_summary
     from pipeline import tracking
 
     store.compact()
@@ -487,9 +524,12 @@ def _finish(
     problems, iterations = store.read_problems(), store.read_iterations()
     selected = problems[problems["problem_id"].isin(ids)]
     table = summary_table(selected)
-    curve = accuracy_by_iteration(selected, iterations[iterations["problem_id"].isin(ids)])
+    curves = iteration_curves(selected, iterations[iterations["problem_id"].isin(ids)])
+    curve = curves[CURVE_COLUMNS]  # accuracy_by_iteration; curves adds the mean reward
     files = write_summary(directory, table, curve)
     files += _report(directory)
+    table_csv = directory / "report" / "table.csv"
+    tables = {"report/table.json": pd.read_csv(table_csv)} if table_csv.is_file() else {}
     wall = time.perf_counter() - start
     per_hour = 3600.0 * counts.recorded / wall if counts.recorded else 0.0
     failures = int((selected["error"] != "").sum())
@@ -497,7 +537,7 @@ def _finish(
         cfg,
         directory,
         table,
-        curve,
+        curves,
         {"name": dataset.name, "digest": dataset.digest, "source": dataset.source},
         files=files,
         extra_metrics={
@@ -506,6 +546,7 @@ def _finish(
             "worker_failures": float(counts.worker_failures),
         },
         tags={"run_dir": str(directory.resolve()), **(tags or {})},
+        tables=tables,
     )
     return RunSummary(
         run_dir=directory,

@@ -2,7 +2,8 @@
 
 Runs the sweep's executed points one after another with `jobs.run.run_evaluation`, into
 `<output_dir>/<sweep name>/<point run_id>/`, all logged to one MLflow store: a parent run named
-after the sweep with one nested run per point (`mlflow.parentRunId`), executed and derived alike.
+after the sweep with one nested run per point (`mlflow.parentRunId`), executed and derived alike,
+named after the values that vary (`lr=0.01 max_iters=4`), each with a nested run per method.
 Ray workers and their loaded model are kept from one point to the next while the points load the
 same model (`jobs.run.MODEL_KEYS`); the next point's settings travel with its batches.
 
@@ -50,7 +51,9 @@ def run_sweep(
     reuse_workers: bool = True,
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
 ) -> SweepSummary:
-    from analysis.derive import derived_metrics
+    import pandas as pd
+
+    from analysis.derive import derived_curves, derived_metrics
     from analysis.report import write_report
     from jobs.run import WorkerPool, run_evaluation
     from pipeline import tracking
@@ -91,8 +94,9 @@ def run_sweep(
         if not p.executed:
             source = sweep_dir / p.derived_from
             metrics = derived_metrics(source, p.cfg, p.derived)
+            curves = derived_curves(source, p.derived)
             tags = {**_tags(spec.name, parent, p), "latentseek.derived_from": p.derived_from}
-            tracking.log_derived_run(p.cfg, parent, metrics, tags)
+            tracking.log_derived_run(p.cfg, parent, metrics, tags, curves)
             done.add(p.run_id)
     _write_manifest(sweep_dir, spec.name, points, seconds, done)
     report = write_report(sweep_dir, sweep_dir / "report")
@@ -100,8 +104,9 @@ def run_sweep(
     wall = time.perf_counter() - start
     starts = pool.starts if pool is not None else len([s for s in seconds if seconds[s] > 0])
     tracking.close_sweep_run(
-        points[0].cfg, parent, files, {"sweep_wall_seconds": wall, "worker_starts": starts}
-    )
+        points[0].cfg, parent, files, {"sweep_wall_seconds": wall, "worker_starts": starts},
+        tables={"report/table.json": pd.read_csv(report.table_csv)},
+    )  # fmt: skip
     return SweepSummary(sweep_dir, points, seconds, starts, parent, uri, files, wall)
 
 
@@ -111,13 +116,20 @@ def _placed(p: SweepPoint, sweep_dir: Path, uri: str) -> SweepPoint:
 
 
 def _tags(sweep: str, parent: str, p: SweepPoint) -> dict[str, str]:
-    from pipeline.tracking import PARENT_TAG
+    """The point's MLflow tags: nested under the sweep's run, named after what varies."""
+    from pipeline.tracking import PARENT_TAG, RUN_NAME_TAG
 
     return {
         PARENT_TAG: parent,
+        RUN_NAME_TAG: point_label(p),
         "latentseek.sweep_name": sweep,
         **{f"sweep.{k}": _text(v) for k, v in p.varied.items()},
     }
+
+
+def point_label(p: SweepPoint) -> str:
+    """The values that make a point, `lr=0.01 max_iters=4` (its run_id if nothing varies)."""
+    return " ".join(f"{k}={_text(v)}" for k, v in p.varied.items()) or p.run_id
 
 
 def _text(value: Any) -> str:

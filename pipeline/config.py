@@ -135,7 +135,8 @@ class Config:
     )
     task_size: int = _f(
         0,
-        "problems sent to a worker at once; 0: batch_size (static) or 4 x batch_size (continuous)",
+        "problems sent to a worker at once; 0: batch_size (static) or 4 x batch_size "
+        "(continuous; fewer, down to batch_size, so that every worker gets a task)",
     )
     workers: int = _f(1, "Ray workers; each loads the model once")
     cpus_per_worker: int = _f(1, "CPU threads per worker when there is no GPU")
@@ -223,9 +224,9 @@ class Config:
 # Loading: defaults <- YAML (with include:) <- key=value overrides
 
 
-def _field_types() -> dict[str, Any]:
-    hints = typing.get_type_hints(Config)
-    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+def _field_types(cls: type = Config) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
 def _type_name(tp: Any) -> str:
@@ -317,33 +318,48 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             if types_[key] is str and val is None:
                 val = ""
             values[key] = val
-    for item in overrides or []:
+    values.update(parse_overrides(Config, overrides or []))
+    return Config(**values)
+
+
+def parse_overrides(cls: type, items: list[str]) -> dict[str, Any]:
+    """`key=value` items as the typed values of dataclass `cls`'s fields (the command-line
+    parser of `Config`, reused by other dataclasses of settings, e.g. `jobs.bench`)."""
+    types_ = _field_types(cls)
+    values: dict[str, Any] = {}
+    for item in items:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
         key, raw = item.split("=", 1)
         key = key.strip()
         if key not in types_:
-            raise ConfigError(f"unknown key {key!r}; {_suggest(key)}")
+            raise ConfigError(f"unknown key {key!r}; {_suggest(key, list(types_))}")
         values[key] = _coerce(key, raw, types_[key])
-    return Config(**values)
+    return values
 
 
-def _suggest(key: str) -> str:
+def check_types(obj: Any) -> None:
+    """Raise `ConfigError` if a field of dataclass `obj` does not hold a value of its type."""
+    for name, tp in _field_types(type(obj)).items():
+        _check_type(name, getattr(obj, name), tp)
+
+
+def _suggest(key: str, names: list[str] | None = None) -> str:
     import difflib
 
-    names = list(_field_types())
+    names = names or list(_field_types())
     close = difflib.get_close_matches(key, names, n=3)
     if close:
         return f"did you mean {', '.join(close)}? (`latentseek config --keys` lists all)"
     return "allowed keys: " + ", ".join(names)
 
 
-def describe_keys() -> str:
-    """One line per key: name, type, default, help (for `--help-keys` and the README)."""
+def describe_keys(cls: type = Config) -> str:
+    """One line per key of `cls`: name, type, default, help (`latentseek config --keys`)."""
     lines = []
-    defaults = Config()
-    for f in dataclasses.fields(Config):
-        tp = _field_types()[f.name]
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        tp = _field_types(cls)[f.name]
         lines.append(
             f"{f.name:24s} {_type_name(tp):28s} default {json.dumps(getattr(defaults, f.name))}\n"
             f"{'':24s} {f.metadata['help']}"

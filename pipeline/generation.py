@@ -83,6 +83,17 @@ def head_logits(lm_head: Any, hidden: torch.Tensor) -> torch.Tensor:
     return lm_head(hidden.to(lm_head.weight.dtype))
 
 
+def kv_bytes_per_token(model: Any) -> int:
+    """Bytes of KV cache one token of one row holds: layers x 2 x KV heads x head dim x the
+    weights' element size (a row of T tokens holds T times this, prompt included)."""
+    cfg = model.config
+    layers = int(cfg.num_hidden_layers)
+    heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    element = next(model.parameters()).element_size()
+    return layers * 2 * heads * head_dim * element
+
+
 def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
     ids: set[int] = set()
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import ActorUnavailableError, ObjectLostError, RayActorError
 
 from pipeline.data import Problem
 from pipeline.results import ProblemResult
@@ -135,6 +135,8 @@ class EvalWorker:
         self.settings = cfg
 
     def info(self) -> dict[str, Any]:
+        from pipeline.generation import kv_bytes_per_token
+
         loaded = self.solver.loaded if self.solver is not None else None
         return {
             "name": self.name,
@@ -144,6 +146,7 @@ class EvalWorker:
             "model": loaded.name if loaded else "",
             "device": str(loaded.device) if loaded else "",
             "load_seconds": loaded.load_seconds if loaded else 0.0,
+            "kv_bytes_per_token": kv_bytes_per_token(loaded.model) if loaded else 0,
         }
 
     def run(
@@ -300,7 +303,7 @@ class Scheduler:
             worker, batch = in_flight.pop(ref)
             try:
                 name, outcomes = ray.get(ref)
-            except RayActorError as exc:
+            except (RayActorError, ObjectLostError) as exc:  # lost: its node died before we read it
                 self.worker_failures += 1
                 self.queue.appendleft(batch)  # nothing of it was recorded: run it again
                 if self.on_worker_lost:

@@ -67,13 +67,14 @@ def local_ray():
     ray.shutdown()
 
 
-def _children(uri: str, parent: str) -> dict[str, dict]:
+def _children(uri: str, parent: str) -> dict:
+    """name -> the runs nested under `parent`."""
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs(
         [client.get_run(parent).info.experiment_id],
         filter_string=f"tags.`mlflow.parentRunId` = '{parent}'",
     )
-    return {r.info.run_name: r.data.metrics for r in runs}
+    return {r.info.run_name: r for r in runs}
 
 
 def test_sweep_runs_derives_and_resumes(tmp_path, local_ray):
@@ -89,8 +90,30 @@ def test_sweep_runs_derives_and_resumes(tmp_path, local_ray):
         problems = RecordStore(sweep_dir / run_id).read_problems()
         assert sorted(problems["problem_id"]) == ["gsm8k-0", "gsm8k-1"]
 
+    # MLflow: the sweep's run, a run per point named after what varies (executed and derived
+    # alike), and under each a run per method with the metric names of any other run.
     children = _children(first.tracking_uri, first.mlflow_run_id)
-    assert sorted(children) == sorted(p.run_id for p in first.points)
+    names = [
+        "lr=0.01 max_iters=1",
+        "lr=0.01 max_iters=2",
+        "lr=0.2 max_iters=1",
+        "lr=0.2 max_iters=2",
+    ]
+    assert sorted(children) == names
+    assert sorted(r.data.tags["latentseek.run_id"] for r in children.values()) == sorted(
+        p.run_id for p in first.points
+    )
+    methods = {n: _children(first.tracking_uri, r.info.run_id) for n, r in children.items()}
+    assert all(list(m) == [f"{n} · latentseek"] for n, m in methods.items())
+    point_metrics = {n: m[f"{n} · latentseek"].data.metrics for n, m in methods.items()}
+    # the same names everywhere; a derived point leaves out the timings it cannot know
+    executed_names = set(point_metrics["lr=0.2 max_iters=2"])
+    assert set(point_metrics["lr=0.01 max_iters=2"]) == executed_names
+    derived_names = set(point_metrics["lr=0.2 max_iters=1"])
+    assert executed_names - derived_names == {"mean_wall_seconds", "problems_per_hour"}
+    assert {"final_accuracy", "accuracy_at_iteration", "mean_reward_at_iteration"} <= set(
+        point_metrics["lr=0.2 max_iters=1"]
+    )
     # A derived point's metrics are the records of its executed point read at K = 1: the
     # iteration-1 answer of each problem that iterated, the final answer of one that did not.
     problems, iterations = read_records(sweep_dir / "tiny-lr_0.2-max_iters_2")
@@ -99,11 +122,15 @@ def test_sweep_runs_derives_and_resumes(tmp_path, local_ray):
         bool(at_1[pid]) if pid in at_1.index else bool(final)
         for pid, final in zip(problems["problem_id"], problems["final_correct"])
     ]
-    derived = children["tiny-lr_0.2-max_iters_1"]
-    assert derived["latentseek/final_accuracy"] == pytest.approx(sum(expected) / len(expected))
-    assert derived["latentseek/mean_iterations"] == pytest.approx(
-        problems["iterations"].clip(upper=1).mean()
-    )
+    derived = point_metrics["lr=0.2 max_iters=1"]
+    assert derived["final_accuracy"] == pytest.approx(sum(expected) / len(expected))
+    assert derived["mean_iterations"] == pytest.approx(problems["iterations"].clip(upper=1).mean())
+    # its curve is the executed point's up to k = 1 (step = k), ending at its final accuracy
+    client = MlflowClient(first.tracking_uri)
+    derived_run = methods["lr=0.2 max_iters=1"]["lr=0.2 max_iters=1 · latentseek"]
+    curve = client.get_metric_history(derived_run.info.run_id, "accuracy_at_iteration")
+    assert sorted(m.step for m in curve) == [0, 1]
+    assert max(curve, key=lambda m: m.step).value == pytest.approx(derived["final_accuracy"])
     assert (sweep_dir / "report" / "report.md").is_file()
 
     # Re-running the same sweep redoes nothing: no new records, no new MLflow runs.
@@ -115,3 +142,5 @@ def test_sweep_runs_derives_and_resumes(tmp_path, local_ray):
     assert len(read_invocations(sweep_dir / "tiny-lr_0.01-max_iters_2")) == 2
     assert again.mlflow_run_id == first.mlflow_run_id
     assert sorted(_children(again.tracking_uri, again.mlflow_run_id)) == sorted(children)
+    experiment = client.get_run(first.mlflow_run_id).info.experiment_id
+    assert len(client.search_runs([experiment])) == 1 + 4 + 4  # sweep, points, method runs

@@ -5,6 +5,7 @@ Nothing is mocked: each test logs a small hand-built run and reads it back with 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -13,19 +14,25 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from conftest import wait_healthy
 from mlflow.tracking import MlflowClient
 
-from analysis.tables import accuracy_by_iteration, summary_table, write_summary
+from analysis.tables import iteration_curves, summary_table, write_summary
 from pipeline.config import Config
 from pipeline.records import RecordStore, append_invocation, run_dir, write_config
 from pipeline.results import Compute, IterationStats, ProblemResult
 from pipeline.tracking import (
+    KIND_TAG,
+    PARENT_TAG,
     RUN_ID_TAG,
+    end_run,
     flatten_params,
     log_run,
     resolve_tracking_uri,
+    run_name,
+    start_run,
     ui_command,
 )
 
@@ -57,15 +64,30 @@ def _record_run(cfg: Config) -> Path:
     return rd
 
 
+TABLE = pd.DataFrame({"label": ["CoT", "LatentSeek"], "gain_pp": [float("nan"), 50.0]})
+
+
 def _log(cfg: Config, rd: Path, **kw) -> str:
     """What the driver does: the tables, the summary files in the run directory, then log."""
     problems, iterations = RecordStore(rd).read_problems(), RecordStore(rd).read_iterations()
-    summary, curve = summary_table(problems), accuracy_by_iteration(problems, iterations)
-    files = write_summary(rd, summary, curve)
+    summary, curves = summary_table(problems), iteration_curves(problems, iterations)
+    files = write_summary(rd, summary, curves[["method", "iteration", "accuracy"]])
     return log_run(
-        cfg, rd, summary, curve, DATASET_INFO, files=files,
-        extra_metrics={"run_problems_per_hour": 12.5}, tags={"sweep": "s1"}, **kw,
+        cfg, rd, summary, curves, DATASET_INFO, files=files,
+        extra_metrics={"run_problems_per_hour": 12.5, "run_failures": 0.0},
+        tags={"sweep": "s1"}, tables={"report/table.json": TABLE}, **kw,
     )  # fmt: skip
+
+
+def _method_runs(client: MlflowClient, parent: str) -> dict:
+    """method -> the run nested under the evaluation run `parent` for it."""
+    experiment = client.get_run(parent).info.experiment_id
+    runs = client.search_runs([experiment], filter_string=f"tags.`{PARENT_TAG}` = '{parent}'")
+    return {r.data.tags["method"]: r for r in runs}
+
+
+def _steps(client: MlflowClient, run, metric: str) -> list[tuple[int, float]]:
+    return sorted((h.step, h.value) for h in client.get_metric_history(run.info.run_id, metric))
 
 
 @pytest.fixture
@@ -114,26 +136,56 @@ def test_log_run_to_sqlite_and_read_back(tmp_path, monkeypatch, no_env_uri):
     )  # fmt: skip
     assert tags["git_commit"] == "unknown" or len(tags["git_commit"]) == 40
 
-    m = run.data.metrics
-    assert m["latentseek/final_accuracy"] == 1.0 and m["latentseek/cot_accuracy"] == 0.5
-    assert m["cot/final_accuracy"] == 0.5 and m["latentseek/mean_iterations"] == 0.5
-    assert m["latentseek/mean_final_reward"] == pytest.approx(-0.1)  # (-0.1 + -0.1) / 2
-    assert m["latentseek/tokens_per_problem"] == 10  # (15 + 5) / 2
-    assert m["latentseek/problems_per_hour"] == 1800 and m["latentseek/failures"] == 0
-    assert m["run_problems_per_hour"] == 12.5
-    assert "cot/mean_final_reward" not in m  # NaN (no reward) is not logged
-    # one name per metric: every per-method metric is `<method>/<summary table column>`
+    assert tags[KIND_TAG] == "evaluation"
+    # The evaluation's own metrics are its run-level totals; each method's are in its run.
+    assert run.data.metrics == {"run_problems_per_hour": 12.5, "run_failures": 0.0}
+
+    methods = _method_runs(client, run_id)
+    assert sorted(methods) == ["cot", "latentseek"]
+    for method, child in methods.items():
+        assert child.info.run_name == f"r1 · {method}" and child.info.status == "FINISHED"
+        assert child.data.params["method"] == method and child.data.params["lr"] == "0.03"
+        assert child.data.tags[KIND_TAG] == "method" and child.data.tags[RUN_ID_TAG] == "r1"
+        assert (child.data.tags["dataset"], child.data.tags["model"]) == ("gsm8k", "embedded")
+        assert child.data.tags["sweep"] == "s1"  # the caller's tags, to group by
+        assert len(child.inputs.dataset_inputs) == 1  # the dataset column of the runs table
+    ls, cot = methods["latentseek"].data.metrics, methods["cot"].data.metrics
+    assert ls["final_accuracy"] == 1.0 and ls["cot_accuracy"] == 0.5
+    assert cot["final_accuracy"] == 0.5 and ls["mean_iterations"] == 0.5
+    assert ls["mean_final_reward"] == pytest.approx(-0.1)  # (-0.1 + -0.1) / 2
+    assert ls["tokens_per_problem"] == 10  # (15 + 5) / 2
+    assert ls["problems_per_hour"] == 1800 and ls["failures"] == 0
+    assert "mean_final_reward" not in cot  # NaN (no reward) is not logged
+    # One name per metric: every method logs the summary table's columns under their own names
+    # (the same in every run), plus the curves.
     summary = summary_table(RecordStore(rd).read_problems())
-    per_method = {k for k in m if "/" in k and not k.endswith("accuracy_at_iteration")}
-    assert {k.split("/", 1)[1] for k in per_method} <= set(summary.columns)
-    assert {k.split("/", 1)[1] for k in per_method} >= {"mean_final_reward", "mean_initial_reward"}
-    history = client.get_metric_history(run_id, "latentseek/accuracy_at_iteration")
+    curves = {"accuracy_at_iteration", "mean_reward_at_iteration"}
+    assert set(ls) == set(summary.columns) - {"method"} | curves
+    assert set(cot) <= set(ls) and set(ls) - set(cot) == {
+        "mean_initial_reward", "mean_final_reward", "mean_reward_at_iteration",
+    }  # fmt: skip
     # k=0: a runs on with a wrong CoT, b accepted (right) -> 0.5; k=1: both right -> 1.0
-    assert sorted((h.step, h.value) for h in history) == [(0, 0.5), (1, 1.0)]
+    assert _steps(client, methods["latentseek"], "accuracy_at_iteration") == [(0, 0.5), (1, 1.0)]
+    # k=0: a's CoT reward -0.9, b's -0.1 -> -0.5; k=1: a's step-1 reward -0.1, b's -0.1
+    rewards = _steps(client, methods["latentseek"], "mean_reward_at_iteration")
+    assert rewards == [(0, pytest.approx(-0.5)), (1, pytest.approx(-0.1))]
+    assert _steps(client, methods["cot"], "accuracy_at_iteration") == [(0, 0.5), (1, 0.5)]
 
     top = {a.path for a in client.list_artifacts(run_id)}
     assert {"problems", "iterations", "config.yaml", "summary.md", "summary.csv"} <= top
-    assert {"accuracy_by_iteration.csv", "invocations.jsonl"} <= top
+    assert {"accuracy_by_iteration.csv", "invocations.jsonl", "report"} <= top
+    # the report's table as an MLflow table (the UI's artifact and evaluation views read it)
+    assert json.loads(tags["mlflow.loggedArtifacts"]) == [
+        {"path": "report/table.json", "type": "table"}
+    ]
+    table = json.loads(
+        Path(
+            client.download_artifacts(run_id, "report/table.json", str(tmp_path / "t"))
+        ).read_text()
+    )
+    assert table["columns"] == ["label", "gain_pp"]
+    assert table["data"] == [["CoT", None], ["LatentSeek", 50.0]]  # NaN -> null: valid JSON
+    assert all(not client.list_artifacts(c.info.run_id) for c in methods.values())
     shards = [a.path for a in client.list_artifacts(run_id, "problems")]
     assert len(shards) == 1 and shards[0].startswith("problems/part-")
     local = Path(client.download_artifacts(run_id, "summary.md", str(tmp_path / "dl")))
@@ -158,15 +210,55 @@ def test_logging_again_reuses_the_mlflow_run(tmp_path, no_env_uri):
     client = MlflowClient(resolve_tracking_uri(cfg))
     assert second == first
     experiment = client.get_experiment_by_name(cfg.mlflow_experiment)
-    assert len(client.search_runs([experiment.experiment_id])) == 1
+    assert len(client.search_runs([experiment.experiment_id])) == 3  # the evaluation + 2 methods
     run = client.get_run(first)
     assert run.info.status == "FINISHED"
     assert run.data.params["workers"] == "1"  # params are immutable: the first value stays
     assert run.data.tags["latentseek.resumed_param.workers"] == "2"
-    history = client.get_metric_history(first, "latentseek/accuracy_at_iteration")
-    assert len(history) == 2  # unchanged values are not logged twice
-    assert len(client.get_metric_history(first, "latentseek/final_accuracy")) == 1
+    ls = _method_runs(client, first)["latentseek"]
+    assert ls.data.tags["latentseek.resumed_param.workers"] == "2"
+    assert len(_steps(client, ls, "accuracy_at_iteration")) == 2  # not logged twice
+    assert len(client.get_metric_history(ls.info.run_id, "final_accuracy")) == 1
     assert len(run.inputs.dataset_inputs) == 1
+    # the MLflow table is replaced, not appended to (MlflowClient.log_table would append)
+    table = client.download_artifacts(first, "report/table.json", str(tmp_path / "t"))
+    assert len(json.loads(Path(table).read_text())["data"]) == 2
+    assert len(json.loads(run.data.tags["mlflow.loggedArtifacts"])) == 1
+
+
+def test_run_names_say_what_was_evaluated():
+    cfg = Config(method=["cot", "latentseek"], model="HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert run_name(cfg.replace(run_id="baseline-v2")) == "baseline-v2"  # the user's choice
+    # a generated run_id (jobs.run.resolve_run_id: a timestamp) names nothing: say what ran
+    generated = cfg.replace(run_id="20260101-120000-0a1b2c")
+    assert run_name(generated) == "gsm8k cot+latentseek SmolLM2-135M-Instruct"
+
+
+def test_a_run_spans_the_evaluation_and_resumes_without_new_runs(tmp_path, no_env_uri):
+    """start_run opens the evaluation and its method runs (RUNNING); a failure marks all of
+    them; the rerun finds the same runs (by run_id, then by parent and method) and finishes."""
+    cfg = Config(output_dir=str(tmp_path / "out"), run_id="r3", method=["cot", "latentseek"])
+    client = MlflowClient(resolve_tracking_uri(cfg))
+    first = start_run(cfg, {"run_dir": "somewhere", "mlflow.runName": "lr=0.03"})
+    running = _method_runs(client, first)
+    assert client.get_run(first).info.run_name == "lr=0.03"  # a caller's name (a sweep point)
+    assert {r.info.run_name for r in running.values()} == {"lr=0.03 · cot", "lr=0.03 · latentseek"}
+    assert {r.info.status for r in running.values()} == {"RUNNING"}
+    end_run(cfg, first, "KILLED")
+    assert {r.info.status for r in _method_runs(client, first).values()} == {"KILLED"}
+    assert client.get_run(first).info.status == "KILLED"
+
+    assert start_run(cfg) == first
+    rd = _record_run(cfg)
+    assert _log(cfg, rd) == first
+    assert client.get_run(first).info.run_name == "lr=0.03"  # names are not changed on resume
+    again = _method_runs(client, first)
+    assert {m: r.info.run_id for m, r in again.items()} == {
+        m: r.info.run_id for m, r in running.items()
+    }
+    assert {r.info.status for r in again.values()} == {"FINISHED"}
+    experiment = client.get_experiment_by_name(cfg.mlflow_experiment)
+    assert len(client.search_runs([experiment.experiment_id])) == 3
 
 
 def _free_port() -> int:
@@ -229,10 +321,11 @@ def test_log_run_to_a_real_mlflow_server(tmp_path, mlflow_server, no_env_uri):
     client = MlflowClient(mlflow_server)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags[RUN_ID_TAG] == "srv"
-    assert run.data.metrics["latentseek/final_accuracy"] == 1.0  # one method: still prefixed
-    assert "final_accuracy" not in run.data.metrics
-    history = client.get_metric_history(run_id, "latentseek/accuracy_at_iteration")
-    assert sorted((h.step, h.value) for h in history) == [(0, 0.5), (1, 1.0)]
+    # One method: a method run all the same, its metrics named as in any other run.
+    (ls,) = _method_runs(client, run_id).values()
+    assert ls.info.run_name == "srv · latentseek" and ls.info.status == "FINISHED"
+    assert ls.data.metrics["final_accuracy"] == 1.0 and "final_accuracy" not in run.data.metrics
+    assert _steps(client, ls, "accuracy_at_iteration") == [(0, 0.5), (1, 1.0)]
     assert {a.path for a in client.list_artifacts(run_id)} >= {
         "problems",
         "config.yaml",

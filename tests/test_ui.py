@@ -2,7 +2,8 @@
 
 One tiny real evaluation (2 GSM8K problems, CoT + LatentSeek, 8 answer tokens, K = 1) runs
 in-process on a local Ray and logs to SQLite with its artifacts under the same temporary
-folder; a real `mlflow server` serves that store on 127.0.0.1; headless Chromium (Debian's
+folder: the evaluation's run and, nested under it, one run per method. A real `mlflow server`
+serves that store on 127.0.0.1; headless Chromium (Debian's
 `chromium`, installed by `make test-ui`) opens each page in a fresh browser context (no UI
 state from another page, as for a first-time user), waits until the page has settled, then
 keeps its visible text (asserted on) and a screenshot (one PNG per page, kept under the test's
@@ -40,11 +41,21 @@ pytestmark = pytest.mark.ui
 
 REPO = Path(__file__).resolve().parent.parent
 RUN_NAME = "ui-run"
-METRIC = "latentseek/final_accuracy"
+METHODS = ("cot", "latentseek")
+METRIC = "final_accuracy"  # in every method's run, under this one name
+CURVES = ("accuracy_at_iteration", "mean_reward_at_iteration")  # step = k
 PNG = "report/scaling.png"
+TABLE = "report/table.json"  # the report's Table 1 as an MLflow table
 # MLflow 3.17's UI picks the experiment view from a global switch (GenAI / Model training,
 # kept in the browser's localStorage, default GenAI), or from this query parameter.
 TRAINING_VIEW = "?workflowType=machine_learning"
+# The method runs alone, best first (README "Reports and dashboards"): with a filter and an order
+# other than by date the runs table lists nested runs flat, so the table and its chart view put
+# them side by side instead of folding them under their evaluation.
+METHOD_RUNS = (
+    "searchFilter=tags.%60latentseek.kind%60%20%3D%20%27method%27"
+    "&orderByKey=metrics.%60final_accuracy%60&orderByAsc=false&workflowType=machine_learning"
+)
 WINDOW = (1400, 1000)
 RUN_WINDOW = (1400, 1500)  # the run overview down to its metrics table
 TALL_WINDOW = (1400, 2600)  # the model-metrics tab down to the latentseek charts
@@ -211,9 +222,11 @@ def _shown(value: float) -> str:
 class Logged:
     root: Path
     experiment_id: str
-    run_id: str
-    metrics: dict[str, float]
-    artifact_dir: Path  # the run's artifacts on disk
+    run_id: str  # the evaluation's run
+    metrics: dict[str, float]  # ... its metrics
+    artifact_dir: Path  # ... its artifacts on disk
+    methods: dict[str, str]  # method -> its run, nested under the evaluation's
+    method_metrics: dict[str, dict[str, float]]
 
 
 @pytest.fixture(scope="module")
@@ -246,17 +259,29 @@ def logged(tmp_path_factory) -> Logged:
     run = client.get_run(summary.mlflow_run_id)
     # What the pages must show is there in the store first.
     assert run.info.run_name == RUN_NAME and run.info.status == "FINISHED"
-    assert METRIC in run.data.metrics
+    assert "progress/accuracy" in run.data.metrics and METRIC not in run.data.metrics
     assert run.info.artifact_uri.startswith((root / "mlartifacts").as_uri())
-    assert PNG in {a.path for a in client.list_artifacts(run.info.run_id, "report")}
+    assert {PNG, TABLE} <= {a.path for a in client.list_artifacts(run.info.run_id, "report")}
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"
+    children = client.search_runs(
+        [run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run.info.run_id}'"
+    )
+    methods = {r.data.tags["method"]: r for r in children}
+    assert sorted(methods) == sorted(METHODS)
+    assert {r.info.run_name for r in children} == {f"{RUN_NAME} · {m}" for m in METHODS}
+    # one name per metric: every method's run has the summary's columns under the same names
+    names = {m: set(r.data.metrics) for m, r in methods.items()}
+    assert {METRIC, *CURVES} <= names["latentseek"] and METRIC in names["cot"]
+    assert names["cot"] <= names["latentseek"]
     return Logged(
         root=root,
         experiment_id=run.info.experiment_id,
         run_id=run.info.run_id,
         metrics=dict(run.data.metrics),
         artifact_dir=Path(run.info.artifact_uri.removeprefix("file://")),
+        methods={m: r.info.run_id for m, r in methods.items()},
+        method_metrics={m: dict(r.data.metrics) for m, r in methods.items()},
     )
 
 
@@ -333,14 +358,56 @@ def browse(logged, server, tmp_path_factory):
 
 
 def test_experiment_page_lists_the_run(logged, browse):
-    """The experiment's runs list (the Model training view) shows the run by its name."""
+    """The experiment's runs list (the Model training view) shows the evaluation by its name,
+    its method runs folded under it (they count among the matching runs)."""
     page = browse("experiment-runs", f"#/experiments/{logged.experiment_id}{TRAINING_VIEW}")
     assert page.title.startswith(f"Runs - Experiment {logged.experiment_id}"), page.title
     assert "Run Name" in page.text  # the runs table's header
     assert RUN_NAME in page.text
-    assert "1 matching run" in page.text
+    assert f"{1 + len(METHODS)} matching runs" in page.text
+    assert f"{RUN_NAME} · latentseek" not in page.text  # folded until expanded
     assert "gsm8k" in page.text  # the dataset column: logged as the run's evaluation input
     assert "No data available" not in page.text
+
+
+def test_runs_table_puts_the_methods_side_by_side(logged, browse):
+    """Filtered to method runs and sorted by final_accuracy (README's recipe), the runs table
+    lists each method's run on its own row, and its chart view draws one chart per metric with
+    every method in it: bars for single values, lines for the step = k curves."""
+    route = f"#/experiments/{logged.experiment_id}/runs?{METHOD_RUNS}"
+    table = browse("methods-table", route)
+    assert f"{len(METHODS)} matching runs" in table.text
+    assert "Sort: final_accuracy" in table.text
+    for m in METHODS:
+        assert f"{RUN_NAME} · {m}" in table.text
+
+    charts = browse("methods-charts", f"{route}&compareRunsMode=CHART", TALL_WINDOW)
+    metrics = set(logged.method_metrics["latentseek"])
+    assert f"Model metrics ({len(metrics)})" in charts.text  # the same names: one chart each
+    for name in (METRIC, *CURVES):
+        assert f'title="{name}"' in charts.html
+    for m in METHODS:  # the accuracy curve's legend names every method's run
+        assert f"{RUN_NAME} · {m} (accuracy_at_iteration)" in charts.text
+    # a bar per method, labelled with its value, drawn bottom-up in the table's order (best first)
+    values = sorted(logged.method_metrics[m][METRIC] for m in METHODS)
+    assert " ".join(["final_accuracy", *map(_chart_label, values)]) in charts.text
+
+
+def test_compare_view_lines_up_the_methods(logged, browse):
+    """MLflow's compare page over the method runs: one column per method, each metric on one
+    row with every method's value, the params that differ (method) side by side."""
+    runs = ",".join(f"%22{logged.methods[m]}%22" for m in METHODS)
+    page = browse(
+        "compare-methods",
+        f"#/compare-runs?runs=[{runs}]&experiments=[%22{logged.experiment_id}%22]",
+        TALL_WINDOW,
+    )
+    assert f"Comparing {len(METHODS)} Runs" in page.text
+    assert "Run Name: " + " ".join(f"{RUN_NAME} · {m}" for m in METHODS) in page.text
+    assert "method " + " ".join(METHODS) in page.text  # the param
+    assert "latentseek.kind method method" in page.text  # the tags
+    for name in (METRIC, *CURVES):
+        assert name in page.text
 
 
 @pytest.mark.xfail(
@@ -361,7 +428,8 @@ def test_experiment_page_opens_on_the_runs_list(logged, browse):
 
 
 def test_run_page_shows_the_metrics(logged, browse):
-    """The run's overview: its name, status, and the metrics table with the values logged."""
+    """The evaluation's overview: its name, status, its own metrics (live progress, run-level
+    totals) with the values logged, and the tag that finds it on resume."""
     page = browse(
         "run-overview",
         f"#/experiments/{logged.experiment_id}/runs/{logged.run_id}{TRAINING_VIEW}",
@@ -369,23 +437,42 @@ def test_run_page_shows_the_metrics(logged, browse):
     )
     assert RUN_NAME in page.text and "Finished" in page.text
     assert f"Metrics ({len(logged.metrics)})" in page.text
-    assert f"{METRIC} {_shown(logged.metrics[METRIC])}" in page.text
-    assert "latentseek/accuracy_at_iteration" in page.text
+    records = "progress/records"
+    assert f"{records} {_shown(logged.metrics[records])}" in page.text
     assert "latentseek.run_id : ui-run" in page.text  # the tag that finds the run on resume
+    assert "latentseek.kind : evaluation" in page.text
+
+
+def test_method_run_page_shows_its_metrics(logged, browse):
+    """A method's run: named after its evaluation, its metrics under the summary's names."""
+    run = logged.methods["latentseek"]
+    page = browse(
+        "method-run-overview",
+        f"#/experiments/{logged.experiment_id}/runs/{run}{TRAINING_VIEW}",
+        RUN_WINDOW,
+    )
+    metrics = logged.method_metrics["latentseek"]
+    assert f"{RUN_NAME} · latentseek" in page.text and "Finished" in page.text
+    assert f"Parent run {RUN_NAME}" in page.text  # a link back to the evaluation
+    assert f"Metrics ({len(metrics)})" in page.text
+    assert f"{METRIC} {_shown(metrics[METRIC])}" in page.text
+    assert "method : latentseek" in page.text and "latentseek.run_id : ui-run" in page.text
 
 
 def test_model_metrics_tab_draws_a_chart_per_metric(logged, browse):
-    """The Model metrics tab groups the charts by method and draws the LatentSeek ones."""
+    """The method run's Model metrics tab: a chart per metric, the step = k curves as lines."""
+    run = logged.methods["latentseek"]
     page = browse(
-        "run-model-metrics",
-        f"#/experiments/{logged.experiment_id}/runs/{logged.run_id}/model-metrics{TRAINING_VIEW}",
-        TALL_WINDOW,  # the latentseek section comes after cot's
+        "method-run-model-metrics",
+        f"#/experiments/{logged.experiment_id}/runs/{run}/model-metrics{TRAINING_VIEW}",
+        TALL_WINDOW,
     )
-    per_method = sum(k.startswith("latentseek/") for k in logged.metrics)
-    assert f"latentseek ({per_method})" in page.text  # the section, with its chart count
-    assert f'title="{METRIC}"' in page.html  # a chart card titled with the full name
-    assert 'title="latentseek/accuracy_at_iteration"' in page.html
-    assert f"{RUN_NAME} (latentseek/accuracy_at_iteration)" in page.text  # the curve's legend
+    assert f"Model metrics ({len(logged.method_metrics['latentseek'])})" in page.text
+    assert f'title="{METRIC}"' in page.html  # a chart card titled with the metric's name
+    for curve in CURVES:
+        assert f'title="{curve}"' in page.html
+        assert f"{RUN_NAME} · latentseek ({curve})" in page.text  # the line's legend
+    assert "Step" in page.text  # the curves' x axis
 
 
 def test_artifacts_tab_shows_the_report_png(logged, server, browse):
@@ -400,7 +487,7 @@ def test_artifacts_tab_shows_the_report_png(logged, server, browse):
     for entry in ("problems", "iterations", "report", "config.yaml", "summary.md"):
         assert entry in page.text
     # report/ is unfolded in the tree, its PNG selected; the preview's header names it.
-    for entry in ("scaling.csv", "rewards.png", "tokens_changed.png"):
+    for entry in ("scaling.csv", "rewards.png", "tokens_changed.png", "table.json"):
         assert entry in page.text
     assert f"{PNG} " in page.text
     widths = page.value  # the preview image, decoded (0 for a broken image)
@@ -413,3 +500,21 @@ def test_artifacts_tab_shows_the_report_png(logged, server, browse):
         body = resp.read()
     assert body == (logged.artifact_dir / PNG).read_bytes()
     assert body.startswith(b"\x89PNG")
+
+
+def test_report_table_is_an_mlflow_table(logged, browse):
+    """The report's Table 1 is an MLflow table: the experiment's artifact view offers it by
+    name and shows its rows (one per method)."""
+    page = browse(
+        "experiment-tables",
+        f"#/experiments/{logged.experiment_id}/runs?compareRunsMode=ARTIFACT&workflowType="
+        "machine_learning",
+    )
+    assert f"Table: {TABLE}" in page.text
+    for label in ("CoT", "LatentSeek"):
+        assert label in page.text
+
+
+def _chart_label(value: float) -> str:
+    """A bar's label in the runs' chart view (two decimals)."""
+    return f"{value:.2f}"

@@ -89,9 +89,14 @@ def test_run_records_every_problem_once_and_uses_both_workers(tmp_path, local_ra
     run = client.get_run(summary.mlflow_run_id)
     assert run.data.params["max_new_tokens"] == "8"
     assert run.data.tags["latentseek.run_id"] == "r1"
-    history = client.get_metric_history(summary.mlflow_run_id, "latentseek/accuracy_at_iteration")
+    (ls,) = client.search_runs(  # each method is a run nested under the evaluation's
+        [run.info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{summary.mlflow_run_id}' "
+        "and tags.method = 'latentseek'",
+    )
+    history = client.get_metric_history(ls.info.run_id, "accuracy_at_iteration")
     assert sorted(m.step for m in history) == [0, 1]
-    assert "latentseek/mean_final_reward" in run.data.metrics  # the summary column's own name
+    assert "mean_final_reward" in ls.data.metrics  # the summary column's own name
     # The MLflow run spans the evaluation: it was open while batches were recorded (live
     # progress metrics logged between its start and its end), and ends FINISHED.
     live = client.get_metric_history(summary.mlflow_run_id, "progress/records")
