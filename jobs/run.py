@@ -43,8 +43,9 @@ from pipeline.records import (
 # Keys that may change between a run and its resume: how it runs, not what it computes.
 # `device`, `dtype` and `gpus_per_worker` may change only as long as the resolved device type
 # (cpu / cuda) and the resolved dtype stay the same (`resolved_precision`, checked apart).
-# `batch_size` is not here: batched decoding pads prompts to a common length, which changes
-# the numbers, so a resume with another batch size would mix results.
+# `batch_size`, `batching` and `task_size` are not here: they decide which rows decode
+# together, and padding to a common length changes floating-point rounding, so a resume with
+# other values could mix results.
 RESUMABLE_KEYS = {
     "workers", "cpus_per_worker", "gpus_per_worker", "ray_address", "threads", "max_retries",
     "max_worker_restarts", "mlflow_tracking_uri", "mlflow_experiment", "device", "dtype",
