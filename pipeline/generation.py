@@ -120,6 +120,9 @@ class Generator:
         self.device = next(model.parameters()).device
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0)
         self.prefill_chunk = prefill_chunk  # prompts prefilled together at most
+        # Counters since construction (the bench reads them): decode steps, the rows they
+        # decoded (rows / steps is the batch's mean occupancy), and merges into running batches.
+        self.stats = {"decode_steps": 0, "decoded_rows": 0, "merges": 0}
         # transformers 5.x renamed the backbone's `past_key_values` argument to `cache`.
         params = inspect.signature(self.backbone.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -339,6 +342,8 @@ class DecodeBatch:
         """Choose each row's next token; return the rows that finished (removed from the batch)
         and run the others' new tokens through the model."""
         rows = self.rows
+        self.gen.stats["decode_steps"] += 1
+        self.gen.stats["decoded_rows"] += len(rows)
         logits = self.gen.logits(self.z)  # [b, V] in the head's dtype
         chosen = logits.argmax(dim=-1)  # [b]
         for b, row in enumerate(rows):
@@ -387,6 +392,7 @@ class DecodeBatch:
             return self
         if not self.rows:
             return other
+        self.gen.stats["merges"] += 1
         width = max(self.width, other.width)
         capacity = width + max(row.remaining for row in self.rows + other.rows)
         layers = []

@@ -91,8 +91,12 @@ def test_continuous_keeps_at_most_max_rows_and_moves_tasks_on_early(gen, monkeyp
 
     # One slow row (30 tokens) and a fast task of 3 rounds of 4 tokens: with continuous
     # batching the fast task's three rounds all finish while the slow row is still decoding.
+    before = dict(gen.stats)
     run_continuous(gen, [task("slow", 30, 1), task("fast", 4, 3)], max_rows=2)
     assert max(sizes) <= 2
+    assert gen.stats["decode_steps"] - before["decode_steps"] == len(sizes) == 30
+    assert gen.stats["decoded_rows"] - before["decoded_rows"] == sum(sizes) == 30 + 3 * 4
+    assert gen.stats["merges"] - before["merges"] == 2  # fast1 and fast2 joined the slow row
     assert order == ["fast0", "fast1", "fast2", "slow0"]
     sizes.clear()
     order.clear()
