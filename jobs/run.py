@@ -278,8 +278,8 @@ def row_memory(cfg: Config, infos: Sequence[dict[str, Any]]) -> str:
     return (
         f"KV cache: {per_token / 1024:.0f} KiB per token; a row of a 512-token prompt and "
         f"{cfg.max_new_tokens} new tokens {row / 2**20:.0f} MiB; batch_size={cfg.batch_size} "
-        f"rows {cfg.batch_size * row / 2**30:.2f} GiB per worker, plus each cached prompt of a "
-        f"task's {cfg.problems_per_task} problems"
+        f"rows {cfg.batch_size * row / 2**30:.2f} GiB per worker, plus the cached prompt of "
+        f"each problem of a task (up to {cfg.problems_per_task})"
     )
 
 
