@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import TINY_CONTEXT, TINY_EOS, ByteTokenizer, make_tiny_model
 
-from pipeline.generation import GenerationRequest, Generator, eos_token_ids
+from pipeline.generation import GenerationRequest, Generator, eos_token_ids, kv_bytes_per_token
 
 
 def prompt(length: int, seed: int) -> list[int]:
@@ -171,3 +171,11 @@ def test_eos_ids_come_from_model_and_tokenizer(tiny_model):
     tok.eos_token_id = None
     with pytest.raises(ValueError, match="no EOS"):
         Generator(tiny_model, tok)
+
+
+def test_kv_bytes_per_token_is_what_a_prompt_state_holds(gen):
+    # The memory figure the driver prints: the bytes of keys and values one token of one row
+    # holds, read off a real prefill, not only computed from the config.
+    (state,) = gen.prefill([PROMPTS[2]])
+    held = sum(t.numel() * t.element_size() for t in state.keys + state.values)
+    assert kv_bytes_per_token(gen.model) == held // state.length > 0
