@@ -9,7 +9,7 @@ latentseek report RUN_OR_SWEEP_DIR [--out DIR]      tables and plots from record
 latentseek reference [--config FILE] [--compare RUN_DIR] [key=value ...]
                                                     the naive reference loop, and a check
 latentseek submit [run|sweep] ... | status | logs | stop JOB   Ray Jobs on a cluster
-latentseek bench [--problems N] [...]               cost per problem, side by side
+latentseek bench [--config FILE] [key=value ...]    cost per problem, side by side (--keys)
 """
 
 from __future__ import annotations
@@ -55,11 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         ("run", "evaluate methods over a dataset"),
         ("config", "show the config"),
         ("reference", "run the naive reference loop (and compare a run's records with it)"),
+        ("bench", "naive vs engine (batch sizes, static/continuous, bf16) vs Ray vs ceiling"),
     ]:
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", type=Path, help=f"YAML config (default {DEFAULT_CONFIG})")
         p.add_argument("overrides", nargs="*", metavar="key=value")
-        if name == "config":
+        if name in ("config", "bench"):
             p.add_argument("--keys", action="store_true", help="list every key with its help")
         if name == "reference":
             p.add_argument("--compare", type=Path, metavar="RUN_DIR", help="check these records")
@@ -69,11 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("summary", help="print a run's summary tables from its records")
     p.add_argument("run_dir", type=Path)
     from analysis import report
-    from jobs import bench, submit
+    from jobs import submit
 
     report.add_arguments(sub.add_parser("report", help="tables and plots from a run's records"))
     submit.add_arguments(sub)
-    bench.add_arguments(sub.add_parser("bench", help="naive vs engine vs Ray vs ceiling"))
     _quiet_libraries()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
@@ -111,7 +111,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in submit.COMMANDS:
             return submit.main(args)
         if args.command == "bench":
-            return bench.main(args)
+            from jobs import bench
+            from jobs.bench.settings import BenchSettings
+
+            if args.keys:
+                print(describe_keys(BenchSettings) + "\n\n(and every `latentseek config --keys`)")
+                return 0
+            return bench.main(args.config, args.overrides)
     except ConfigError as exc:  # also a bad prompt template (pipeline.prompts)
         print(f"config error: {exc}", file=sys.stderr)
         return 2

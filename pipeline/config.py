@@ -123,7 +123,7 @@ class Config:
 
     # --- execution -------------------------------------------------------------------------
     batch_size: int = _f(
-        8,
+        32,
         "rows one worker decodes together (a row: a problem's answer, a sample, "
         "a continuation or a verifier prompt)",
     )
