@@ -360,9 +360,9 @@ def test_work_lands_on_both_nodes_of_a_two_node_cluster(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
     env.update(PYTHONPATH=str(ROOT), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1",
                RAY_AUTH_MODE="disabled")  # fmt: skip  # it listens on 127.0.0.1 only
-    common = ["--block", "--num-cpus=1", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
-    head = [ray_bin, "start", "--head", f"--port={port}", "--include-dashboard=false",
-            f"--temp-dir={temp_dir}", *common]  # fmt: skip
+    common = ["--block", "--num-cpus=1", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
+              f"--temp-dir={temp_dir}"]  # fmt: skip  # both nodes: nothing under /tmp/ray
+    head = [ray_bin, "start", "--head", f"--port={port}", "--include-dashboard=false", *common]
     node = [ray_bin, "start", f"--address=127.0.0.1:{port}", *common]
     procs: list[subprocess.Popen] = []
     try:
