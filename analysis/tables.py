@@ -18,6 +18,7 @@ Conventions:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,41 @@ def _nanmean(values: pd.Series) -> float:
     return float(arr.mean()) if arr.size else float("nan")
 
 
+def _per_iteration(
+    problems: pd.DataFrame,
+    iterations: pd.DataFrame,
+    max_k: int | None,
+    column: str,  # the iteration rows' value: "correct" or "reward"
+    final: Callable[[pd.DataFrame], pd.Series],  # each problem's value of its returned answer
+    name: str,  # the output column
+) -> pd.DataFrame:
+    """The mean of `column` per method and k = 0..max_k (or 0..the most iterations any
+    problem ran), if every problem stopped by k: one that ran more than k iterations has its
+    iteration-k value, one that ran at most k its `final` value (carried forward)."""
+    columns = ["method", "iteration", name]
+    if problems.empty:
+        return pd.DataFrame(columns=columns)
+    top = int(problems["iterations"].max()) if max_k is None else int(max_k)
+    key = ["problem_id", "method"]
+    base = problems[[*key, "iterations"]].reset_index(drop=True)
+    base["final"] = final(problems).to_numpy(dtype=float)
+    steps = iterations.loc[iterations["iteration"] <= top, [*key, "iteration", column]]
+    rows = []
+    for k in range(top + 1):
+        step = steps[steps["iteration"] == k].drop_duplicates(key, keep="last")
+        at_k = base.merge(step[[*key, column]], on=key, how="left")  # keeps base's order
+        if column == "correct":
+            stepped = at_k[column].eq(True).astype(float)  # a missing row counts as incorrect
+        else:
+            stepped = pd.to_numeric(at_k[column], errors="coerce").astype(float)
+        value = stepped.where(at_k["iterations"] > k, at_k["final"])
+        for method, mean in value.groupby(at_k["method"], sort=False).mean().items():
+            rows.append({"method": method, "iteration": k, name: float(mean)})
+    return pd.DataFrame(rows, columns=columns).sort_values(
+        ["method", "iteration"], kind="stable", ignore_index=True
+    )
+
+
 def accuracy_by_iteration(
     problems: pd.DataFrame, iterations: pd.DataFrame, max_k: int | None = None
 ) -> pd.DataFrame:
@@ -99,23 +135,11 @@ def accuracy_by_iteration(
     k runs 0..max_k, or 0..the most iterations any problem ran. See the module docstring for
     the carry-forward rule. Columns: method, iteration, accuracy.
     """
-    if problems.empty:
-        return pd.DataFrame(columns=CURVE_COLUMNS)
-    top = int(problems["iterations"].max()) if max_k is None else int(max_k)
-    key = ["problem_id", "method"]
-    base = problems[[*key, "iterations", "final_correct"]].reset_index(drop=True)
-    steps = iterations.loc[iterations["iteration"] <= top, [*key, "iteration", "correct"]]
-    rows = []
-    for k in range(top + 1):
-        step = steps[steps["iteration"] == k].drop_duplicates(key, keep="last")
-        at_k = base.merge(step[[*key, "correct"]], on=key, how="left")  # keeps base's order
-        stepped = at_k["correct"].eq(True)  # a missing row counts as incorrect
-        correct = stepped.where(at_k["iterations"] > k, at_k["final_correct"].astype(bool))
-        for method, acc in correct.groupby(at_k["method"], sort=False).mean().items():
-            rows.append({"method": method, "iteration": k, "accuracy": float(acc)})
-    return pd.DataFrame(rows, columns=CURVE_COLUMNS).sort_values(
-        ["method", "iteration"], kind="stable", ignore_index=True
-    )
+
+    def final(df: pd.DataFrame) -> pd.Series:
+        return df["final_correct"].astype(bool)
+
+    return _per_iteration(problems, iterations, max_k, "correct", final, "accuracy")
 
 
 def reward_by_iteration(
@@ -129,24 +153,11 @@ def reward_by_iteration(
     `initial_reward`). Problems without a reward are left out (NaN where none has one, e.g.
     CoT). Columns: method, iteration, mean_reward.
     """
-    if problems.empty:
-        return pd.DataFrame(columns=REWARD_CURVE_COLUMNS)
-    top = int(problems["iterations"].max()) if max_k is None else int(max_k)
-    key = ["problem_id", "method"]
-    base = problems[[*key, "iterations"]].reset_index(drop=True)
-    base["final"] = problems.apply(_final_reward, axis=1).to_numpy(dtype=float)
-    steps = iterations.loc[iterations["iteration"] <= top, [*key, "iteration", "reward"]]
-    rows = []
-    for k in range(top + 1):
-        step = steps[steps["iteration"] == k].drop_duplicates(key, keep="last")
-        at_k = base.merge(step[[*key, "reward"]], on=key, how="left")  # keeps base's order
-        stepped = pd.to_numeric(at_k["reward"], errors="coerce").astype(float)
-        reward = stepped.where(at_k["iterations"] > k, at_k["final"])
-        for method, mean in reward.groupby(at_k["method"], sort=False).mean().items():
-            rows.append({"method": method, "iteration": k, "mean_reward": float(mean)})
-    return pd.DataFrame(rows, columns=REWARD_CURVE_COLUMNS).sort_values(
-        ["method", "iteration"], kind="stable", ignore_index=True
-    )
+
+    def final(df: pd.DataFrame) -> pd.Series:
+        return df.apply(_final_reward, axis=1)
+
+    return _per_iteration(problems, iterations, max_k, "reward", final, "mean_reward")
 
 
 def iteration_curves(
