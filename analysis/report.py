@@ -117,6 +117,10 @@ class ReportFiles:
 # Finding and reading runs
 
 
+# Accuracy axes: 0-100 % with a margin, so that a line at 0 % is not drawn on the axis itself.
+PERCENT_YLIM = (-3, 103)
+
+
 def _is_run_dir(path: Path) -> bool:
     return (path / PROBLEMS).is_dir() or (path / CONFIG_FILE).is_file()
 
@@ -804,7 +808,7 @@ def _figures(out: Path, scaling, compute, iterations, steps, several, notes) -> 
             s, out / "scaling.png", y="accuracy_pct", ylabel="accuracy (%)",
             xs=[("k", "latent iterations k (steps)")], series="configuration",
             facet="panel", title="LatentSeek: accuracy if stopped after k steps",
-            ylim=(0, 100), integer_x=True,
+            ylim=PERCENT_YLIM, integer_x=True,
         ))  # fmt: skip
         r = s.dropna(subset=["mean_reward"])
         if len(r):
@@ -825,7 +829,7 @@ def _figures(out: Path, scaling, compute, iterations, steps, several, notes) -> 
             c, out / "compute.png", y="accuracy_pct", ylabel="accuracy (%)",
             xs=[("tokens_per_problem", "tokens per problem (solver + verifier; log scale)"),
                 ("flops_per_problem", "FLOPs per problem (estimate; log scale)")],
-            series="configuration", facet="panel", logx=True, ylim=(0, 100),
+            series="configuration", facet="panel", logx=True, ylim=PERCENT_YLIM,
             title="Accuracy against compute: LatentSeek per k, BoN / SC per n, CoT",
         ))  # fmt: skip
     if len(iterations):
@@ -833,7 +837,7 @@ def _figures(out: Path, scaling, compute, iterations, steps, several, notes) -> 
         figures["iterations_png"] = _draw(notes, "iterations.png", lambda: plot_lines(
             i, out / "iterations.png", y="share_pct", ylabel="problems (%)",
             xs=[("iterations", "latent iterations used (steps)")], series="configuration",
-            facet="panel", ylim=(0, 100), integer_x=True,
+            facet="panel", ylim=PERCENT_YLIM, integer_x=True,
             title="LatentSeek: distribution of iterations used (failures left out)",
         ))  # fmt: skip
     if len(steps):
