@@ -125,10 +125,11 @@ def check_devices(cfg: Config) -> None:
             if ray.is_initialized()
             else torch.cuda.device_count()
         )
-        need = cfg.gpus_per_worker * cfg.workers
+        need = cfg.gpus_per_worker * cfg.workers * cfg.tensor_parallel
         if have < need:
+            tp = f" x tensor_parallel={cfg.tensor_parallel}" if cfg.tensor_parallel > 1 else ""
             raise RunError(
-                f"workers={cfg.workers} x gpus_per_worker={cfg.gpus_per_worker:g} needs "
+                f"workers={cfg.workers}{tp} x gpus_per_worker={cfg.gpus_per_worker:g} needs "
                 f"{math.ceil(need)} GPU(s); this machine's local Ray has {have:g}. Lower workers or "
                 "gpus_per_worker, set gpus_per_worker=0 for CPU workers, or give ray_address"
             )
@@ -219,7 +220,8 @@ def start_ray(cfg: Config) -> None:
     if cfg.ray_address:
         ray.init(address=cfg.ray_address, log_to_driver=False)
     else:
-        need = cfg.workers * (cfg.cpus_per_worker if cfg.gpus_per_worker == 0 else 1)
+        per_rank = cfg.cpus_per_worker if cfg.gpus_per_worker == 0 else 1
+        need = cfg.workers * cfg.tensor_parallel * per_rank
         ray.init(
             num_cpus=max(need, os.cpu_count() or 1),
             include_dashboard=False,
@@ -234,18 +236,23 @@ def start_workers(
     """`cfg.workers` actors with their models loaded, and their `info()`; a worker that cannot
     start (its constructor raised, or its process died) stops the run with one line.
 
-    `start_worker(cfg)` starts one actor and returns its handle; by default an `EvalWorker`
-    (`make_worker_class`). Another actor with EvalWorker's `info` and `run` may stand in for it
+    `start_worker(cfg)` starts one actor and returns its handle; by default an `EvalWorker`, or
+    a tensor-parallel replica's rank 0 (`pipeline.workers.start_worker`). Another actor with EvalWorker's `info` and `run` may stand in for it
     (`jobs.simulate`: the driver at cluster scale without models)."""
     import ray
     from ray.exceptions import RayActorError
 
-    from pipeline.workers import make_worker_class
+    from pipeline.workers import NoWorkerLeftError
+    from pipeline.workers import start_worker as start_eval_worker
 
-    if start_worker is None:
-        worker_cls = make_worker_class(cfg)
-        start_worker = worker_cls.remote
-    workers = [start_worker(cfg) for _ in range(cfg.workers)]
+    start = start_worker or start_eval_worker
+    workers: list[Any] = []
+    try:
+        for _ in range(cfg.workers):
+            workers.append(start(cfg))
+    except NoWorkerLeftError as exc:  # a replica's placement group could not be placed
+        _kill(workers)
+        raise RunError(str(exc)) from None
     try:
         infos = ray.get([w.info.remote() for w in workers])
     except RayActorError as exc:
@@ -263,8 +270,8 @@ def start_workers(
 # share workers (a sweep's points); anything else is sent with each batch.
 MODEL_KEYS = (
     "model", "device", "dtype", "trust_remote_code", "allow_download", "model_cache_dir",
-    "threads", "workers", "cpus_per_worker", "gpus_per_worker", "max_worker_restarts",
-    "ray_address",
+    "threads", "tensor_parallel", "shard_backend", "device_map", "workers", "cpus_per_worker",
+    "gpus_per_worker", "max_worker_restarts", "ray_address",
 )  # fmt: skip
 
 
@@ -310,10 +317,10 @@ class WorkerPool:
 
 
 def _kill(workers: Sequence[Any]) -> None:
-    import ray
+    from pipeline.workers import stop_worker
 
     for w in workers:
-        ray.kill(w)
+        stop_worker(w)
 
 
 # ------------------------------------------------------------------------------------------

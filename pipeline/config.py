@@ -57,6 +57,23 @@ class Config:
         "~/.cache/latentseek/models", "where dequantised GGUF weights are cached (keyed by hash)"
     )
     threads: int = _f(0, "torch CPU threads per worker; 0 keeps torch's default")
+    tensor_parallel: int = _f(
+        1,
+        "devices per model replica; >1 shards the model across that many Ray actors (one device "
+        "each, one placement group); `workers` counts replicas (README 'Models larger than one "
+        "device')",
+    )
+    shard_backend: Literal["transformers", "deepspeed"] = _f(
+        "transformers",
+        "how tensor_parallel > 1 shards: 'transformers' (the model's tp_plan; heads, KV heads, "
+        "MLP width and vocabulary must divide by tensor_parallel) or 'deepspeed' (AutoTP: uneven "
+        "heads allowed; needs the deepspeed package)",
+    )
+    device_map: Literal["", "auto"] = _f(
+        "",
+        "'auto': spread the layers over the GPUs of one worker (gpus_per_worker > 1), for "
+        "models neither shard_backend shards; '' loads the model onto one device",
+    )
 
     # --- data ------------------------------------------------------------------------------
     dataset: str = _f(
@@ -192,6 +209,18 @@ class Config:
         need(self.offset >= 0, "offset", "must be >= 0")
         need(self.limit >= 0, "limit", "must be >= 0 (0 means all)")
         need(self.threads >= 0, "threads", "must be >= 0")
+        need(self.tensor_parallel >= 1, "tensor_parallel", "must be >= 1 (1: no sharding)")
+        need(
+            self.tensor_parallel == 1 or self.gpus_per_worker in (0, 1),
+            "gpus_per_worker",
+            "with tensor_parallel > 1 each rank owns one device: use gpus_per_worker=1 (or 0 "
+            "for CPU ranks)",
+        )
+        need(
+            not (self.device_map and self.tensor_parallel > 1),
+            "device_map",
+            "is for one worker over several devices; with tensor_parallel > 1 leave it ''",
+        )
         need(
             re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
             "device",

@@ -88,8 +88,12 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+_CACHE_FORMAT = "v2"  # v2: the config no longer claims GGUF quantisation (the weights are plain)
+
+
 def gguf_cache_dir(gguf: Path, cache_root: str | Path) -> Path:
-    return Path(cache_root).expanduser() / f"{gguf.stem}-{file_sha256(gguf)[:16]}"
+    name = f"{gguf.stem}-{file_sha256(gguf)[:16]}-{_CACHE_FORMAT}"
+    return Path(cache_root).expanduser() / name
 
 
 def _write_gguf_cache(gguf: Path, target: Path) -> None:
@@ -104,6 +108,10 @@ def _write_gguf_cache(gguf: Path, target: Path) -> None:
         state.pop("lm_head.weight", None)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    # The weights are saved dequantised: a config still naming GGUF quantisation would make
+    # transformers treat the model as quantised (no .float()/.half(), which DeepSpeed calls).
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     try:
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
@@ -136,11 +144,27 @@ def _gguf_file(spec: str) -> tuple[Path | None, str]:
     return None, spec
 
 
-def _from_directory(path: str | Path, dtype: torch.dtype, **kw: Any) -> tuple[Any, Any]:
+def _from_directory(
+    path: str | Path, dtype: torch.dtype, cfg: Any, device: torch.device, **kw: Any
+) -> tuple[Any, Any]:
+    """(model, tokenizer) from a model directory or hub id, placed as the config says: this
+    rank's shard (`tensor_parallel` > 1, `pipeline.shards`), layers over the worker's devices
+    (`device_map=auto`), or the whole model on `device`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **kw)
+    world = getattr(cfg, "tensor_parallel", 1)
+    if world > 1:
+        from pipeline.shards import load_sharded
+
+        model = load_sharded(str(path), dtype, device, world, cfg.shard_backend, **kw)
+    elif getattr(cfg, "device_map", ""):
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, device_map=cfg.device_map, **kw
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **kw)
+        model.to(device)
     return model, tokenizer
 
 
@@ -157,7 +181,7 @@ def load_model(cfg: Any) -> LoadedModel:
         if not (cache / _CACHE_COMPLETE).exists():
             _write_gguf_cache(gguf, cache)
             source = "gguf"
-        model, tokenizer = _from_directory(cache, dtype)
+        model, tokenizer = _from_directory(cache, dtype, cfg, device)
     else:
         local = Path(spec).expanduser()
         name = spec
@@ -169,7 +193,7 @@ def load_model(cfg: Any) -> LoadedModel:
             source, target = "hub", spec
             kw["local_files_only"] = not cfg.allow_download
         try:
-            model, tokenizer = _from_directory(target, dtype, **kw)
+            model, tokenizer = _from_directory(target, dtype, cfg, device, **kw)
         except (OSError, ValueError) as exc:
             hint = (
                 "It is not a local directory, and it is not in the local Hugging Face cache; "
@@ -179,9 +203,9 @@ def load_model(cfg: Any) -> LoadedModel:
             )
             raise ModelError(f"model={spec!r} could not be loaded: {exc}\n{hint}") from exc
 
-    model.to(device)
     model.eval()
     model.requires_grad_(False)
+    device = next(model.parameters()).device  # device_map=auto: where the inputs go
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     num_parameters = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

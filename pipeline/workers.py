@@ -16,6 +16,15 @@ Faults:
 Results come back to the driver, which is the only writer of records (`pipeline.records`), so a
 result is recorded exactly once whatever happens to the workers.
 
+Tensor-parallel replicas (`tensor_parallel` = G > 1): the driver reserves a placement group of
+G bundles (one device each, `STRICT_PACK`: one node) and starts rank 0 in bundle 0; rank 0 starts
+ranks 1..G-1 in the other bundles, and the G processes form one torch.distributed group over
+which the model is sharded (`pipeline.shards`). The scheduler sees rank 0 only: rank 0 takes a
+batch, sends the same call to every other rank, runs it itself and returns its results once the
+others agree with them. A rank that dies breaks the group: rank 0 then ends its own process, so
+the scheduler re-queues the batch as for any lost worker, and Ray restarts rank 0, whose
+constructor builds the replica again (the other ranks, owned by rank 0, die with it).
+
 A worker whose constructor fails (the model cannot be loaded, a reward cannot be imported) stays
 alive and reports the error from `info()` (`start_error`), so that the driver can show it as one
 line instead of a Ray traceback; the scheduler treats a restarted worker that reports one as
@@ -103,20 +112,60 @@ def worker_device(device: str, gpus_per_worker: float) -> str:
 
 
 class EvalWorker:
-    """Runs batches on one model. Wrapped with `ray.remote` by `make_worker_class`."""
+    """Runs batches on one model, or on rank `rank` of a tensor-parallel replica. Wrapped with
+    `ray.remote` by `make_worker_class`."""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: Any, rank: int = 0, group: tuple[str, int] | None = None) -> None:
         ctx = ray.get_runtime_context()
         self.name = f"{socket.gethostname()}:{os.getpid()}:{ctx.get_node_id()[:8]}"
         self.solver: Any = None
         self.settings: Any = cfg  # the config of the work it runs now
         self.start_error = ""  # one line: why this worker has no model (see the module doc)
+        self.rank = rank
+        self.ranks: list[Any] = []  # rank 0 of a replica: the handles of ranks 1..G-1
         try:
+            if cfg.tensor_parallel > 1:
+                self._join_replica(cfg, group)
             from pipeline.methods import Solver  # heavy imports happen in the worker process
 
             self.solver = Solver.from_config(self._local(cfg))
+            if self.ranks:
+                infos = ray.get([r.info.remote() for r in self.ranks])
+                failed = [(i + 1, x["start_error"]) for i, x in enumerate(infos) if x["start_error"]]
+                if failed:
+                    raise RuntimeError(f"rank {failed[0][0]} could not start: {failed[0][1]}")
         except Exception as exc:  # noqa: BLE001 - reported by info(), shown by the driver
             self.start_error = one_line(exc)
+
+    def _join_replica(self, cfg: Any, group: tuple[str, int] | None) -> None:
+        """Rank 0: start the other ranks in this placement group's other bundles; every rank:
+        join the replica's process group."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from pipeline.shards import free_port, join_group
+
+        world = cfg.tensor_parallel
+        if self.rank == 0:
+            pg = ray.util.get_current_placement_group()
+            if pg is None:
+                raise RuntimeError(
+                    f"tensor_parallel={world}: rank 0 must run in a placement group "
+                    "(start it with pipeline.workers.start_worker)"
+                )
+            group = (ray.util.get_node_ip_address(), free_port())
+            cls = make_worker_class(cfg, max_restarts=0)
+            self.ranks = [
+                cls.options(
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        pg, placement_group_bundle_index=rank
+                    )
+                ).remote(cfg, rank, group)
+                for rank in range(1, world)
+            ]
+        assert group is not None
+        device = worker_device(cfg.device, cfg.gpus_per_worker)
+        join_group(self.rank, world, group[0], group[1], torch_device_type(device))
+        self.name += f":rank{self.rank}"
 
     @staticmethod
     def _local(cfg: Any) -> Any:
@@ -138,7 +187,11 @@ class EvalWorker:
         from pipeline.generation import kv_bytes_per_token
 
         loaded = self.solver.loaded if self.solver is not None else None
+        world = self.settings.tensor_parallel
         return {
+            "rank": self.rank,
+            "tensor_parallel": world,
+            "rank_pids": [os.getpid()] + ray.get([r.pid.remote() for r in self.ranks]),
             "name": self.name,
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id(),
@@ -146,8 +199,12 @@ class EvalWorker:
             "model": loaded.name if loaded else "",
             "device": str(loaded.device) if loaded else "",
             "load_seconds": loaded.load_seconds if loaded else 0.0,
-            "kv_bytes_per_token": kv_bytes_per_token(loaded.model) if loaded else 0,
+            # per device: a rank holds 1/G of the KV heads (about, when they do not divide)
+            "kv_bytes_per_token": kv_bytes_per_token(loaded.model) // world if loaded else 0,
         }
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def run(
         self, method: str, problems: Sequence[Problem], settings: Any = None
@@ -155,7 +212,32 @@ class EvalWorker:
         """Run a batch (with `settings`, when given: the config of the batch's run, so a worker
         restarted by Ray with its first config still runs each batch as its run says); if it
         raises, run its problems one by one so one bad problem costs only itself. Returns
-        (worker name, [ProblemResult | error text] per problem)."""
+        (worker name, [ProblemResult | error text] per problem).
+
+        Rank 0 of a replica sends the same call to the other ranks first (they run this same
+        method, so every rank takes the same steps and meets the same collectives), and returns
+        its results once theirs agree (`ranks_agree`). A rank lost on the way ends this process
+        (see the module doc)."""
+        pending = [r.run.remote(method, problems, settings) for r in self.ranks]
+        name, outcomes = self._run(method, problems, settings)
+        if not pending:
+            return name, outcomes
+        try:
+            others = [out for _, out in ray.get(pending)]
+        except RayActorError:
+            self._end_replica()
+        return name, ranks_agree(outcomes, others)
+
+    def _end_replica(self) -> None:
+        """A rank is gone and the process group with it: end this process, so the driver
+        re-queues the batch and Ray restarts rank 0, which builds the replica again."""
+        for r in self.ranks:
+            ray.kill(r, no_restart=True)
+        os._exit(1)
+
+    def _run(
+        self, method: str, problems: Sequence[Problem], settings: Any = None
+    ) -> tuple[str, list[Any]]:
         if self.solver is None:  # the scheduler sends it no work; if it did: an error each
             error = f"RuntimeError: worker could not start: {self.start_error}"
             return self.name, [error] * len(problems)
@@ -175,21 +257,93 @@ class EvalWorker:
         return self.name, outcomes
 
 
+def torch_device_type(device: str) -> str:
+    """'cpu' or 'cuda' from a worker's device string ('cuda:0' -> 'cuda')."""
+    return device.split(":")[0]
+
+
+def _answer_key(outcome: Any) -> Any:
+    """What every rank of a replica must agree on for a problem: its answers and rewards."""
+    if isinstance(outcome, ProblemResult):
+        return (outcome.cot_answer, outcome.answers, outcome.final_answer, outcome.rewards,
+                outcome.samples, outcome.error)  # fmt: skip
+    return ("error", str(outcome).strip().splitlines()[-1:])
+
+
+def ranks_agree(outcomes: list[Any], others: Sequence[list[Any]]) -> list[Any]:
+    """Rank 0's outcomes, with an error in place of each problem on which another rank's answers
+    differ (its collectives would no longer line up; recorded as an error, never as a result)."""
+    agreed = list(outcomes)
+    for rank, theirs in enumerate(others, start=1):
+        for i, (mine, other) in enumerate(zip(outcomes, theirs)):
+            if _answer_key(mine) != _answer_key(other) and isinstance(agreed[i], ProblemResult):
+                agreed[i] = (
+                    f"RuntimeError: tensor-parallel ranks disagree: rank {rank}'s answers to "
+                    f"this problem differ from rank 0's"
+                )
+    return agreed
+
+
 def one_line(exc: BaseException) -> str:
     """`Type: message` on one line (a multi-line message is joined with spaces)."""
     text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def make_worker_class(cfg: Any) -> Any:
-    """`EvalWorker` as a Ray actor class with the resources the config asks for."""
+def make_worker_class(cfg: Any, max_restarts: int | None = None) -> Any:
+    """`EvalWorker` as a Ray actor class with the resources the config asks for (per rank, for
+    a tensor-parallel replica)."""
+    restarts = cfg.max_worker_restarts if max_restarts is None else max_restarts
+    return ray.remote(max_restarts=restarts, max_task_retries=0, **_resources(cfg))(EvalWorker)
+
+
+def _resources(cfg: Any) -> dict[str, float]:
     if cfg.gpus_per_worker > 0:
-        resources = {"num_gpus": cfg.gpus_per_worker, "num_cpus": 1}
-    else:
-        resources = {"num_cpus": cfg.cpus_per_worker}
-    return ray.remote(max_restarts=cfg.max_worker_restarts, max_task_retries=0, **resources)(
-        EvalWorker
-    )
+        return {"num_gpus": cfg.gpus_per_worker, "num_cpus": 1}
+    return {"num_cpus": cfg.cpus_per_worker}
+
+
+# Placement groups of the replicas started here, by rank 0's actor id (removed by stop_worker).
+_PLACEMENT: dict[str, Any] = {}
+PLACEMENT_TIMEOUT_S = 300.0
+
+
+def start_worker(cfg: Any) -> Any:
+    """Start one worker (an `EvalWorker`), or one tensor-parallel replica: a placement group of
+    `tensor_parallel` bundles on one node and its rank 0 (which starts the others). Returns the
+    handle the scheduler uses; `stop_worker` ends it."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    cls = make_worker_class(cfg)
+    world = cfg.tensor_parallel
+    if world == 1:
+        return cls.remote(cfg)
+    bundle = {"CPU": 1.0, "GPU": 1.0} if cfg.gpus_per_worker > 0 else {"CPU": cfg.cpus_per_worker}
+    pg = placement_group([dict(bundle) for _ in range(world)], strategy="STRICT_PACK")
+    ready, _ = ray.wait([pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
+    if not ready:
+        remove_placement_group(pg)
+        raise NoWorkerLeftError(
+            f"tensor_parallel={world} needs {world} x {bundle} on one node; the cluster could not "
+            f"place them within {PLACEMENT_TIMEOUT_S:.0f} s (it has "
+            f"{ray.cluster_resources()}). Lower tensor_parallel or workers, or add a larger node"
+        )
+    handle = cls.options(
+        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
+    ).remote(cfg)
+    _PLACEMENT[handle._actor_id.hex()] = pg
+    return handle
+
+
+def stop_worker(handle: Any) -> None:
+    """End a worker (a replica: rank 0, hence its other ranks, and its placement group)."""
+    from ray.util.placement_group import remove_placement_group
+
+    ray.kill(handle)
+    pg = _PLACEMENT.pop(handle._actor_id.hex(), None)
+    if pg is not None:
+        remove_placement_group(pg)
 
 
 def make_batches(
