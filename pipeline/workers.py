@@ -131,7 +131,9 @@ class EvalWorker:
             self.solver = Solver.from_config(self._local(cfg))
             if self.ranks:
                 infos = ray.get([r.info.remote() for r in self.ranks])
-                failed = [(i + 1, x["start_error"]) for i, x in enumerate(infos) if x["start_error"]]
+                failed = [
+                    (i + 1, x["start_error"]) for i, x in enumerate(infos) if x["start_error"]
+                ]
                 if failed:
                     raise RuntimeError(f"rank {failed[0][0]} could not start: {failed[0][1]}")
         except Exception as exc:  # noqa: BLE001 - reported by info(), shown by the driver

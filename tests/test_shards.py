@@ -1,0 +1,320 @@
+"""Tensor-parallel replicas on CPU with real components: G Ray actors (one per rank) joined in a
+gloo process group, the model sharded by transformers' tp_plan or by DeepSpeed AutoTP, compared
+with the same model unsharded (G = 1).
+
+Two models: a tiny random Llama (4 heads, 2 KV heads: splits evenly over 2) saved with the
+embedded tokenizer, and the embedded SmolLM2-135M (9 heads, 3 KV heads: transformers can split it
+only over 3, DeepSpeed also over 2, as 5 + 4 heads)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import ray
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from jobs.run import run_evaluation
+from pipeline.config import Config, ConfigError
+from pipeline.generation import GenerationRequest, Generator
+from pipeline.latent import latent_step
+from pipeline.model import ModelError, embedded_gguf_path, gguf_cache_dir, load_model
+from pipeline.prompts import render_chat
+from pipeline.records import RecordStore
+from pipeline.shards import ShardError, check_shardable, free_port, join_group
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Tolerances seen (see the README): hidden states differ by up to ~5e-5 (summation order of the
+# all-reduce), the Z gradient by ~2e-6 relative.
+Z_ATOL = 1e-3
+GRAD_RTOL = 1e-3
+
+# (model, backend, G): every backend on both models, at a G that splits each model.
+CASES = [
+    ("tiny", "transformers", 2),
+    ("tiny", "deepspeed", 2),
+    ("embedded", "transformers", 3),
+    ("embedded", "deepspeed", 2),
+]
+
+
+@pytest.fixture(scope="module")
+def shard_ray():
+    """A real local Ray with 3 CPUs (a replica of 3 ranks), shut down after the module."""
+    # Ray's workers import this module (the `Rank` actor) by its pytest name, from tests/.
+    paths = [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
+    os.environ["PYTHONPATH"] = os.pathsep.join(paths)
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, embedded) -> Path:
+    """A random 2-layer Llama with the embedded model's tokenizer, saved as safetensors."""
+    tokenizer_dir = gguf_cache_dir(embedded_gguf_path(), Config().model_cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        initializer_range=0.3,  # peaked logits: no near-ties for rounding to flip
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def model_spec(name: str, tiny_dir: Path) -> str:
+    return str(tiny_dir) if name == "tiny" else "embedded"
+
+
+def probe(cfg: Config) -> dict[str, Any]:
+    """Greedy tokens and z_t of two GSM8K-style prompts, then one LatentSeek step on the first
+    one's Z (reward -1): its gradient, the updated Z and the new prefix. Runs on whatever
+    `load_model(cfg)` gives: the whole model, or this rank's shard."""
+    loaded = load_model(cfg)
+    gen = Generator(loaded.model, loaded.tokenizer)
+    questions = [
+        "Janet has 3 apples and buys 5 more. How many apples does she have?",
+        "A train goes 60 km in an hour. How far does it go in 3 hours?",
+    ]
+    prompts = [render_chat(loaded.tokenizer, [{"role": "user", "content": q}]) for q in questions]
+    results = gen.generate(
+        [GenerationRequest(prompt_ids=p, max_new_tokens=16, capture=6) for p in prompts]
+    )
+    z = results[0].hidden.clone()[None].requires_grad_(True)  # [1, U, D]
+    z_before = z.detach().clone()
+    optimizer = torch.optim.Adam([z], lr=0.03)
+    step = latent_step(z, None, torch.tensor([-1.0]), gen.logits, optimizer)
+    return {
+        "tokens": [r.tokens for r in results],
+        "z": np.stack([r.hidden.numpy() for r in results if r.hidden is not None][:1]),
+        "grad": z.grad.detach().numpy().copy(),
+        "z_after": z.detach().numpy().copy(),
+        "z_before": z_before.numpy(),
+        "prefix": step.tokens.tolist(),
+        "parameters": loaded.num_parameters,
+    }
+
+
+@ray.remote(num_cpus=1)
+class Rank:
+    """One rank of a hand-made replica: joins the group, loads its shard, runs `probe`."""
+
+    def probe(self, cfg: Config, rank: int, port: int) -> dict[str, Any]:
+        torch.set_num_threads(1)
+        join_group(rank, cfg.tensor_parallel, "127.0.0.1", port, "cpu")
+        return probe(cfg)
+
+
+def sharded_probe(cfg: Config) -> list[dict[str, Any]]:
+    port = free_port()
+    ranks = [Rank.remote() for _ in range(cfg.tensor_parallel)]
+    try:
+        return ray.get([r.probe.remote(cfg, i, port) for i, r in enumerate(ranks)], timeout=300)
+    finally:
+        for r in ranks:
+            ray.kill(r)
+
+
+@pytest.mark.parametrize("model,backend,world", CASES)
+def test_sharded_model_matches_the_whole_model(shard_ray, tiny_dir, model, backend, world):
+    cfg = Config(model=model_spec(model, tiny_dir), device="cpu", dtype="float32")
+    whole = probe(cfg)
+    ranks = sharded_probe(cfg.replace(tensor_parallel=world, shard_backend=backend))
+    assert len(whole["tokens"][0]) >= 6, "the probe should decode past the captured positions"
+    for rank, got in enumerate(ranks):
+        assert got["tokens"] == whole["tokens"], f"rank {rank}: greedy tokens differ"
+        np.testing.assert_allclose(got["z"], whole["z"], atol=Z_ATOL, err_msg=f"rank {rank}: z_t")
+        # The full Z gradient on every rank (DeepSpeed's own head gives each rank a slice only).
+        scale = np.abs(whole["grad"]).max()
+        assert scale > 0
+        np.testing.assert_allclose(
+            got["grad"], whole["grad"], atol=GRAD_RTOL * scale, err_msg=f"rank {rank}: dZ"
+        )
+        np.testing.assert_allclose(got["z_after"], whole["z_after"], atol=Z_ATOL)
+        assert got["prefix"] == whole["prefix"], f"rank {rank}: the new prefix differs"
+        assert got["parameters"] == whole["parameters"]
+    assert ranks[0]["z_after"].tobytes() == ranks[-1]["z_after"].tobytes(), (
+        "the ranks must take bit-identical steps (they stay in lockstep without exchanging Z)"
+    )
+
+
+def run_cfg(tmp_path: Path, run_id: str, **kw: Any) -> Config:
+    base = dict(
+        dataset="gsm8k",
+        limit=2,
+        method=["latentseek"],
+        reward="psrm",
+        max_new_tokens=24,
+        max_iters=2,
+        rho=0.5,
+        batch_size=2,
+        workers=1,
+        threads=1,
+        device="cpu",
+        output_dir=str(tmp_path / "out"),
+        run_id=run_id,
+    )
+    base.update(kw)
+    return Config(**base)
+
+
+TRAJECTORY = ["problem_id", "cot_answer", "final_answer", "rewards", "stop_reason", "error"]
+
+
+@pytest.mark.parametrize("model,backend,world", CASES)
+def test_a_replica_runs_the_same_latentseek_trajectory(shard_ray, tmp_path, tiny_dir, model,
+                                                       backend, world):  # fmt: skip
+    spec = model_spec(model, tiny_dir)
+    logs: list[str] = []
+    whole = run_evaluation(run_cfg(tmp_path, "g1", model=spec), progress=False, log=lambda m: None)
+    sharded = run_evaluation(
+        run_cfg(tmp_path, "gn", model=spec, tensor_parallel=world, shard_backend=backend),
+        progress=False,
+        log=logs.append,
+    )
+    problems = [RecordStore(s.run_dir).read_problems().sort_values("problem_id") for s in
+                (whole, sharded)]  # fmt: skip
+    assert (problems[1]["error"] == "").all(), problems[1]["error"].tolist()
+    a, b = (p[TRAJECTORY].map(str).values.tolist() for p in problems)
+    assert a == b
+    # Every iteration: the same answer, reward and changed tokens; loss and |dZ| within rounding.
+    a, b = (
+        RecordStore(s.run_dir).read_iterations().sort_values(["problem_id", "iteration"])
+        for s in (whole, sharded)
+    )
+    assert len(a) == 6  # 2 problems x (CoT + 2 iterations): psrm rewards -1 for these answers
+    for column in ("iteration", "answer", "reward", "tokens_changed"):
+        assert a[column].map(str).tolist() == b[column].map(str).tolist(), column
+    for column in ("loss", "grad_norm"):
+        np.testing.assert_allclose(b[column].astype(float), a[column].astype(float), rtol=1e-3)
+    assert any("KV cache" in line for line in logs)
+
+
+@pytest.mark.parametrize("rank", [1, 0])
+def test_a_killed_rank_is_survived(shard_ray, tmp_path, tiny_dir, rank):
+    """SIGKILL one rank of a replica between two batches. Rank 1: the next batch fails on the
+    broken group and rank 0 ends itself. Rank 0: its batch fails at once, and rank 1 (which it
+    owns) dies with it. Either way the batch is re-queued and Ray restarts rank 0, which builds
+    a new replica; every problem is recorded once, without error, with the answers of G = 1."""
+    spec = str(tiny_dir)
+    killed: list[int] = []
+
+    def kill_rank(state: dict[str, Any]) -> None:
+        if not killed:
+            pid = state["infos"][0]["rank_pids"][rank]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    common = dict(model=spec, method=["cot"], limit=4, task_size=1, batch_size=1)
+    whole = run_evaluation(run_cfg(tmp_path, "g1", **common), progress=False, log=lambda m: None)
+    sharded = run_evaluation(
+        run_cfg(tmp_path, "g2", tensor_parallel=2, **common),
+        progress=False,
+        on_batch=kill_rank,
+        log=lambda m: None,
+    )
+    assert killed
+    assert sharded.worker_failures == 1
+    a = RecordStore(whole.run_dir).read_problems().sort_values("problem_id")
+    b = RecordStore(sharded.run_dir).read_problems().sort_values("problem_id")
+    assert len(b) == 4 and b["problem_id"].is_unique
+    assert (b["error"] == "").all(), b["error"].tolist()
+    assert a["final_answer"].tolist() == b["final_answer"].tolist()
+
+
+def test_a_model_that_does_not_divide_stops_before_any_worker(shard_ray, tmp_path):
+    cfg = run_cfg(tmp_path, "bad", tensor_parallel=2, shard_backend="transformers")
+    with pytest.raises(
+        ModelError, match=r"attention heads 9.*KV heads 3.*tensor_parallel in \[3\]"
+    ):
+        run_evaluation(cfg, progress=False, log=lambda m: None)
+
+
+def test_check_shardable_names_each_size_that_does_not_divide():
+    config = LlamaConfig(
+        vocab_size=102, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+        num_key_value_heads=2,
+    )  # fmt: skip
+    check_shardable(config, 2, "transformers")
+    check_shardable(config, 4, "deepspeed")  # AutoTP splits uneven sizes
+    with pytest.raises(ShardError, match="KV heads 2, vocabulary 102 not divisible by 4"):
+        check_shardable(config, 4, "transformers")
+    with pytest.raises(ShardError, match="allowed: transformers, deepspeed"):
+        check_shardable(config, 2, "megatron")
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(tensor_parallel=0), "tensor_parallel=0: must be >= 1"),
+        (dict(tensor_parallel=2, gpus_per_worker=2.0), "each rank owns one device"),
+        (dict(tensor_parallel=2, device_map="auto"), "device_map='auto'"),
+        (dict(shard_backend="megatron"), "shard_backend='megatron'"),
+    ],
+)
+def test_bad_shard_settings_are_refused_with_the_key(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        Config(**kw)
+
+
+def test_device_map_auto_loads_the_same_model(embedded):
+    """device_map=auto (layers over the devices of one worker) on a CPU-only machine: everything
+    lands on the CPU and decoding is unchanged. Spreading over GPUs is `make gpu-check`'s."""
+    cfg = Config(model="embedded", device="cpu", dtype="float32", device_map="auto")
+    loaded = load_model(cfg)
+    assert loaded.device.type == "cpu"
+    prompt = embedded.tokenizer("Janet has 3 apples and buys 5 more.")["input_ids"]
+    request = [GenerationRequest(prompt_ids=prompt, max_new_tokens=12)]
+    a = Generator(loaded.model, loaded.tokenizer).generate(request)[0].tokens
+    b = Generator(embedded.model, embedded.tokenizer).generate(request)[0].tokens
+    assert a == b
+
+
+def test_gpu_check_measures_agreement_and_fails_beyond_its_tolerance():
+    """`make gpu-check`'s steps on the CPU in float32 (G = 1 and a G = 2 replica): every
+    variant agrees with the reference top-1 at 1.000, so a tolerance above 1 must fail both."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.gpu_check", "--device", "cpu", "--dtype", "float32",
+         "--problems", "2", "--max-new-tokens", "12", "--tensor-parallel", "1,2",
+         "--min-agreement", "1.01"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    failed = [line for line in proc.stdout.splitlines() if line.startswith("FAILED")]
+    assert failed == [
+        "FAILED cpu float32 G=1: top-1 agreement 1.000 < 1.01",
+        "FAILED cpu float32 G=2 (deepspeed): top-1 agreement 1.000 < 1.01",
+    ]
+    assert "tokens/s vs model.generate" in proc.stdout
+
+
+def test_gpu_check_without_a_gpu_says_so(capsys):
+    from jobs.gpu_check import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")  # the check itself is then `make gpu-check`
+    assert main(["--problems", "1"]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
