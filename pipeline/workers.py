@@ -305,9 +305,22 @@ def _resources(cfg: Any) -> dict[str, float]:
     return {"num_cpus": cfg.cpus_per_worker}
 
 
-# Placement groups of the replicas started here, by rank 0's actor id (removed by stop_worker).
-_PLACEMENT: dict[str, Any] = {}
 PLACEMENT_TIMEOUT_S = 300.0
+
+
+@dataclass(eq=False)
+class Replica:
+    """A tensor-parallel replica as the driver holds it: rank 0's actor handle, which the
+    scheduler calls as it calls a worker (`run`, `info`), and the placement group that
+    `stop_worker` removes with it."""
+
+    rank0: Any
+    placement: Any
+
+    def __getattr__(self, name: str) -> Any:  # run, info, ... of rank 0
+        if name.startswith("__") or name in ("rank0", "placement"):
+            raise AttributeError(name)  # not set yet (copy, pickle): no recursion
+        return getattr(self.rank0, name)
 
 
 def start_worker(cfg: Any) -> Any:
@@ -322,6 +335,15 @@ def start_worker(cfg: Any) -> Any:
     if world == 1:
         return cls.remote(cfg)
     bundle = {"CPU": 1.0, "GPU": 1.0} if cfg.gpus_per_worker > 0 else {"CPU": cfg.cpus_per_worker}
+    need = {k: v * world for k, v in bundle.items()}
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if not any(all(r.get(k, 0) >= v for k, v in need.items()) for r in nodes):
+        biggest = max(nodes, key=lambda r: r.get("CPU", 0), default={})
+        raise NoWorkerLeftError(
+            f"tensor_parallel={world} needs {world} x {bundle} on one node, and no node of "
+            f"this cluster has {need} (the largest has CPU {biggest.get('CPU', 0):g}, GPU "
+            f"{biggest.get('GPU', 0):g}). Lower tensor_parallel, or add a larger node"
+        )
     pg = placement_group([dict(bundle) for _ in range(world)], strategy="STRICT_PACK")
     ready, _ = ray.wait([pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
     if not ready:
@@ -331,21 +353,22 @@ def start_worker(cfg: Any) -> Any:
             f"place them within {PLACEMENT_TIMEOUT_S:.0f} s (it has "
             f"{ray.cluster_resources()}). Lower tensor_parallel or workers, or add a larger node"
         )
-    handle = cls.options(
+    rank0 = cls.options(
         scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
     ).remote(cfg)
-    _PLACEMENT[handle._actor_id.hex()] = pg
-    return handle
+    return Replica(rank0, pg)
 
 
-def stop_worker(handle: Any) -> None:
-    """End a worker (a replica: rank 0, hence its other ranks, and its placement group)."""
+def stop_worker(worker: Any) -> None:
+    """End a worker for good (a replica: rank 0, hence its other ranks, and its placement
+    group, so that its resources are free for the next workers)."""
     from ray.util.placement_group import remove_placement_group
 
-    ray.kill(handle)
-    pg = _PLACEMENT.pop(handle._actor_id.hex(), None)
-    if pg is not None:
-        remove_placement_group(pg)
+    if isinstance(worker, Replica):
+        ray.kill(worker.rank0, no_restart=True)
+        remove_placement_group(worker.placement)
+    else:
+        ray.kill(worker, no_restart=True)
 
 
 def make_batches(
@@ -450,7 +473,7 @@ class Scheduler:
                     if not info["start_error"]:
                         idle.append(worker)
                     else:  # restarted, but cannot load its model: dead for good too
-                        ray.kill(worker, no_restart=True)
+                        stop_worker(worker)
                         if self.on_worker_lost:
                             self.on_worker_lost(
                                 f"a restarted worker could not start: {info['start_error']}"

@@ -19,7 +19,7 @@ import ray
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from jobs.run import run_evaluation
+from jobs.run import RunError, run_evaluation
 from pipeline.config import Config, ConfigError
 from pipeline.generation import GenerationRequest, Generator
 from pipeline.latent import latent_step
@@ -318,3 +318,13 @@ def test_gpu_check_without_a_gpu_says_so(capsys):
         pytest.skip("this machine has a GPU")  # the check itself is then `make gpu-check`
     assert main(["--problems", "1"]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_a_replica_larger_than_any_node_stops_with_what_it_needs(shard_ray, tmp_path, tiny_dir):
+    cfg = run_cfg(
+        tmp_path, "big", model=str(tiny_dir), tensor_parallel=4, shard_backend="deepspeed"
+    )
+    with pytest.raises(
+        RunError, match=r"tensor_parallel=4 needs 4 x \{.CPU.: 1\} on one node"
+    ):  # 3 CPUs
+        run_evaluation(cfg, progress=False, log=lambda m: None)
