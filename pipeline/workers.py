@@ -193,7 +193,7 @@ class EvalWorker:
         return {
             "rank": self.rank,
             "tensor_parallel": world,
-            "rank_pids": [os.getpid()] + ray.get([r.pid.remote() for r in self.ranks]),
+            "rank_pids": [os.getpid()] + self._rank_pids(),
             "name": self.name,
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id(),
@@ -207,6 +207,16 @@ class EvalWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def _rank_pids(self) -> list[int]:
+        """The other ranks' process ids (-1 for a rank that is gone)."""
+        pids = []
+        for r in self.ranks:
+            try:
+                pids.append(ray.get(r.pid.remote()))
+            except RayActorError:
+                pids.append(-1)
+        return pids
 
     def run(
         self, method: str, problems: Sequence[Problem], settings: Any = None
