@@ -78,13 +78,10 @@ def generate_tokens_per_s(solver: Any, prompts: list[list[int]], n: int) -> floa
     """`model.generate` (greedy, its own cache) on the prompts as one left-padded batch, `n`
     tokens each (EOS ignored), after a warm-up."""
     tok, model, device = solver.tokenizer, solver.loaded.model, solver.loaded.device
+    from jobs.bench.rows import left_padded
+
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :], mask[i, width - len(p) :] = torch.tensor(p), 1
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = left_padded(prompts, pad, device)
 
     def run(k: int) -> None:
         with torch.no_grad():
@@ -126,6 +123,16 @@ def engine_variant(name: str, cfg: Config, problems: list[Any], sequences: list[
     return variant, solver
 
 
+def _rank_predictions(
+    cfg: Config, sequences: list[list[int]], starts: list[int]
+) -> list[list[int]]:
+    """`predictions` on this rank's shard (run on every rank by `run_on_ranks`)."""
+    from pipeline.model import load_model
+
+    loaded = load_model(cfg)
+    return predictions(loaded.model, loaded.device, sequences, starts)
+
+
 def replica_variant(cfg: Config, problems: list[Any], sequences: list[list[int]],
                     starts: list[int]) -> Variant:  # fmt: skip
     """G = cfg.tensor_parallel through the pipeline (answers), and through hand-made ranks
@@ -134,7 +141,7 @@ def replica_variant(cfg: Config, problems: list[Any], sequences: list[list[int]]
 
     from jobs.run import run_evaluation
     from pipeline.records import RecordStore
-    from pipeline.shards import free_port, join_group
+    from pipeline.workers import run_on_ranks
 
     gpu = cfg.device.startswith("cuda")
     world = cfg.tensor_parallel
@@ -150,18 +157,7 @@ def replica_variant(cfg: Config, problems: list[Any], sequences: list[list[int]]
         if (rows["error"] != "").any():
             raise RuntimeError(f"G={world}: errors: {sorted(set(rows['error']))[:3]}")
 
-        @ray.remote(num_gpus=1 if gpu else 0, num_cpus=1)
-        class Rank:
-            def predict(self, rank: int, port: int) -> list[list[int]]:
-                from pipeline.model import load_model
-
-                join_group(rank, world, "127.0.0.1", port, "cuda" if gpu else "cpu")
-                loaded = load_model(cfg.replace(device="cuda" if gpu else "cpu"))
-                return predictions(loaded.model, loaded.device, sequences, starts)
-
-        port = free_port()
-        ranks = [Rank.remote() for _ in range(world)]
-        preds = ray.get([r.predict.remote(i, port) for i, r in enumerate(ranks)])[0]
+        preds = run_on_ranks(run_cfg, _rank_predictions, sequences, starts)[0]
         return Variant(
             f"{cfg.device} {cfg.dtype} G={world} ({cfg.shard_backend})",
             [a if isinstance(a, str) else "" for a in rows["final_extracted"]],

@@ -381,6 +381,35 @@ def stop_worker(worker: Any) -> None:
         ray.kill(worker, no_restart=True)
 
 
+def run_on_ranks(cfg: Any, fn: Callable[..., Any], *args: Any, timeout: float = 600.0) -> list[Any]:
+    """`fn(cfg, *args)` on each of `cfg.tensor_parallel` fresh Ray actors joined as one
+    replica's process group on this node (one device each): every rank's result, rank 0 first.
+    For work on a sharded model outside the scheduler: the tests, `make gpu-check`,
+    scripts/shard_latency.py. `fn` loads its own shard (`pipeline.model.load_model(cfg)`)."""
+    from pipeline.shards import free_port, join_group
+
+    world = cfg.tensor_parallel
+    device_type = torch_device_type(worker_device(cfg.device, cfg.gpus_per_worker))
+
+    @ray.remote(**_resources(cfg))
+    class Rank:
+        def call(self, rank: int, port: int) -> Any:
+            import torch
+
+            torch.set_num_threads(cfg.threads or cfg.cpus_per_worker)
+            if world > 1:
+                join_group(rank, world, "127.0.0.1", port, device_type)
+            return fn(cfg, *args)
+
+    port = free_port()
+    ranks = [Rank.remote() for _ in range(world)]
+    try:
+        return ray.get([r.call.remote(i, port) for i, r in enumerate(ranks)], timeout=timeout)
+    finally:
+        for r in ranks:
+            ray.kill(r)
+
+
 def make_batches(
     problems: Sequence[Problem], methods: Sequence[str], batch_size: int
 ) -> list[Batch]:

@@ -23,29 +23,25 @@ from pipeline.config import Config
 from pipeline.generation import GenerationRequest, Generator
 from pipeline.model import load_model
 from pipeline.prompts import render_chat
-from pipeline.shards import free_port, join_group
+from pipeline.workers import run_on_ranks
 
 QUESTION = "Janet has 3 apples and buys 5 more. How many apples does she have?"
 
 
-@ray.remote(num_cpus=1)
-class Rank:
-    def time_decode(self, cfg: Config, rank: int, port: int, tokens: int, rows: int) -> float:
-        torch.set_num_threads(1)
-        if cfg.tensor_parallel > 1:
-            join_group(rank, cfg.tensor_parallel, "127.0.0.1", port, "cpu")
-        loaded = load_model(cfg)
-        gen = Generator(loaded.model, loaded.tokenizer)
-        prompt = render_chat(loaded.tokenizer, [{"role": "user", "content": QUESTION}])
-        # No stop token: every row decodes `tokens` tokens.
-        request = GenerationRequest(prompt, tokens, stop_ids=frozenset())
-        gen.generate([request] * rows)  # warm-up
-        seconds = []
-        for _ in range(3):
-            start = time.perf_counter()
-            gen.generate([request] * rows)
-            seconds.append(time.perf_counter() - start)
-        return statistics.median(seconds) / tokens
+def time_decode(cfg: Config, tokens: int, rows: int) -> float:
+    """Seconds per decode step of `rows` rows on this rank's shard (every rank runs it)."""
+    loaded = load_model(cfg)
+    gen = Generator(loaded.model, loaded.tokenizer)
+    prompt = render_chat(loaded.tokenizer, [{"role": "user", "content": QUESTION}])
+    # No stop token: every row decodes `tokens` tokens.
+    request = GenerationRequest(prompt, tokens, stop_ids=frozenset())
+    gen.generate([request] * rows)  # warm-up
+    seconds = []
+    for _ in range(3):
+        start = time.perf_counter()
+        gen.generate([request] * rows)
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds) / tokens
 
 
 def even_heads_model(directory: str) -> str:
@@ -84,12 +80,7 @@ def main() -> None:
                      shard_backend=backend)  # fmt: skip
         cells = []
         for rows in (int(r) for r in args.rows.split(",")):
-            port = free_port()
-            ranks = [Rank.remote() for _ in range(world)]
-            per_token = ray.get([r.time_decode.remote(cfg, i, port, args.tokens, rows)
-                                 for i, r in enumerate(ranks)])[0]  # fmt: skip
-            for r in ranks:
-                ray.kill(r)
+            per_token = run_on_ranks(cfg, time_decode, args.tokens, rows)[0]
             cells.append(f"{per_token * 1000:17.1f}")
         label = "(whole)" if world == 1 else backend
         print(f"{name:10s} {label:13s} {world:2d} " + " ".join(cells))

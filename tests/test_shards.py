@@ -26,7 +26,8 @@ from pipeline.latent import latent_step
 from pipeline.model import ModelError, embedded_gguf_path, gguf_cache_dir, load_model
 from pipeline.prompts import render_chat
 from pipeline.records import RecordStore
-from pipeline.shards import ShardError, check_shardable, free_port, join_group
+from pipeline.shards import ShardError, check_shardable
+from pipeline.workers import run_on_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,7 +48,7 @@ CASES = [
 @pytest.fixture(scope="module")
 def shard_ray():
     """A real local Ray with 3 CPUs (a replica of 3 ranks), shut down after the module."""
-    # Ray's workers import this module (the `Rank` actor) by its pytest name, from tests/.
+    # Ray's workers import this module (`probe`, run on each rank) by its pytest name, from tests/.
     paths = [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
     os.environ["PYTHONPATH"] = os.pathsep.join(paths)
     ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
@@ -101,45 +102,23 @@ def probe(cfg: Config) -> dict[str, Any]:
         [GenerationRequest(prompt_ids=p, max_new_tokens=16, capture=6) for p in prompts]
     )
     z = results[0].hidden.clone()[None].requires_grad_(True)  # [1, U, D]
-    z_before = z.detach().clone()
     optimizer = torch.optim.Adam([z], lr=0.03)
     step = latent_step(z, None, torch.tensor([-1.0]), gen.logits, optimizer)
     return {
         "tokens": [r.tokens for r in results],
-        "z": np.stack([r.hidden.numpy() for r in results if r.hidden is not None][:1]),
+        "z": results[0].hidden.numpy(),  # [U, D]
         "grad": z.grad.detach().numpy().copy(),
         "z_after": z.detach().numpy().copy(),
-        "z_before": z_before.numpy(),
         "prefix": step.tokens.tolist(),
         "parameters": loaded.num_parameters,
     }
-
-
-@ray.remote(num_cpus=1)
-class Rank:
-    """One rank of a hand-made replica: joins the group, loads its shard, runs `probe`."""
-
-    def probe(self, cfg: Config, rank: int, port: int) -> dict[str, Any]:
-        torch.set_num_threads(1)
-        join_group(rank, cfg.tensor_parallel, "127.0.0.1", port, "cpu")
-        return probe(cfg)
-
-
-def sharded_probe(cfg: Config) -> list[dict[str, Any]]:
-    port = free_port()
-    ranks = [Rank.remote() for _ in range(cfg.tensor_parallel)]
-    try:
-        return ray.get([r.probe.remote(cfg, i, port) for i, r in enumerate(ranks)], timeout=300)
-    finally:
-        for r in ranks:
-            ray.kill(r)
 
 
 @pytest.mark.parametrize("model,backend,world", CASES)
 def test_sharded_model_matches_the_whole_model(shard_ray, tiny_dir, model, backend, world):
     cfg = Config(model=model_spec(model, tiny_dir), device="cpu", dtype="float32")
     whole = probe(cfg)
-    ranks = sharded_probe(cfg.replace(tensor_parallel=world, shard_backend=backend))
+    ranks = run_on_ranks(cfg.replace(tensor_parallel=world, shard_backend=backend), probe)
     assert len(whole["tokens"][0]) >= 6, "the probe should decode past the captured positions"
     for rank, got in enumerate(ranks):
         assert got["tokens"] == whole["tokens"], f"rank {rank}: greedy tokens differ"
@@ -311,11 +290,10 @@ def test_gpu_check_measures_agreement_and_fails_beyond_its_tolerance():
     assert "tokens/s vs model.generate" in proc.stdout
 
 
-def test_gpu_check_without_a_gpu_says_so(capsys):
+def test_gpu_check_without_a_gpu_says_so(capsys, monkeypatch):
     from jobs.gpu_check import main
 
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")  # the check itself is then `make gpu-check`
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # also on a machine with GPUs
     assert main(["--problems", "1"]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
 

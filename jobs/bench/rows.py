@@ -197,6 +197,20 @@ def naive(cfg: Any, spec: dict) -> dict:
     return _result(time.perf_counter() - start, rows, rss_loaded, dtype=str(solver.loaded.dtype))
 
 
+def left_padded(rows: list[list[int]], pad: int, device: Any) -> tuple[Any, Any]:
+    """(input ids, attention mask) [B, L] of token rows left-padded to the longest, on `device`:
+    the layout `model.generate` expects."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
+    return ids.to(device), mask.to(device)
+
+
 def ceiling(cfg: Any, spec: dict) -> dict:
     """Plain `model.generate` (greedy, its own KV cache) on left-padded batches of the same
     prompts: rows of `max_new_tokens` tokens (EOS ignored: min_new_tokens = max_new_tokens)
@@ -210,13 +224,7 @@ def ceiling(cfg: Any, spec: dict) -> dict:
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
 
     def generate(rows: list[list[int]], n: int) -> int:
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r) :] = torch.tensor(r)
-            mask[i, width - len(r) :] = 1
-        ids, mask = ids.to(solver.loaded.device), mask.to(solver.loaded.device)
+        ids, mask = left_padded(rows, pad, solver.loaded.device)
         with torch.no_grad():
             out = model.generate(
                 input_ids=ids,
