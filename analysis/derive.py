@@ -1,9 +1,9 @@
 """A sweep point's metrics read off a larger run's records (derive instead of recompute).
 
 - LatentSeek with K = k from a run with K' >= k: each problem's answer after min(k, its
-  iterations) steps (an early stop carried forward), by `analysis.report.latent_curve`.
+  iterations) steps (an early stop carried forward), by `analysis.curves.latent_curve`.
 - BoN / SC with n samples from a run with N >= n: the first n recorded samples, selected by the
-  engine's own rules, by `analysis.report.sample_curve`.
+  engine's own rules, by `analysis.curves.sample_curve`.
 - CoT does not depend on K or n: its metrics are the run's own.
 
 Token and FLOP figures of derived points are estimates (see `latent_curve` and `sample_curve`);
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis.report import latent_curve, sample_curve
+from analysis.curves import latent_curve, sample_curve
 from analysis.tables import iteration_curves, summary_table
 from pipeline.records import read_records
 

@@ -26,15 +26,9 @@ import argparse
 import pandas as pd
 import pytest
 
-from analysis.report import (
-    ReportFiles,
-    add_arguments,
-    find_run_dirs,
-    main,
-    paired_gain,
-    wilson_interval,
-    write_report,
-)
+from analysis.accuracy import paired_gain, wilson_interval
+from analysis.records import find_run_dirs
+from analysis.report import ReportFiles, add_arguments, main, write_report
 from analysis.tables import accuracy_by_iteration
 from pipeline.config import Config
 from pipeline.records import RecordStore, read_records

@@ -1,0 +1,286 @@
+"""Curves from records: LatentSeek after k latent steps (accuracy, reward, compute), BoN and SC
+with n <= N samples (subsampled from the recorded samples), accuracy against compute, and how
+many iterations LatentSeek used and how many prefix tokens a step changed.
+
+After k latent steps a problem that ran more than k is scored by its answer at step k, one that
+ran at most k by the answer it returned. Scoring BoN and SC with fewer samples than were drawn
+calls the engine's own selection and grading rules (`pipeline.methods.select_best`,
+`majority_vote`, `pipeline.grading.extract_answer`, `pipeline.compat.make_grader`), imported only
+when BoN or SC records are present.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from analysis.records import CONFIGURATION_KEY, SETTING_COLUMNS, Records, settings_of
+
+# ------------------------------------------------------------------------------------------
+# LatentSeek after k steps: accuracy, reward, compute
+
+
+def _final_reward(rewards: Any, initial: Any) -> float:
+    if rewards is not None and len(rewards):
+        return float(rewards[-1])
+    return float("nan") if initial is None or pd.isna(initial) else float(initial)
+
+
+def _max_k(g: pd.DataFrame) -> int:
+    observed = int(g["iterations"].max())
+    configured = pd.to_numeric(g["max_iters"], errors="coerce").max()
+    return max(observed, 0 if pd.isna(configured) else int(configured))
+
+
+LATENT_CURVE_COLUMNS = [
+    "k", "problems", "accuracy_pct", "mean_reward", "reward_problems", "running_pct",
+    "tokens_per_problem", "flops_per_problem",
+]  # fmt: skip
+
+
+def latent_curve(g: pd.DataFrame, iterations: pd.DataFrame, max_k: int) -> pd.DataFrame:
+    """Per k = 0..max_k for one LatentSeek configuration (problem rows `g`, their iteration
+    rows): accuracy, mean reward, share still iterating, tokens and FLOPs per problem.
+
+    Tokens after k steps (k' = min(k, iterations)) are estimated from the recorded totals:
+    solver prompt tokens + solver generated tokens x (answer tokens of iterations 0..k') /
+    (answer tokens of all iterations) + verifier tokens x (k' + 1) / (iterations + 1), the
+    verifiers scoring one answer per iteration; FLOPs scale with the tokens.
+    """
+    ks = np.arange(max_k + 1)
+    pids = g["problem_id"].to_numpy()
+    steps = iterations.drop_duplicates(["problem_id", "iteration"], keep="last")
+
+    def by_step(column: str) -> np.ndarray:  # [P, K + 1], NaN where no iteration row
+        wide = steps.pivot(index="problem_id", columns="iteration", values=column)
+        return wide.reindex(index=pids, columns=ks).to_numpy(dtype=float)
+
+    n = g["iterations"].to_numpy(int)[:, None]  # [P, 1]
+    ran_more = ks[None, :] < n  # [P, K + 1]: scored by the answer at step k
+    step_correct = np.nan_to_num(by_step("correct"), nan=0.0) > 0
+    final_correct = g["final_correct"].to_numpy(bool)[:, None]
+    correct = np.where(ran_more, step_correct, final_correct)
+    final_reward = np.array(
+        [_final_reward(r, r0) for r, r0 in zip(g["rewards"], g["initial_reward"])]
+    )[:, None]
+    reward = np.where(ran_more, by_step("reward"), final_reward)
+    answer_tokens = np.where(ks[None, :] <= n, np.nan_to_num(by_step("tokens")), 0.0)
+    cum = np.cumsum(answer_tokens, axis=1)  # [P, K + 1]
+    total = cum[:, -1:]
+    solver_share = np.divide(cum, total, out=np.ones_like(cum), where=total > 0)
+    verifier_share = (np.minimum(ks[None, :], n) + 1) / (n + 1)
+    prompt = g["solver_prompt_tokens"].to_numpy(float)[:, None]
+    generated = g["solver_generated_tokens"].to_numpy(float)[:, None]
+    verifier = g["verifier_tokens"].to_numpy(float)[:, None]
+    tokens = prompt + generated * solver_share + verifier * verifier_share
+    recorded = prompt + generated + verifier
+    flops = g["flops"].to_numpy(float)[:, None]
+    flops_k = np.divide(flops * tokens, recorded, out=np.broadcast_to(flops, tokens.shape).copy(),
+                        where=recorded > 0)  # fmt: skip
+    has_reward = ~np.isnan(reward)
+    counts = has_reward.sum(axis=0)
+    with np.errstate(invalid="ignore"):
+        mean_reward = np.where(counts > 0, np.nansum(reward, axis=0) / counts, np.nan)
+    return pd.DataFrame(
+        {
+            "k": ks,
+            "problems": len(g),
+            "accuracy_pct": 100.0 * correct.mean(axis=0),
+            "mean_reward": mean_reward,
+            "reward_problems": counts,
+            "running_pct": 100.0 * ran_more.mean(axis=0),
+            "tokens_per_problem": tokens.mean(axis=0),
+            "flops_per_problem": flops_k.mean(axis=0),
+        }
+    )
+
+
+def scaling_table(records: Records) -> pd.DataFrame:
+    """scaling.csv: `latent_curve` of every LatentSeek configuration."""
+    frames = []
+    ls = records.problems[records.problems["method"] == "latentseek"]
+    for (label, dataset, model), g in ls.groupby(CONFIGURATION_KEY, sort=False):
+        it = records.iterations
+        it = it[(it["label"] == label) & (it["dataset"] == dataset) & (it["model"] == model)]
+        curve = latent_curve(g, it, _max_k(g))
+        head = {"label": label, "method": "latentseek", "dataset": dataset, "model": model}
+        frames.append(curve.assign(**head, **settings_of(g)))
+    columns = ["label", "method", "dataset", "model", *SETTING_COLUMNS, "runs"]
+    if not frames:
+        return pd.DataFrame(columns=[*columns, *LATENT_CURVE_COLUMNS])
+    out = pd.concat(frames, ignore_index=True)
+    return out[[*columns, *LATENT_CURVE_COLUMNS]]
+
+
+# ------------------------------------------------------------------------------------------
+# BoN and SC with n <= N samples
+
+
+@functools.lru_cache(maxsize=32)
+def _style(prompt: str | None) -> str:
+    """The answer style ("boxed" / "json") of a solver prompt template; "boxed" if unknown."""
+    from pipeline.config import ConfigError
+    from pipeline.prompts import load_solver_template
+
+    try:
+        return load_solver_template(prompt or "boxed").style
+    except (ConfigError, OSError, yaml.YAMLError):
+        return "boxed"
+
+
+class _SampleScorer:
+    """Whether BoN / SC would have been right with the first n of a problem's samples, by the
+    engine's own selection and grading rules."""
+
+    def __init__(self) -> None:
+        from pipeline.compat import make_grader
+        from pipeline.grading import extract_answer
+        from pipeline.methods import majority_vote, select_best
+
+        self._make_grader, self._extract = make_grader, extract_answer
+        self._vote, self._best = majority_vote, select_best
+        self._graders: dict[tuple[str, str], Any] = {}
+
+    def correct(self, row: pd.Series, n: int) -> bool:
+        samples = list(row["samples"])
+        if row["error"] or not samples:
+            return False
+        if n >= len(samples):
+            return bool(row["final_correct"])
+        style = _style(row["prompt"])
+        if row["method"] == "bon":
+            pick = self._best(list(row["sample_rewards"])[:n])
+        else:
+            winner = self._vote([self._extract(s, style) for s in samples[:n]])
+            pick = 0 if winner is None else winner
+        text = samples[pick]
+        # Correctness is a function of the text: reuse what the run recorded where it can.
+        if text == row["final_answer"]:
+            return bool(row["final_correct"])
+        if text == samples[0]:
+            return bool(row["cot_correct"])
+        key = (row["compat"] or "none", style)
+        if key not in self._graders:
+            self._graders[key] = self._make_grader(*key)
+        problem = SimpleNamespace(gold=row["gold"], dataset=row["dataset"], label="")
+        return bool(self._graders[key](problem, text).correct)
+
+
+def sample_curve(g: pd.DataFrame, scorer: _SampleScorer | None = None) -> pd.DataFrame:
+    """Per n = 1..N for one BoN or SC configuration: accuracy with the first n samples, and
+    tokens / FLOPs per problem scaled by n / N (each sample, and its reward, costs alike)."""
+    scorer = scorer or _SampleScorer()
+    sizes = g["samples"].map(len).to_numpy(int)
+    total = (g["solver_tokens"] + g["verifier_tokens"]).to_numpy(float)
+    flops = g["flops"].to_numpy(float)
+    rows = []
+    for n in range(1, max(1, int(sizes.max())) + 1):
+        share = np.where(sizes > 0, np.minimum(n, sizes) / np.maximum(sizes, 1), 1.0)
+        correct = [scorer.correct(row, n) for _, row in g.iterrows()]
+        rows.append(
+            {
+                "budget": n,
+                "problems": len(g),
+                "accuracy_pct": 100.0 * float(np.mean(correct)),
+                "tokens_per_problem": float((total * share).mean()),
+                "flops_per_problem": float((flops * share).mean()),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+COMPUTE_COLUMNS = [
+    "label", "method", "dataset", "model", "budget_kind", "budget", "problems", "accuracy_pct",
+    "tokens_per_problem", "flops_per_problem", *SETTING_COLUMNS, "runs",
+]  # fmt: skip
+
+
+def compute_table(records: Records, scaling: pd.DataFrame) -> pd.DataFrame:
+    """compute.csv: LatentSeek per k (from `scaling`), BoN / SC per n, CoT as one point."""
+    frames = []
+    p = records.problems
+    scorer = _SampleScorer() if p["method"].isin(["bon", "sc"]).any() else None
+    for (label, dataset, model), g in p.groupby(CONFIGURATION_KEY, sort=False):
+        method = g["method"].iloc[0]
+        head = {"label": label, "method": method, "dataset": dataset, "model": model}
+        if method in ("bon", "sc"):
+            frames.append(sample_curve(g, scorer).assign(budget_kind="n", **head, **settings_of(g)))
+        elif method == "cot":
+            point = {
+                "budget": 0,
+                "problems": len(g),
+                "accuracy_pct": 100.0 * float(g["final_correct"].mean()),
+                "tokens_per_problem": float((g["solver_tokens"] + g["verifier_tokens"]).mean()),
+                "flops_per_problem": float(g["flops"].mean()),
+            }
+            frames.append(pd.DataFrame([point]).assign(budget_kind="cot", **head, **settings_of(g)))
+    if len(scaling):
+        frames.append(scaling.rename(columns={"k": "budget"}).assign(budget_kind="k"))
+    if not frames:
+        return pd.DataFrame(columns=COMPUTE_COLUMNS)
+    return pd.concat(frames, ignore_index=True)[COMPUTE_COLUMNS]
+
+
+# ------------------------------------------------------------------------------------------
+# Distributions: iterations used, tokens changed per step
+
+
+def iterations_table(records: Records) -> pd.DataFrame:
+    """iterations.csv: share of LatentSeek problems (failures left out) per iterations used."""
+    rows = []
+    ls = records.problems[records.problems["method"] == "latentseek"]
+    for (label, dataset, model), g in ls.groupby(CONFIGURATION_KEY, sort=False):
+        done = g[g["error"] == ""]
+        counts = done["iterations"].value_counts()
+        for i in range(_max_k(g) + 1):
+            c = int(counts.get(i, 0))
+            rows.append(
+                {
+                    "label": label, "method": "latentseek", "lr": g["lr"].iloc[0],
+                    "dataset": dataset, "model": model, "iterations": i,
+                    "count": c, "problems": len(done),
+                    "share_pct": 100.0 * c / len(done) if len(done) else float("nan"),
+                    "mean_iterations": float(done["iterations"].mean()),
+                }
+            )  # fmt: skip
+    columns = ["label", "method", "lr", "dataset", "model", "iterations", "count", "problems",
+               "share_pct", "mean_iterations"]  # fmt: skip
+    return pd.DataFrame(rows, columns=columns)
+
+
+def tokens_changed_steps(records: Records) -> pd.DataFrame:
+    """One row per latent step (k >= 1) with its tokens_changed and its share of U (%)."""
+    it = records.iterations
+    it = it[(it["iteration"] >= 1) & it["tokens_changed"].notna()]
+    u = records.problems[["run_dir", "method", "problem_id", "update_length", "lr"]]
+    it = it.merge(u, on=["run_dir", "method", "problem_id"], how="left")
+    order = {label: i for i, label in enumerate(dict.fromkeys(records.problems["label"]))}
+    it = it.sort_values("label", key=lambda col: col.map(order), kind="stable")
+    changed = it["tokens_changed"].astype(float)
+    share = np.where(it["update_length"] > 0, 100.0 * changed / it["update_length"], np.nan)
+    return it.assign(tokens_changed=changed, changed_pct=share)[
+        ["label", "method", "lr", "dataset", "model", "problem_id", "iteration",
+         "tokens_changed", "update_length", "changed_pct"]
+    ]  # fmt: skip
+
+
+def tokens_changed_table(steps: pd.DataFrame) -> pd.DataFrame:
+    """tokens_changed.csv: the distribution of tokens_changed per configuration."""
+    rows = []
+    for (label, dataset, model), g in steps.groupby(CONFIGURATION_KEY, sort=False):
+        v = g["tokens_changed"]
+        rows.append(
+            {
+                "label": label, "dataset": dataset, "model": model, "steps": len(g),
+                "mean": v.mean(), "q25": v.quantile(0.25), "median": v.median(),
+                "q75": v.quantile(0.75), "max": v.max(), "mean_pct_of_u": g["changed_pct"].mean(),
+            }
+        )  # fmt: skip
+    columns = ["label", "dataset", "model", "steps", "mean", "q25", "median", "q75", "max",
+               "mean_pct_of_u"]  # fmt: skip
+    return pd.DataFrame(rows, columns=columns)
