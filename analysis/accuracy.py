@@ -16,14 +16,16 @@ import pandas as pd
 from analysis.records import (
     ALL_SETTING_KEYS,
     COMMON_SETTING_KEYS,
-    DATASET_NAMES,
     SETTING_COLUMNS,
     dataset_order,
+    dataset_title,
+    method_of,
     model_key,
     settings_of,
     short_model,
 )
 from analysis.tables import markdown
+from pipeline.methods import all_methods, reference_method
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
@@ -73,35 +75,41 @@ def paired_gain(method: np.ndarray, reference: np.ndarray, z: float = Z95) -> di
 def accuracy_table(problems: pd.DataFrame) -> pd.DataFrame:
     """One row per configuration: accuracy, Wilson CI, paired gain over CoT, cost (long form)."""
     rows = []
+    base = reference_method()
+    base_name = base.name if base else ""
+    base_title = base.title if base else "CoT"
+    with_pass = [m.name for m in all_methods().values() if m.cot_pass]
     for _, cell in problems.groupby(["dataset", "model"], sort=False):
-        cot = cell[cell["method"] == "cot"].drop_duplicates("problem_id")
+        cot = cell[cell["method"] == base_name].drop_duplicates("problem_id")
         source = "records"
-        if cot.empty and (cell["method"] == "latentseek").any():
-            # No CoT run: LatentSeek's own CoT passes are greedy CoT answers of the same model.
-            cot = cell[cell["method"] == "latentseek"].drop_duplicates("problem_id")
-            cot = cot.assign(final_correct=cot["cot_correct"], method="cot", label="CoT")
+        passes = cell[cell["method"].isin(with_pass)]
+        if cot.empty and not passes.empty:
+            # No CoT run: a method's own CoT passes are greedy CoT answers of the same model.
+            first = passes["method"].iloc[0]
+            cot = passes[passes["method"] == first].drop_duplicates("problem_id")
+            cot = cot.assign(final_correct=cot["cot_correct"], method=base_name, label=base_title)
             cot = cot.assign(
                 iterations=0, **{k: None for k in ALL_SETTING_KEYS if k not in COMMON_SETTING_KEYS}
             )
-            source = "LatentSeek CoT pass"
+            source = f"{method_of(first).title} CoT pass"
             row = _table_row(cot, None, "", source)
-            # Its cost is not recorded apart from LatentSeek's.
+            # Its cost is not recorded apart from that method's.
             rows.append(row | {"tokens_per_problem": math.nan, "flops_per_problem": math.nan})
         reference = cot.set_index("problem_id")["final_correct"] if not cot.empty else None
         for _, g in cell.groupby("label", sort=False):
-            method = g["method"].iloc[0]
-            if method == "latentseek":
+            method = method_of(g["method"].iloc[0])
+            if method is not None and method.cot_pass:
                 rows.append(_table_row(g, g["cot_correct"].to_numpy(bool), "own CoT pass"))
-            elif method == "cot" or reference is None:
+            elif (method is not None and method.reference) or reference is None:
                 rows.append(_table_row(g, None, ""))
             else:
                 shared = g[g["problem_id"].isin(reference.index)]
                 ref = reference.loc[shared["problem_id"]].to_numpy(bool)
-                name = "CoT records" if source == "records" else "LatentSeek CoT pass"
+                name = "CoT records" if source == "records" else source
                 rows.append(_table_row(shared, ref, name, full=g))
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
-    # Rows: methods in the records' order (a CoT from LatentSeek's passes first), then cells.
-    labels = list(dict.fromkeys(["CoT", *problems["label"]]))
+    # Rows: methods in the records' order (a CoT from a CoT pass first), then cells.
+    labels = list(dict.fromkeys([base_title, *problems["label"]]))
     datasets = dataset_order(list(dict.fromkeys(table["dataset"])))
     order = [
         (labels.index(lab), datasets.index(d), model_key(m))
@@ -159,7 +167,7 @@ def _table_row(
 
 
 def _cell_column(dataset: str, model: str, several_models: bool) -> str:
-    name = DATASET_NAMES.get(dataset, dataset)
+    name = dataset_title(dataset)
     return f"{name} · {short_model(model)}" if several_models else name
 
 

@@ -1,34 +1,38 @@
-"""Curves from records: LatentSeek after k latent steps (accuracy, reward, compute), BoN and SC
-with n <= N samples (subsampled from the recorded samples), accuracy against compute, and how
-many iterations LatentSeek used and how many prefix tokens a step changed.
+"""Curves from records: iterative methods (LatentSeek) after k steps (accuracy, reward,
+compute), sampling methods (BoN, SC) with n <= N samples, accuracy against compute, and how many
+iterations a method used and how many prefix tokens a step changed.
 
-After k latent steps a problem that ran more than k is scored by its answer at step k, one that
-ran at most k by the answer it returned. Scoring BoN and SC with fewer samples than were drawn
-calls the engine's own selection and grading rules (`pipeline.methods.select_best`,
-`majority_vote`, `pipeline.grading.extract_answer`, `pipeline.compat.make_grader`), imported only
-when BoN or SC records are present.
+After k steps a problem that ran more than k is scored by its answer at step k (with
+`return_best`, the best-rewarded of steps 0..k), one that ran at most k by the answer it
+returned. A sampling method with n < N samples returns the sample its `Derivation.pick` chooses
+from the records of the first n (`pipeline.methods`), graded by the recorded `sample_correct`.
+Which method is which comes from the method registry; nothing here grades or decodes.
 """
 
 from __future__ import annotations
 
-import functools
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
-from analysis.records import CONFIGURATION_KEY, SETTING_COLUMNS, Records, settings_of
+from analysis.records import CONFIGURATION_KEY, SETTING_COLUMNS, Records, method_of, settings_of
+from analysis.tables import final_reward
 
 # ------------------------------------------------------------------------------------------
 # LatentSeek after k steps: accuracy, reward, compute
 
 
-def _final_reward(rewards: Any, initial: Any) -> float:
-    if rewards is not None and len(rewards):
-        return float(rewards[-1])
-    return float("nan") if initial is None or pd.isna(initial) else float(initial)
+def _best_so_far(correct: np.ndarray, reward: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[P, K + 1] -> the correctness and reward of the best-rewarded step among 0..k (ties: the
+    earliest; a step without a reward never wins), per k."""
+    out_c, out_r = correct.copy(), reward.copy()
+    scores = np.where(np.isnan(reward), -np.inf, reward)
+    for k in range(reward.shape[1]):
+        pick = np.argmax(scores[:, : k + 1], axis=1)  # the first maximum
+        rows = np.arange(reward.shape[0])
+        out_c[:, k], out_r[:, k] = correct[rows, pick], reward[rows, pick]
+    return out_c, out_r
 
 
 def _max_k(g: pd.DataFrame) -> int:
@@ -43,9 +47,13 @@ LATENT_CURVE_COLUMNS = [
 ]  # fmt: skip
 
 
-def latent_curve(g: pd.DataFrame, iterations: pd.DataFrame, max_k: int) -> pd.DataFrame:
-    """Per k = 0..max_k for one LatentSeek configuration (problem rows `g`, their iteration
-    rows): accuracy, mean reward, share still iterating, tokens and FLOPs per problem.
+def latent_curve(
+    g: pd.DataFrame, iterations: pd.DataFrame, max_k: int, best: bool = False
+) -> pd.DataFrame:
+    """Per k = 0..max_k for one configuration of an iterative method (problem rows `g`, their
+    iteration rows): accuracy, mean reward, share still iterating, tokens and FLOPs per problem.
+    `best` (the run's `return_best`): the answer after k steps is the best-rewarded of steps
+    0..k (ties: the earliest), as an executed run with K = k returns it; else the k-th.
 
     Tokens after k steps (k' = min(k, iterations)) are estimated from the recorded totals:
     solver prompt tokens + solver generated tokens x (answer tokens of iterations 0..k') /
@@ -63,12 +71,13 @@ def latent_curve(g: pd.DataFrame, iterations: pd.DataFrame, max_k: int) -> pd.Da
     n = g["iterations"].to_numpy(int)[:, None]  # [P, 1]
     ran_more = ks[None, :] < n  # [P, K + 1]: scored by the answer at step k
     step_correct = np.nan_to_num(by_step("correct"), nan=0.0) > 0
+    step_reward = by_step("reward")
+    if best:
+        step_correct, step_reward = _best_so_far(step_correct, step_reward)
     final_correct = g["final_correct"].to_numpy(bool)[:, None]
     correct = np.where(ran_more, step_correct, final_correct)
-    final_reward = np.array(
-        [_final_reward(r, r0) for r, r0 in zip(g["rewards"], g["initial_reward"])]
-    )[:, None]
-    reward = np.where(ran_more, by_step("reward"), final_reward)
+    returned = np.array([final_reward(row) for row in g.to_dict("records")])[:, None]
+    reward = np.where(ran_more, step_reward, returned)
     answer_tokens = np.where(ks[None, :] <= n, np.nan_to_num(by_step("tokens")), 0.0)
     cum = np.cumsum(answer_tokens, axis=1)  # [P, K + 1]
     total = cum[:, -1:]
@@ -100,15 +109,29 @@ def latent_curve(g: pd.DataFrame, iterations: pd.DataFrame, max_k: int) -> pd.Da
     )
 
 
+def _is(kind: str) -> Any:
+    """A predicate on a method name: registered and `iterations` / `samples`."""
+
+    def test(name: str) -> bool:
+        m = method_of(name)
+        return bool(m is not None and getattr(m, kind))
+
+    return test
+
+
+def _returns_best(g: pd.DataFrame) -> bool:
+    return "return_best" in g and bool(g["return_best"].fillna(False).astype(bool).iloc[0])
+
+
 def scaling_table(records: Records) -> pd.DataFrame:
-    """scaling.csv: `latent_curve` of every LatentSeek configuration."""
+    """scaling.csv: `latent_curve` of every configuration of an iterative method."""
     frames = []
-    ls = records.problems[records.problems["method"] == "latentseek"]
+    ls = records.problems[records.problems["method"].map(_is("iterations"))]
     for (label, dataset, model), g in ls.groupby(CONFIGURATION_KEY, sort=False):
         it = records.iterations
         it = it[(it["label"] == label) & (it["dataset"] == dataset) & (it["model"] == model)]
-        curve = latent_curve(g, it, _max_k(g))
-        head = {"label": label, "method": "latentseek", "dataset": dataset, "model": model}
+        curve = latent_curve(g, it, _max_k(g), best=_returns_best(g))
+        head = {"label": label, "method": g["method"].iloc[0], "dataset": dataset, "model": model}
         frames.append(curve.assign(**head, **settings_of(g)))
     columns = ["label", "method", "dataset", "model", *SETTING_COLUMNS, "runs"]
     if not frames:
@@ -121,67 +144,43 @@ def scaling_table(records: Records) -> pd.DataFrame:
 # BoN and SC with n <= N samples
 
 
-@functools.lru_cache(maxsize=32)
-def _style(prompt: str | None) -> str:
-    """The answer style ("boxed" / "json") of a solver prompt template; "boxed" if unknown."""
-    from pipeline.config import ConfigError
-    from pipeline.prompts import load_solver_template
-
+def sample_correct(row: dict[str, Any], n: int) -> bool | None:
+    """Whether the row's method would have been right with its first n recorded samples; None
+    where the records cannot say (written before `sample_correct` / `sample_groups` existed)."""
+    samples = list(row["samples"])
+    if row["error"] or not samples:
+        return False
+    if n >= len(samples):
+        return bool(row["final_correct"])
+    method = method_of(row["method"])
+    if method is None or method.derive is None or method.derive.pick is None:
+        return None
+    graded = row.get("sample_correct")
     try:
-        return load_solver_template(prompt or "boxed").style
-    except (ConfigError, OSError, yaml.YAMLError):
-        return "boxed"
+        pick = method.derive.pick(row, n)
+    except (TypeError, KeyError):  # a column the pick needs is null in older records
+        return None
+    if pick == 0:
+        return bool(row["cot_correct"])
+    if graded is None or len(graded) != len(samples):
+        return None
+    return bool(graded[pick])
 
 
-class _SampleScorer:
-    """Whether BoN / SC would have been right with the first n of a problem's samples, by the
-    engine's own selection and grading rules."""
-
-    def __init__(self) -> None:
-        from pipeline.compat import make_grader
-        from pipeline.grading import extract_answer
-        from pipeline.methods import majority_vote, select_best
-
-        self._make_grader, self._extract = make_grader, extract_answer
-        self._vote, self._best = majority_vote, select_best
-        self._graders: dict[tuple[str, str], Any] = {}
-
-    def correct(self, row: pd.Series, n: int) -> bool:
-        samples = list(row["samples"])
-        if row["error"] or not samples:
-            return False
-        if n >= len(samples):
-            return bool(row["final_correct"])
-        style = _style(row["prompt"])
-        if row["method"] == "bon":
-            pick = self._best(list(row["sample_rewards"])[:n])
-        else:
-            winner = self._vote([self._extract(s, style) for s in samples[:n]])
-            pick = 0 if winner is None else winner
-        text = samples[pick]
-        # Correctness is a function of the text: reuse what the run recorded where it can.
-        if text == row["final_answer"]:
-            return bool(row["final_correct"])
-        if text == samples[0]:
-            return bool(row["cot_correct"])
-        key = (row["compat"] or "none", style)
-        if key not in self._graders:
-            self._graders[key] = self._make_grader(*key)
-        problem = SimpleNamespace(gold=row["gold"], dataset=row["dataset"], label="")
-        return bool(self._graders[key](problem, text).correct)
-
-
-def sample_curve(g: pd.DataFrame, scorer: _SampleScorer | None = None) -> pd.DataFrame:
-    """Per n = 1..N for one BoN or SC configuration: accuracy with the first n samples, and
-    tokens / FLOPs per problem scaled by n / N (each sample, and its reward, costs alike)."""
-    scorer = scorer or _SampleScorer()
+def sample_curve(g: pd.DataFrame) -> pd.DataFrame:
+    """Per n = 1..N for one configuration of a sampling method: accuracy with the first n
+    samples, and tokens / FLOPs per problem scaled by n / N (each sample, and its reward, costs
+    alike). An n that the records cannot score (older records) is left out."""
+    rows_ = g.to_dict("records")
     sizes = g["samples"].map(len).to_numpy(int)
     total = (g["solver_tokens"] + g["verifier_tokens"]).to_numpy(float)
     flops = g["flops"].to_numpy(float)
     rows = []
     for n in range(1, max(1, int(sizes.max())) + 1):
         share = np.where(sizes > 0, np.minimum(n, sizes) / np.maximum(sizes, 1), 1.0)
-        correct = [scorer.correct(row, n) for _, row in g.iterrows()]
+        correct = [sample_correct(row, n) for row in rows_]
+        if any(c is None for c in correct):
+            continue
         rows.append(
             {
                 "budget": n,
@@ -201,16 +200,16 @@ COMPUTE_COLUMNS = [
 
 
 def compute_table(records: Records, scaling: pd.DataFrame) -> pd.DataFrame:
-    """compute.csv: LatentSeek per k (from `scaling`), BoN / SC per n, CoT as one point."""
+    """compute.csv: iterative methods per k (from `scaling`), sampling methods per n, the rest
+    (CoT) as one point."""
     frames = []
     p = records.problems
-    scorer = _SampleScorer() if p["method"].isin(["bon", "sc"]).any() else None
     for (label, dataset, model), g in p.groupby(CONFIGURATION_KEY, sort=False):
         method = g["method"].iloc[0]
         head = {"label": label, "method": method, "dataset": dataset, "model": model}
-        if method in ("bon", "sc"):
-            frames.append(sample_curve(g, scorer).assign(budget_kind="n", **head, **settings_of(g)))
-        elif method == "cot":
+        if _is("samples")(method):
+            frames.append(sample_curve(g).assign(budget_kind="n", **head, **settings_of(g)))
+        elif not _is("iterations")(method):
             point = {
                 "budget": 0,
                 "problems": len(g),
@@ -231,9 +230,10 @@ def compute_table(records: Records, scaling: pd.DataFrame) -> pd.DataFrame:
 
 
 def iterations_table(records: Records) -> pd.DataFrame:
-    """iterations.csv: share of LatentSeek problems (failures left out) per iterations used."""
+    """iterations.csv: share of an iterative method's problems (failures left out) per
+    iterations used."""
     rows = []
-    ls = records.problems[records.problems["method"] == "latentseek"]
+    ls = records.problems[records.problems["method"].map(_is("iterations"))]
     for (label, dataset, model), g in ls.groupby(CONFIGURATION_KEY, sort=False):
         done = g[g["error"] == ""]
         counts = done["iterations"].value_counts()
@@ -241,7 +241,7 @@ def iterations_table(records: Records) -> pd.DataFrame:
             c = int(counts.get(i, 0))
             rows.append(
                 {
-                    "label": label, "method": "latentseek", "lr": g["lr"].iloc[0],
+                    "label": label, "method": g["method"].iloc[0], "lr": g["lr"].iloc[0],
                     "dataset": dataset, "model": model, "iterations": i,
                     "count": c, "problems": len(done),
                     "share_pct": 100.0 * c / len(done) if len(done) else float("nan"),

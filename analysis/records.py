@@ -19,26 +19,28 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from pipeline.benchmarks import all_benchmarks
+from pipeline.methods import Method, all_methods
 from pipeline.records import CONFIG_FILE, PROBLEMS, read_records
 
-DATASET_NAMES = {"gsm8k": "GSM8K", "math500": "MATH-500", "aime2024": "AIME 2024"}
-METHOD_NAMES = {"cot": "CoT", "bon": "BoN", "sc": "SC", "latentseek": "LatentSeek"}
 REWARD_NAMES = {"self": "self", "psrm": "PSRM"}
-METHOD_ORDER = ["cot", "bon", "sc", "latentseek"]
 REWARD_ORDER = ["self", "psrm"]
 
 # Settings that can tell two configurations of a method apart (shown in a label when they vary
-# within one dataset and model), method-specific ones first.
-COMMON_SETTING_KEYS = ("prompt", "compat", "max_new_tokens", "dtype")
-_SAMPLING_KEYS = ("temperature", "top_p", "seed")
-_LATENT_KEYS = (
-    "lr", "rho", "max_iters", "lr_relative", "reward_threshold", "grad_clip", "sample_update",
-    "return_best", "max_update_length",
-)  # fmt: skip
+# within one dataset and model): each method's own (`Method.settings`), then these.
+COMMON_SETTING_KEYS = ("prompt", "compat", "max_new_tokens", "dtype", "backend")
 _SELF_REWARD_KEYS = ("verifier_prompts", "verifier_max_new_tokens", "format_rule")
-ALL_SETTING_KEYS = (
-    "reward", "n_samples", *_LATENT_KEYS, *_SAMPLING_KEYS, *COMMON_SETTING_KEYS, *_SELF_REWARD_KEYS,
-)  # fmt: skip
+_IN_BASE_LABEL = ("reward", "n_samples")  # always in the label where they apply
+ALL_SETTING_KEYS = tuple(
+    dict.fromkeys(
+        [
+            *_IN_BASE_LABEL,
+            *(k for m in all_methods().values() for k in m.settings),
+            *COMMON_SETTING_KEYS,
+            *_SELF_REWARD_KEYS,
+        ]
+    )
+)
 # Settings written as columns of every CSV (blank where they do not apply).
 SETTING_COLUMNS = [
     "reward", "lr", "rho", "max_iters", "n_samples", "prompt", "compat", "max_new_tokens",
@@ -82,17 +84,39 @@ def read_run_config(run_dir: Path | str) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def method_of(name: str) -> Method | None:
+    """The registered method that recorded rows call `name` (None: not known here)."""
+    return all_methods().get(name)
+
+
+def method_title(name: str) -> str:
+    m = method_of(name)
+    return m.title if m else name
+
+
+def dataset_title(name: str) -> str:
+    b = all_benchmarks().get(name)
+    return b.title if b else name
+
+
 def _relevant_keys(method: str, reward: Any) -> tuple[str, ...]:
     """The settings that can change a method's results (besides reward and N)."""
-    if method == "latentseek":
-        keys = (*_LATENT_KEYS, *COMMON_SETTING_KEYS)
-    elif method in ("bon", "sc"):
-        keys = (*_SAMPLING_KEYS, *COMMON_SETTING_KEYS)
-    else:
-        keys = COMMON_SETTING_KEYS
-    if method in ("latentseek", "bon") and reward == "self":
+    m = method_of(method)
+    own = tuple(k for k in (m.settings if m else ()) if k not in _IN_BASE_LABEL)
+    keys = (*own, *COMMON_SETTING_KEYS)
+    if m is not None and m.uses_reward and reward == "self":
         keys = (*keys, *_SELF_REWARD_KEYS)
     return keys
+
+
+def _samples(method: str) -> bool:
+    m = method_of(method)
+    return bool(m and m.samples)
+
+
+def _uses_reward(method: str) -> bool:
+    m = method_of(method)
+    return bool(m and m.uses_reward)
 
 
 def fmt_setting(value: Any) -> str:
@@ -107,9 +131,9 @@ def fmt_setting(value: Any) -> str:
 
 def _applies(key: str, method: str, reward: Any) -> bool:
     if key == "reward":
-        return method in ("latentseek", "bon")
+        return _uses_reward(method)
     if key == "n_samples":
-        return method in ("bon", "sc")
+        return _samples(method)
     return key in _relevant_keys(method, reward)
 
 
@@ -121,7 +145,7 @@ def _settings(problems: pd.DataFrame, cfg: dict[str, Any]) -> pd.DataFrame:
             cfg.get(key) if _applies(key, m, cfg.get("reward")) else None for m in out["method"]
         ]
         out[key] = out[key].astype(object)
-    sampled = out["method"].isin(["bon", "sc"]) & out["n_samples"].isna()
+    sampled = out["method"].map(_samples) & out["n_samples"].isna()
     if sampled.any():  # no config: N is what was drawn
         out.loc[sampled, "n_samples"] = out.loc[sampled, "samples"].map(len).max()
     return out
@@ -129,11 +153,11 @@ def _settings(problems: pd.DataFrame, cfg: dict[str, Any]) -> pd.DataFrame:
 
 def _base_label(method: str, reward: Any, n_samples: Any) -> tuple[str, list[str]]:
     parts = []
-    if method in ("latentseek", "bon"):
+    if _uses_reward(method):
         parts.append(REWARD_NAMES.get(reward, fmt_setting(reward)))
-    if method in ("bon", "sc"):
+    if _samples(method):
         parts.append(f"N={fmt_setting(n_samples)}")
-    return METHOD_NAMES.get(method, method), parts
+    return method_title(method), parts
 
 
 def _assign_labels(problems: pd.DataFrame) -> pd.DataFrame:
@@ -214,13 +238,14 @@ def _as_list(paths: Sequence[Path | str] | Path | str) -> list[Path | str]:
 
 
 def _row_order(row: pd.Series) -> tuple[int, int]:
-    method = METHOD_ORDER.index(row["method"]) if row["method"] in METHOD_ORDER else 99
+    m = method_of(row["method"])
+    method = m.order if m else 10**6
     reward = REWARD_ORDER.index(row["reward"]) if row["reward"] in REWARD_ORDER else 9
     return method, reward
 
 
 def dataset_order(names: Sequence[str]) -> list[str]:
-    known = [d for d in DATASET_NAMES if d in names]
+    known = [d for d in all_benchmarks() if d in names]
     return known + sorted(set(names) - set(known))
 
 

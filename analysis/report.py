@@ -38,12 +38,13 @@ from analysis.curves import (
     tokens_changed_table,
 )
 from analysis.records import (
-    DATASET_NAMES,
     SETTING_COLUMNS,
     Records,
     dataset_order,
+    dataset_title,
     fmt_setting,
     load_records,
+    method_of,
     model_key,
     short_model,
 )
@@ -92,12 +93,14 @@ def _with_series(df: pd.DataFrame, several_models: bool) -> pd.DataFrame:
 
     def name(row: pd.Series) -> str:
         label = row["label"]
-        if row.get("method") == "latentseek" and "lr=" not in label and row.get("lr") is not None:
+        method = method_of(row.get("method", ""))
+        steps = method is not None and "lr" in method.settings
+        if steps and "lr=" not in label and row.get("lr") is not None:
             label = label[:-1] + f", lr={fmt_setting(row['lr'])})" if label.endswith(")") else label
         return label
 
     def panel(row: pd.Series) -> str:
-        dataset = DATASET_NAMES.get(row["dataset"], row["dataset"])
+        dataset = dataset_title(row["dataset"])
         return f"{dataset} · {short_model(row['model'])}" if several_models else dataset
 
     if df.empty:
@@ -227,9 +230,8 @@ def _report_markdown(records: Records, table: pd.DataFrame, files: ReportFiles) 
     )
     settings = table[["label", "dataset", "model", *SETTING_COLUMNS, "runs"]].copy()
     settings = settings.astype(object).where(settings.notna(), "")
-    mean_iterations = grid(
-        table[table["method"] == "latentseek"], lambda r: f"{r['mean_iterations']:.2f}"
-    )
+    iterative = table["method"].map(lambda m: bool((x := method_of(m)) and x.iterations))
+    mean_iterations = grid(table[iterative], lambda r: f"{r['mean_iterations']:.2f}")
     parts = [
         "# LatentSeek evaluation report\n\n",
         f"Built from the Parquet records of {len(runs)} run(s) (paths relative to this file); "

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -49,7 +50,12 @@ def load_run(run_dir: Path | str) -> tuple[pd.DataFrame, pd.DataFrame]:
     return read_records(run_dir)
 
 
-def _final_reward(row: pd.Series) -> float:
+def final_reward(row: Any) -> float:
+    """The reward of the returned answer (`final_reward`; in older records the last of
+    `rewards`, else `initial_reward`)."""
+    value = row.get("final_reward")
+    if value is not None and not pd.isna(value):
+        return float(value)
     rewards = row["rewards"]
     if rewards is not None and len(rewards):
         return float(rewards[-1])
@@ -60,8 +66,9 @@ def _final_reward(row: pd.Series) -> float:
 def summary_table(problems: pd.DataFrame) -> pd.DataFrame:
     """One row per method (in order of first appearance) with accuracy, reward and cost.
 
-    `mean_final_reward` is the last element of `rewards`, or `initial_reward` when a problem
-    ran no iteration; reward means skip problems without a reward (NaN if none has one).
+    `mean_final_reward` is the mean reward of the returned answers (`final_reward`: the last
+    element of `rewards`, the best with `return_best`, BoN's pick; `initial_reward` when a
+    problem ran no iteration); reward means skip problems without a reward (NaN if none has one).
     `problems_per_hour` is 3600 / mean_wall_seconds: one worker's throughput on that method.
     """
     rows = []
@@ -76,7 +83,7 @@ def summary_table(problems: pd.DataFrame) -> pd.DataFrame:
                 "final_accuracy": float(g["final_correct"].mean()),
                 "mean_iterations": float(g["iterations"].mean()),
                 "mean_initial_reward": _nanmean(g["initial_reward"]),
-                "mean_final_reward": _nanmean(g.apply(_final_reward, axis=1)),
+                "mean_final_reward": _nanmean(g.apply(final_reward, axis=1)),
                 "tokens_per_problem": float((g["solver_tokens"] + g["verifier_tokens"]).mean()),
                 "mean_wall_seconds": wall,
                 "flops_per_problem": float(g["flops"].mean()),
@@ -155,7 +162,7 @@ def reward_by_iteration(
     """
 
     def final(df: pd.DataFrame) -> pd.Series:
-        return df.apply(_final_reward, axis=1)
+        return df.apply(final_reward, axis=1)
 
     return _per_iteration(problems, iterations, max_k, "reward", final, "mean_reward")
 

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             from jobs.run import main as run_main
 
-            return run_main(_config(args), argv=["latentseek", *argv])
+            return run_main(_config(args), argv=[parser.prog, *argv])
         if args.command == "summary":
             from analysis.tables import accuracy_by_iteration, load_run, markdown, summary_table
 

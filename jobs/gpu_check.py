@@ -103,7 +103,7 @@ def _sync(device: torch.device) -> None:
 
 def engine_variant(name: str, cfg: Config, problems: list[Any], sequences: list[list[int]],
                    starts: list[int]) -> tuple[Variant, Any]:  # fmt: skip
-    from pipeline.methods import Solver
+    from pipeline.solver import Solver
 
     solver = Solver.from_config(cfg)
     solver.run("cot", problems[:1])  # warm-up
@@ -171,8 +171,7 @@ def replica_variant(cfg: Config, problems: list[Any], sequences: list[list[int]]
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pipeline.data import load_dataset
-    from pipeline.methods import Solver
-    from pipeline.prompts import render_chat
+    from pipeline.solver import Solver
 
     gpus = torch.cuda.device_count()
     if args.device == "cuda" and gpus == 0:
@@ -190,10 +189,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.max_new_tokens} tokens at most")  # fmt: skip
     reference = Solver.from_config(base)
     ref_results = reference.run("cot", problems)
-    prompts = [
-        render_chat(reference.tokenizer, reference.template.messages(p.question, p.dataset))
-        for p in problems
-    ]
+    prompts = [reference.prompt(p)[0] for p in problems]
     answers = [reference.tokenizer(r.cot_answer, add_special_tokens=False)["input_ids"]
                for r in ref_results]  # fmt: skip
     sequences = [p + a for p, a in zip(prompts, answers) if a]

@@ -72,6 +72,7 @@ def main(cfg: Config, compare: Path | None = None) -> int:
     import torch
 
     from pipeline import reference
+    from pipeline.benchmarks import prompt_suffix
     from pipeline.data import load_dataset
     from pipeline.model import load_model
 
@@ -82,7 +83,8 @@ def main(cfg: Config, compare: Path | None = None) -> int:
     loaded = load_model(cfg)
     differ = 0
     for p in load_dataset(cfg).problems:
-        ids = reference.prompt_ids(loaded.tokenizer, p.question, cfg.prompt, p.dataset, cfg.compat)
+        note = prompt_suffix(p.dataset, cfg.prompt)
+        ids = reference.prompt_ids(loaded.tokenizer, p.question, cfg.prompt, note, cfg.compat)
         res = run_reference(cfg, loaded, p, ids)
         rewards = [res.initial_reward, *res.rewards]
         print(f"## {p.problem_id}: T={len(res.cot_tokens)} U={res.update_length} rewards={rewards}")

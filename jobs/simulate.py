@@ -204,7 +204,7 @@ def stand_in_starter(workload: Workload) -> Callable[[Any], Any]:
 def write_problems(path: Path, n: int) -> Path:
     """A JSON Lines dataset of `n` problems: GSM8K's test questions, cycled (ids are
     `<file stem>-<row>`)."""
-    from pipeline.data import gsm8k_gold
+    from pipeline.benchmarks.gsm8k import gold as gsm8k_gold
 
     rows = [json.loads(line) for line in GSM8K_FILE.read_text().splitlines() if line.strip()]
     path.parent.mkdir(parents=True, exist_ok=True)

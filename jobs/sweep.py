@@ -5,7 +5,7 @@ Runs the sweep's executed points one after another with `jobs.run.run_evaluation
 after the sweep with one nested run per point (`mlflow.parentRunId`), executed and derived alike,
 named after the values that vary (`lr=0.01 max_iters=4`), each with a nested run per method.
 Ray workers and their loaded model are kept from one point to the next while the points load the
-same model (`jobs.run.MODEL_KEYS`); the next point's settings travel with its batches.
+same model (the keys with the MODEL role, `pipeline.pool.WorkerPool`); the next point's settings travel with its batches.
 
 Resume: a point whose records are complete is skipped by `run_evaluation` itself (it only logs),
 so re-running the same command finishes what a crash left and redoes nothing. Derived points are
@@ -55,8 +55,9 @@ def run_sweep(
 
     from analysis.derive import derived_curves, derived_metrics
     from analysis.report import write_report
-    from jobs.run import WorkerPool, run_evaluation
+    from jobs.run import run_evaluation
     from pipeline import tracking
+    from pipeline.pool import WorkerPool
 
     start = time.perf_counter()
     spec = load_sweep(path)

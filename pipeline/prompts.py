@@ -2,8 +2,8 @@
 
 A solver template has `name`, `style` ("boxed" or "json": how answers are extracted and what the
 format rule checks), an optional `system` message (taken literally), a `user` message with a
-`{question}` placeholder, and an optional `user_suffix` mapping a dataset name to text appended to
-the user message as it is (the paper's json prompt adds a note for GSM8K and AIME 2024 only). The
+`{question}` placeholder; a benchmark may declare text its user message gets for a template of a
+given name (`Benchmark.prompt_suffix`: the paper's json prompt adds a note for some). The
 shipped `boxed` and `json` templates are the paper's prompts verbatim, with their roles (SPEC.md
 §3); a template without a system message lets the model's chat template inject its default one. A verifier file has a `marker`, a `format_penalty` and a list of verifiers, each
 with `name`, `weight` and a `user` message with `{question}` and `{answer}`. Users add a template
@@ -14,8 +14,7 @@ path). Messages go through the model's own chat template with a generation promp
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +32,11 @@ class SolverTemplate:
     style: str
     user: str
     system: str = ""
-    user_suffix: Mapping[str, str] = field(default_factory=dict)  # dataset -> appended text
 
-    def messages(self, question: str, dataset: str = "") -> list[dict[str, str]]:
-        user = self.user.format(question=question) + self.user_suffix.get(dataset, "")
+    def messages(self, question: str, suffix: str = "") -> list[dict[str, str]]:
+        """The chat messages for `question`; `suffix` (the benchmark's text for this template,
+        `pipeline.benchmarks.prompt_suffix`) is appended to the user message as it is."""
+        user = self.user.format(question=question) + suffix
         msgs = [{"role": "system", "content": self.system}] if self.system else []
         return msgs + [{"role": "user", "content": user}]
 
@@ -48,7 +48,9 @@ class Verifier:
     user: str
 
     def messages(self, question: str, answer: str) -> list[dict[str, str]]:
-        return [{"role": "user", "content": self.user.format(question=question, answer=answer)}]
+        """The user message alone ({solution} is the official name of {answer})."""
+        text = self.user.format(question=question, answer=answer, solution=answer)
+        return [{"role": "user", "content": text}]
 
 
 @dataclass(frozen=True)
@@ -109,15 +111,11 @@ def load_solver_template(ref: str) -> SolverTemplate:
     if data["style"] not in STYLES:
         raise ConfigError(f"{path}: style={data['style']!r}; allowed: {', '.join(STYLES)}")
     _check_placeholders(path, data["user"], {"question"})
-    suffix = data.get("user_suffix") or {}
-    if not isinstance(suffix, dict) or not all(isinstance(v, str) for v in suffix.values()):
-        raise ConfigError(f"{path}: user_suffix must map dataset names to strings")
     return SolverTemplate(
         name=str(data.get("name", path.stem)),
         style=data["style"],
         user=data["user"],
         system=data.get("system") or "",
-        user_suffix={str(k): v for k, v in suffix.items()},
     )
 
 
@@ -133,7 +131,7 @@ def load_verifiers(ref: str) -> VerifierSet:
             raise ConfigError(f"{path}: verifier {i} needs 'user' and 'weight'")
         if float(item["weight"]) < 0:
             raise ConfigError(f"{path}: verifier {i} has a negative weight")
-        _check_placeholders(path, item["user"], {"question", "answer"})
+        _check_placeholders(path, item["user"], {"question", "answer", "solution"})
         verifiers.append(
             Verifier(str(item.get("name", f"v{i}")), float(item["weight"]), item["user"])
         )

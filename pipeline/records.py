@@ -88,6 +88,9 @@ PROBLEM_SCHEMA = pa.schema(
         _req("final_correct", pa.bool_()),
         _opt("initial_reward", pa.float64()),  # r0; null for methods without a reward
         _req("rewards", pa.list_(pa.float64())),  # reward after every latent iteration
+        # The reward of the returned answer (the last, or the best with return_best, or BoN's
+        # pick); null without a reward, and in records written before this column existed.
+        _opt("final_reward", pa.float64()),
         _req("iterations", pa.int64()),
         _req("update_length", pa.int64()),  # U
         _req("cot_length", pa.int64()),  # T
@@ -108,6 +111,11 @@ PROBLEM_SCHEMA = pa.schema(
         _req("error", pa.string()),  # "" when the problem ran to completion
         _req("samples", pa.list_(pa.string())),  # bon / sc: the N sampled answers
         _req("sample_rewards", pa.list_(pa.float64())),  # bon: the reward of each sample
+        # Sampling methods: whether each sample is correct, and (sc) each sample's group of
+        # equivalent answers (-1: no answer), so that analysis can score n <= N samples from
+        # the records alone. Null in records written before these columns existed.
+        _opt("sample_correct", pa.list_(pa.bool_())),
+        _opt("sample_groups", pa.list_(pa.int64())),
     ]
 )
 
@@ -161,6 +169,7 @@ def problem_row(result: ProblemResult, run_id: str, model: str, worker: str, att
         "final_correct": bool(result.final_correct),
         "initial_reward": _float_or_none(result.initial_reward),
         "rewards": [float(r) for r in result.rewards],
+        "final_reward": _float_or_none(result.final_reward),
         "iterations": int(result.iterations),
         "update_length": int(result.update_length),
         "cot_length": int(result.cot_length),
@@ -181,6 +190,8 @@ def problem_row(result: ProblemResult, run_id: str, model: str, worker: str, att
         "error": result.error,
         "samples": list(result.samples),
         "sample_rewards": [float(r) for r in result.sample_rewards],
+        "sample_correct": [bool(c) for c in result.sample_correct],
+        "sample_groups": [int(g) for g in result.sample_groups],
     }
 
 

@@ -46,35 +46,32 @@ PROB_EPS_REFERENCE = 1e-8  # the official code: probs = softmax(logits) + 1e-8
 LOG_EPS = 1e-10  # both: log(p + 1e-10)
 STOP_TEXTS_REFERENCE = ("</s>", "<|im_end|>", "<|endoftext|>")
 
-# The paper's prompts (SPEC §3), verbatim: (system, user template, extra note per dataset).
-_JSON_NOTE = (
-    "Note that the final answer should be pure numbers, not the calculation formulas, and "
-    "without any units or explanation!!! "
-)
-PAPER_PROMPTS: dict[str, tuple[str, str, dict[str, str]]] = {
-    "boxed": ("Please reason step by step, and put your final answer within \\boxed{}.", "{q}", {}),
+# The paper's prompts (SPEC §3), verbatim: (system, user template). The note the json prompt
+# adds for some datasets is the caller's `note` (the benchmark declares it).
+PAPER_PROMPTS: dict[str, tuple[str, str]] = {
+    "boxed": ("Please reason step by step, and put your final answer within \\boxed{}.", "{q}"),
     "json": (
         "You are a precise math question solver. Solve this math problem. ",
         "QUESTION: {q} \nLet's think step by step. Please provide your thought process and your "
         'final answer separately and response in json format containing the keys "thought '
         'process" and "final answer". For example your response should be {{"thought process": '
         '"your thought process", "final answer": "your final answer"}}. ',
-        {"gsm8k": _JSON_NOTE, "aime2024": _JSON_NOTE},
     ),
 }
 
 
-def paper_messages(question: str, prompt: str = "boxed", dataset: str = "") -> list[dict]:
-    system, user, notes = PAPER_PROMPTS[prompt]
-    content = user.format(q=question) + notes.get(dataset, "")
+def paper_messages(question: str, prompt: str = "boxed", note: str = "") -> list[dict]:
+    system, user = PAPER_PROMPTS[prompt]
+    content = user.format(q=question) + note
     return [{"role": "system", "content": system}, {"role": "user", "content": content}]
 
 
 def prompt_ids(
-    tokenizer: Any, question: str, prompt: str = "boxed", dataset: str = "", compat: str = "none"
+    tokenizer: Any, question: str, prompt: str = "boxed", note: str = "", compat: str = "none"
 ) -> list[int]:
-    """The paper's prompt, chat-formatted with a generation prompt, as token ids."""
-    messages = paper_messages(question, prompt, dataset)
+    """The paper's prompt (with `note` appended to the user message), chat-formatted with a
+    generation prompt, as token ids."""
+    messages = paper_messages(question, prompt, note)
     if compat == "reference":
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return list(tokenizer(text)["input_ids"])

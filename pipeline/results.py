@@ -63,6 +63,7 @@ class ProblemResult:
     final_correct: bool = False
     initial_reward: float | None = None  # r0; None for methods without a reward (cot, sc)
     rewards: list[float] = field(default_factory=list)  # reward after every iteration
+    final_reward: float | None = None  # the reward of the returned answer (None: no reward)
     iterations: int = 0
     update_length: int = 0  # U
     cot_length: int = 0  # T (EOS step included)
@@ -72,6 +73,8 @@ class ProblemResult:
     iteration_stats: list[IterationStats] = field(default_factory=list)
     samples: list[str] = field(default_factory=list)  # bon / sc: the N sampled answers
     sample_rewards: list[float] = field(default_factory=list)  # bon: the reward of each sample
+    sample_correct: list[bool] = field(default_factory=list)  # bon / sc: each sample graded
+    sample_groups: list[int] = field(default_factory=list)  # sc: equivalent-answer group, -1 none
     unparsed_verdicts: int = 0  # self-reward verifier outputs without a verdict
     compute: Compute = field(default_factory=Compute)
     device: str = ""  # the resolved device the problem ran on ("cpu", "cuda:0")

@@ -3,32 +3,45 @@
 Every reward scores a batch of (problem, answer) pairs and reports the tokens it spent.
 
 - `SelfReward`: the solver model judges an answer with the verifier templates of
-  `configs/prompts/verifiers.yaml` (four by default, weights 2/1/2/1). All verifier prompts of all
-  pending answers are decoded together in one greedy batch, capped at `verifier_max_new_tokens`.
-  The verdict is read from the *generated* text only (the last `Verdict: True|False`); a
-  verifier without a verdict counts as False and is counted. reward = -(weights of False
-  verdicts [+ format_penalty when the format rule is on and the answer lacks the format]) / (sum
-  of weights), in [-1, 0] without the format rule.
+  `configs/prompts/verifiers.yaml` (the paper's four, verbatim, weights 2/1/2/1; each prompt is
+  the user message alone). reward = -(weights of False verdicts [+ format_penalty when the format
+  rule is on and the answer lacks the format]) / (sum of weights), in [-1, 0] without the format
+  rule (down to -8/6 with it, as the official code).
 - `PsrmReward`: 0 if the extracted final answer equals the gold answer (math-verify), else -1.
 - `CallableReward`: any `module:function` taking `(problem, answer) -> float`.
 
-Departures from the reference code: verifiers decode greedily with a token cap instead of the
-model's default (often sampling) generation config for up to 4096 tokens; the verdict regex never
-sees the prompt (so a silent verifier cannot "approve" by matching the prompt's own example);
-verifiers of all answers run in one batch instead of one after another.
+The self-reward's two modes:
+
+| | default (`compat=none`) | `compat=reference` (the official code's `"self"` branch) |
+|---|---|---|
+| decoding | greedy | the model's `generation_config` (sampling where it says so), seeded |
+| budget | `verifier_max_new_tokens` (256) | `verifier_max_new_tokens` (the official 4096) |
+| verdict read from | the generated text only: the last `<marker> True/False` | prompt + answer decoded together (special tokens skipped): the text after the *last* marker, `*` removed, lower-cased; "true" in it, else "false", else the same test on its first word, else False |
+| a verifier without a verdict | False, and counted as unparsed | whatever the text after the last marker says |
+| format rule | a boxed (or JSON) answer for the prompt's style | the official regex `\\boxed{(.*)}` |
+
+The official rule reads a verifier that writes no marker from its own prompt: the last marker of
+the calculation_check prompt is followed by "True", so a silent calculation_check approves; the
+other three prompts' last markers are followed by "False", but as the whole rest of the text is
+searched for "true" first, any "true" in the verifier's answer (even "untrue") approves. Seeds:
+a sampled verifier draws from a generator seeded by (seed, problem, verifier, the call's index: 0
+for the CoT answer, k for iteration k or sample k), so runs repeat (the official code seeds once
+per process, so its draws depend on everything decoded before).
 """
 
 from __future__ import annotations
 
 import importlib
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.backends.base import GenerationRequest, GenerationResult
 from pipeline.data import Problem
-from pipeline.generation import GenerationRequest, GenerationResult, Generator
 from pipeline.grading import Grade, extract_answer, is_equivalent
+from pipeline.methods.base import problem_seed
 from pipeline.prompts import VerifierSet, render_chat
 
 
@@ -49,10 +62,10 @@ class Reward:
     that the caller decides how they are batched; `score` does both for a batch at once."""
 
     name = "reward"
-    generator: Generator | None = None
 
-    def requests(self, problem: Problem, answer: str) -> list[GenerationRequest]:
-        """The generations this reward needs to score `answer` (none for model-free rewards)."""
+    def requests(self, problem: Problem, answer: str, index: int = 0) -> list[GenerationRequest]:
+        """The generations this reward needs to score `answer` (none for model-free rewards);
+        `index` numbers the answers scored for one problem (0: the first), for seeding."""
         return []
 
     def result(
@@ -61,15 +74,21 @@ class Reward:
         """The reward of `answer`, given the results of `requests(problem, answer)`."""
         raise NotImplementedError
 
-    def score(self, problems: Sequence[Problem], answers: Sequence[str]) -> list[RewardResult]:
-        """Score a batch: every request of every answer decoded together in one batch."""
-        wanted = [self.requests(p, a) for p, a in zip(problems, answers)]
+    def score(
+        self, problems: Sequence[Problem], answers: Sequence[str], backend: Any = None
+    ) -> list[RewardResult]:
+        """Score a batch: every request of every answer decoded together in one static batch of
+        `backend` (`Backend.generate`; not needed by model-free rewards)."""
+        wanted = [self.requests(p, a) for p, a in zip(problems, answers, strict=True)]
         flat = [r for rs in wanted for r in rs]
-        outputs = iter(self.generator.generate(flat) if flat else [])
+        outputs = iter(backend.generate(flat) if flat else [])
         return [
             self.result(p, a, [next(outputs) for _ in rs])
             for p, a, rs in zip(problems, answers, wanted)
         ]
+
+
+OFFICIAL_FORMAT = re.compile(r"\\boxed{(.*)}", re.DOTALL)  # `--rule_format_string boxed`
 
 
 def has_format(answer: str, style: str) -> bool:
@@ -92,45 +111,131 @@ def combine_verdicts(
     return -failed / sum(weights)
 
 
+def official_verdict(text: str, marker: str) -> bool:
+    """The official verdict of a verifier's whole decoded sequence (prompt and answer): the text
+    after the last `marker` (any case), `*` removed, lower-cased; True if it holds "true", False
+    if it holds "false", else the same test on its first word, else False."""
+    found = re.search(r".*" + re.escape(marker.lower()) + r"(.*)", text, re.DOTALL | re.IGNORECASE)
+    answer = found.group(1).strip() if found else ""
+    answer = answer.replace("*", "").strip().lower()
+    if not answer:
+        return False
+    if "true" in answer:
+        return True
+    # The official code then tries "false", then both on the first word, then gives False; the
+    # first word is part of the text already searched, so only "false" or nothing is left.
+    return False
+
+
+@dataclass(frozen=True)
+class VerifierDecoding:
+    """How a verifier decodes: greedy by default; the model's generation config in reference."""
+
+    max_new_tokens: int
+    sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    stop_ids: frozenset[int] | None = None  # None: the backend's EOS ids
+
+    @classmethod
+    def of_model(
+        cls, generation_config: Any, tokenizer: Any, max_new_tokens: int
+    ) -> VerifierDecoding:
+        """What `model.generate(**inputs, max_new_tokens=...)` does with the model's own
+        `generation_config` (missing fields: transformers' defaults)."""
+
+        def get(name: str, default: Any) -> Any:
+            value = getattr(generation_config, name, None)
+            return default if value is None else value
+
+        eos = get("eos_token_id", tokenizer.eos_token_id)
+        stops = frozenset(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        sample = bool(get("do_sample", False))
+        return cls(
+            max_new_tokens=max_new_tokens,
+            sample=sample,
+            temperature=float(get("temperature", 1.0)) if sample else 1.0,
+            top_p=float(get("top_p", 1.0)) if sample else 1.0,
+            top_k=int(get("top_k", 50)) if sample else 0,
+            repetition_penalty=float(get("repetition_penalty", 1.0)),
+            stop_ids=stops or None,
+        )
+
+
 class SelfReward(Reward):
     name = "self"
 
     def __init__(
         self,
-        generator: Generator,
+        tokenizer: Any,
         verifiers: VerifierSet,
         max_new_tokens: int,
         style: str,
         format_rule: bool = False,
+        *,
+        reference: bool = False,
+        decoding: VerifierDecoding | None = None,
+        seed: int = 0,
     ) -> None:
-        self.generator = generator
+        self.tokenizer = tokenizer
         self.verifiers = verifiers
         self.max_new_tokens = max_new_tokens
         self.style = style
         self.format_rule = format_rule
+        self.reference = reference  # compat=reference: the official verdict and format rule
+        self.decoding = decoding or VerifierDecoding(max_new_tokens)
+        self.seed = seed
 
-    def requests(self, problem: Problem, answer: str) -> list[GenerationRequest]:
-        tok = self.generator.tokenizer
+    def _prompts(self, problem: Problem, answer: str) -> list[list[int]]:
+        """Each verifier's prompt ids: its user message through the chat template, tokenized by
+        the template call (an `<|im_end|>` kept in the answer text is read back as that token,
+        as in the official code)."""
+        tok = self.tokenizer
+        return [
+            render_chat(tok, v.messages(problem.question, answer)) for v in self.verifiers.verifiers
+        ]
+
+    def requests(self, problem: Problem, answer: str, index: int = 0) -> list[GenerationRequest]:
+        d = self.decoding
         return [
             GenerationRequest(
-                prompt_ids=render_chat(tok, v.messages(problem.question, answer)),
-                max_new_tokens=self.max_new_tokens,
+                prompt_ids=prompt,
+                max_new_tokens=d.max_new_tokens,
+                stop_ids=d.stop_ids,
+                sample=d.sample,
+                temperature=d.temperature,
+                top_p=d.top_p,
+                top_k=d.top_k,
+                repetition_penalty=d.repetition_penalty,
+                seed=problem_seed(self.seed, f"{problem.problem_id}/verifier/{v.name}", index),
             )
-            for v in self.verifiers.verifiers
+            for v, prompt in zip(self.verifiers.verifiers, self._prompts(problem, answer))
         ]
 
     def result(
         self, problem: Problem, answer: str, outputs: Sequence[GenerationResult]
     ) -> RewardResult:
-        tok = self.generator.tokenizer
+        tok, marker = self.tokenizer, self.verifiers.marker
         texts = [tok.decode(o.tokens, skip_special_tokens=True) for o in outputs]
-        verdicts = [self.verifiers.parse_verdict(t) for t in texts]
+        if self.reference:
+            whole = [
+                tok.decode([*prompt, *o.tokens], skip_special_tokens=True)
+                for prompt, o in zip(self._prompts(problem, answer), outputs)
+            ]
+            verdicts: list[bool | None] = [official_verdict(t, marker) for t in whole]
+            unparsed = sum(marker.lower() not in t.lower() for t in texts)
+            format_ok = not self.format_rule or OFFICIAL_FORMAT.search(answer) is not None
+        else:
+            verdicts = [self.verifiers.parse_verdict(t) for t in texts]
+            unparsed = sum(d is None for d in verdicts)
+            format_ok = not self.format_rule or has_format(answer, self.style)
         weights = [v.weight for v in self.verifiers.verifiers]
-        format_ok = not self.format_rule or has_format(answer, self.style)
         return RewardResult(
             value=combine_verdicts(verdicts, weights, format_ok, self.verifiers.format_penalty),
             verdicts={v.name: d for v, d in zip(self.verifiers.verifiers, verdicts)},
-            unparsed=sum(d is None for d in verdicts),
+            unparsed=unparsed,
             prompt_tokens=sum(o.prompt_tokens for o in outputs),
             generated_tokens=sum(len(o.tokens) for o in outputs),
             token_passes=sum(o.token_passes for o in outputs),
@@ -187,17 +292,30 @@ def import_callable(path: str) -> Callable[..., Any]:
 
 def build_reward(
     name: str,
-    generator: Generator,
+    tokenizer: Any,
     verifiers: VerifierSet,
     style: str,
     verifier_max_new_tokens: int,
     format_rule: bool,
     grader: Callable[[Problem, str], Grade] | None = None,
+    *,
+    reference: bool = False,
+    generation_config: Any = None,
+    seed: int = 0,
 ) -> Reward:
     """`grader` decides PSRM's correctness (the solver's grader, so that PSRM and the recorded
-    correctness agree, in both compat modes)."""
+    correctness agree, in both compat modes). `reference` (compat=reference): the self-reward
+    decodes with the model's `generation_config` and reads verdicts the official way."""
     if name == "self":
-        return SelfReward(generator, verifiers, verifier_max_new_tokens, style, format_rule)
+        decoding = (
+            VerifierDecoding.of_model(generation_config, tokenizer, verifier_max_new_tokens)
+            if reference
+            else VerifierDecoding(verifier_max_new_tokens)
+        )
+        return SelfReward(
+            tokenizer, verifiers, verifier_max_new_tokens, style, format_rule,
+            reference=reference, decoding=decoding, seed=seed,
+        )  # fmt: skip
     if name == "psrm":
         return PsrmReward(style, grader)
     return CallableReward(import_callable(name), name)

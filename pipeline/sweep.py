@@ -12,11 +12,13 @@ A sweep file (`configs/sweeps/*.yaml`) names a base config, settings for every p
       - {lr_relative: true, lr: 0.5}  # appears once however large the grid)
     derive: true                # default: derive K <= K_max and n <= N from one run (below)
 
-Derive instead of recompute: points that differ only in `max_iters` and/or `n_samples` share one
-executed run with the largest of each. A LatentSeek run with K = 10 holds the answer after every
-k <= 10 (its iteration rows, an early stop carried forward), and BoN / SC with N samples hold
-every n <= N (samples are seeded per (seed, problem, sample index), so the first n of N are the
-n-sample run's). Such a point is recorded as derived from the executed run's id.
+Derive instead of recompute: points that differ only in derivable keys (config keys with the
+DERIVABLE role: `max_iters`, `n_samples`) share one executed run with the largest of each, for
+the keys that every method of the point either derives (`Method.derive`: a LatentSeek run with
+K = 10 holds the answer after every k <= 10; BoN / SC with N samples hold every n <= N, samples
+being seeded per (seed, problem, sample index)) or does not depend on. A key that some method of
+the point depends on without deriving it is not derived: each of its values runs. Such a point
+is recorded as derived from the executed run's id.
 
 This module plans; `jobs/sweep.py` runs the plan. Nothing here starts Ray or MLflow.
 """
@@ -31,9 +33,8 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import Config, ConfigError, load_config
+from pipeline.config import DERIVABLE, Config, ConfigError, keys_with, load_config
 
-DERIVED_KEYS = ("max_iters", "n_samples")  # keys whose smaller values are read off a larger run
 _SPEC_KEYS = {"name", "config", "set", "grid", "points", "derive", "description"}
 
 
@@ -148,23 +149,36 @@ def _as_override(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def derivable_keys(cfg: Config) -> tuple[str, ...]:
+    """The DERIVABLE keys that every method of `cfg` derives or does not depend on."""
+    from pipeline.methods import get_method
+
+    def ok(key: str, name: str) -> bool:
+        m = get_method(name)
+        return (m.derive is not None and m.derive.key == key) or key not in m.settings
+
+    return tuple(k for k in keys_with(DERIVABLE) if all(ok(k, m) for m in cfg.method))
+
+
 def _group_key(cfg: Config) -> str:
     values = cfg.to_dict()
-    for key in (*DERIVED_KEYS, "run_id"):
+    for key in (*derivable_keys(cfg), "run_id"):
         values.pop(key)
     return repr(sorted(values.items()))
 
 
 def _derive(points: list[SweepPoint]) -> list[SweepPoint]:
-    """Within each group of points equal but for DERIVED_KEYS, execute the one with the largest
-    K and N (added to the plan if the sweep has no such point) and derive the others from it."""
+    """Within each group of points equal but for their derivable keys, execute the one with the
+    largest value of each (added to the plan if the sweep has no such point) and derive the
+    others from it."""
     groups: dict[str, list[SweepPoint]] = {}
     for p in points:
         groups.setdefault(_group_key(p.cfg), []).append(p)
     executed: list[SweepPoint] = []
     derived: list[SweepPoint] = []
     for members in groups.values():
-        top = {k: max(getattr(p.cfg, k) for p in members) for k in DERIVED_KEYS}
+        keys = derivable_keys(members[0].cfg)
+        top = {k: max(getattr(p.cfg, k) for p in members) for k in keys}
         source = next(
             (p for p in members if all(getattr(p.cfg, k) == v for k, v in top.items())), None
         )
@@ -178,6 +192,6 @@ def _derive(points: list[SweepPoint]) -> list[SweepPoint]:
             if p is source:
                 continue
             p.derived_from = source.run_id
-            p.derived = {k: getattr(p.cfg, k) for k in DERIVED_KEYS if getattr(p.cfg, k) != top[k]}
+            p.derived = {k: getattr(p.cfg, k) for k in keys if getattr(p.cfg, k) != top[k]}
             derived.append(p)
     return executed + derived

@@ -126,7 +126,7 @@ class EvalWorker:
         try:
             if cfg.tensor_parallel > 1:
                 self._join_replica(cfg, group)
-            from pipeline.methods import Solver  # heavy imports happen in the worker process
+            from pipeline.solver import Solver  # heavy imports happen in the worker process
 
             self.solver = Solver.from_config(self._local(cfg))
             if self.ranks:
@@ -179,8 +179,8 @@ class EvalWorker:
 
     def _configure(self, cfg: Any) -> None:
         """Run the next work with `cfg` (a sweep's next point) on the model already loaded;
-        the driver reuses a worker only for configs that load the same model (MODEL_KEYS)."""
-        from pipeline.methods import Solver
+        the driver reuses a worker only for configs that load the same model (MODEL role)."""
+        from pipeline.solver import Solver
 
         self.solver = Solver(self._local(cfg), self.solver.loaded)
         self.settings = cfg

@@ -180,7 +180,7 @@ def embedded_cfg() -> Config:
 @pytest.fixture(scope="session")
 def make_solver(embedded: LoadedModel) -> Callable[..., object]:
     """`make_solver(cfg)` -> a `Solver` on the session's embedded model (no reload)."""
-    from pipeline.methods import Solver
+    from pipeline.solver import Solver
 
     def build(cfg: Config, reward: Reward | None = None) -> Solver:
         return Solver(cfg, embedded, reward=reward)

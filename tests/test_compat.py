@@ -7,10 +7,11 @@ import pytest
 import torch
 from conftest import TINY_EOS, ScriptedReward, problem, tiny_loaded
 
-from pipeline.compat import decode_rules, make_grader, official_extract, official_number
+from pipeline.benchmarks.official import official_extract, official_number
+from pipeline.compat import decode_rules, make_grader
 from pipeline.config import Config, ConfigError
 from pipeline.data import Problem, load_dataset
-from pipeline.methods import Solver
+from pipeline.solver import Solver
 
 # --- the official GSM8K extraction, worked out by hand from SPEC §6 ---------------------------
 

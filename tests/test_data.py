@@ -11,16 +11,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from pipeline.benchmarks import DATA_DIR, all_benchmarks, verify_checksums
+from pipeline.benchmarks.gsm8k import gold as gsm8k_gold
 from pipeline.config import Config
-from pipeline.data import (
-    BENCHMARKS,
-    DATA_DIR,
-    DataError,
-    Dataset,
-    gsm8k_gold,
-    load_dataset,
-    verify_checksums,
-)
+from pipeline.data import DataError, Dataset, load_dataset
+
+BENCHMARKS = all_benchmarks()
 
 
 def write_jsonl(path: Path, rows: list[object]) -> Path:

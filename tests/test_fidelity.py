@@ -27,6 +27,7 @@ import zlib
 import pytest
 
 from pipeline import reference
+from pipeline.benchmarks import prompt_suffix
 from pipeline.data import load_dataset
 from pipeline.rewards import CallableReward
 
@@ -43,7 +44,8 @@ def text_reward(text: str) -> float:
 
 
 def run_reference(loaded, p, compat: str, settings: dict, reward_fn=None):
-    ids = reference.prompt_ids(loaded.tokenizer, p.question, "boxed", p.dataset, compat)
+    note = prompt_suffix(p.dataset, "boxed")
+    ids = reference.prompt_ids(loaded.tokenizer, p.question, "boxed", note, compat)
     gold = p.label if compat == "reference" else p.gold
     return reference.naive_latentseek(
         loaded.model, loaded.tokenizer, ids, gold, compat=compat, reward_fn=reward_fn, **settings

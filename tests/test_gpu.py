@@ -6,7 +6,7 @@ import torch
 
 from pipeline.config import Config
 from pipeline.data import load_dataset
-from pipeline.methods import Solver
+from pipeline.solver import Solver
 
 pytestmark = pytest.mark.gpu
 
@@ -41,13 +41,13 @@ def test_batched_cot_matches_one_at_a_time_on_cuda(gpu_solver):
 
 def test_captured_states_give_back_the_decoded_tokens_on_cuda(gpu_solver):
     # argmax(W z_t) = x_t in bf16 on the GPU: decoding and the latent step share head_logits.
-    from pipeline.generation import GenerationRequest, head_logits
+    from pipeline.generation import GenerationRequest
 
     problems = load_dataset(gpu_solver.cfg).problems
-    prompts = [gpu_solver._prompt(p)[0] for p in problems]
-    outs = gpu_solver.generator.generate([GenerationRequest(p, 32, capture=32) for p in prompts])
+    prompts = [gpu_solver.prompt(p)[0] for p in problems]
+    outs = gpu_solver.backend.generate([GenerationRequest(p, 32, capture=32) for p in prompts])
     for out in outs:
-        tokens = head_logits(gpu_solver.generator.lm_head, out.hidden).argmax(-1).tolist()
+        tokens = gpu_solver.head(out.hidden).argmax(-1).tolist()
         assert tokens == out.tokens[: len(tokens)]
 
 

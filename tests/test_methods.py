@@ -16,10 +16,13 @@ import pytest
 import torch
 from conftest import ScriptedReward, problem, tiny_loaded
 
+from pipeline.batching import run_static
 from pipeline.config import Config
-from pipeline.generation import DecodeBatch, GenerationRequest, GenerationResult, Row
-from pipeline.methods import Solver, majority_vote, problem_seed, select_best
+from pipeline.generation import GenerationRequest, GenerationResult
+from pipeline.methods import problem_seed, select_best
+from pipeline.methods.sc import majority_vote
 from pipeline.prompts import render_chat
+from pipeline.solver import Solver
 
 TAU = -0.2
 
@@ -165,7 +168,7 @@ def test_cot_is_the_greedy_decode_of_the_prompt(make_solver, embedded_cfg):
     p = problem("Tom has 3 apples and buys 4 more. How many apples does he have?", "7")
     (r,) = solver.run("cot", [p])
     model, tok = solver.loaded.model, solver.tokenizer
-    prompt = render_chat(tok, solver.template.messages(p.question, p.dataset))
+    prompt = render_chat(tok, solver.template.messages(p.question))
     ids = torch.tensor([prompt])
     with torch.no_grad():
         out = model.generate(
@@ -196,13 +199,16 @@ def test_best_of_n_picks_the_best_sample():
 
 
 class ScriptedSampler:
-    """Stands in for the solver's `Generator`: the sample drawn with seed
-    `problem_seed(seed, pid, j)` is `texts[pid][j]` (any other seed is a KeyError); keeps the
-    requests. Byte tokens, so the engine decodes each text back as it is."""
+    """A generation backend (`pipeline.backends.base.Backend`) that stands in for the engine:
+    the sample drawn with seed `problem_seed(seed, pid, j)` is `texts[pid][j]` (any other seed
+    is a KeyError); keeps the requests. Byte tokens, so the engine decodes each text back."""
 
-    def __init__(self, real, texts: dict[str, list[str]], seed: int) -> None:
-        self.tokenizer = real.tokenizer
-        self.max_positions = real.max_positions  # the solver checks prompt lengths against it
+    name = "scripted"
+
+    def __init__(self, loaded, texts: dict[str, list[str]], seed: int) -> None:
+        self.tokenizer = loaded.tokenizer
+        self.eos_ids = {loaded.tokenizer.eos_token_id}
+        self.max_positions = 512  # the solver checks prompt lengths against it
         self.by_seed = {
             problem_seed(seed, pid, j): text
             for pid, samples in texts.items()
@@ -217,13 +223,8 @@ class ScriptedSampler:
             for req in requests
         ]
 
-    def open(self, requests, handles=None):  # continuous batching: every row is done at once
-        handles = range(len(requests)) if handles is None else handles
-        done = [
-            Row(h, q, out, frozenset())
-            for h, q, out in zip(handles, requests, self.generate(requests))
-        ]
-        return DecodeBatch.empty(self), done
+    def run(self, tasks, max_rows, batching="continuous"):  # every row is done at once
+        run_static(self, tasks)
 
 
 def test_self_consistency_returns_the_majority_answer():
@@ -247,8 +248,9 @@ def test_self_consistency_returns_the_majority_answer():
     probs = [problem(f"Question {pid}?", "18", pid) for pid in texts]
     reward = ScriptedReward([-1.0])
     cfg = make_cfg(n_samples=4)
-    solver = Solver(cfg, tiny_loaded(), reward=reward)
-    solver.generator = sampler = ScriptedSampler(solver.generator, texts, cfg.seed)
+    loaded = tiny_loaded()
+    sampler = ScriptedSampler(loaded, texts, cfg.seed)
+    solver = Solver(cfg, loaded, reward=reward, backend=sampler)
     results = solver.run("sc", probs)
     assert [r.problem_id for r in results] == list(texts)
     for r in results:
@@ -275,9 +277,9 @@ def test_self_consistency_samples_are_seeded_per_problem_and_sample():
     solver = Solver(make_cfg(n_samples=3), loaded, reward=ScriptedReward([-1.0]))
     results = solver.run("sc", probs)
     for p, r in zip(probs, results):
-        prompt = render_chat(loaded.tokenizer, solver.template.messages(p.question, p.dataset))
+        prompt = render_chat(loaded.tokenizer, solver.template.messages(p.question))
         alone = [
-            solver.generator.generate(
+            solver.backend.generate(
                 [
                     GenerationRequest(
                         prompt,

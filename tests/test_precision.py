@@ -14,9 +14,9 @@ from pipeline.config import Config
 from pipeline.data import load_dataset
 from pipeline.generation import GenerationRequest, Generator, head_logits
 from pipeline.latent import latent_step
-from pipeline.methods import Solver
 from pipeline.model import load_model
 from pipeline.prompts import load_solver_template, render_chat
+from pipeline.solver import Solver
 
 CFG = dict(model="embedded", device="cpu", dtype="bfloat16", reward="psrm", method=["latentseek"])
 

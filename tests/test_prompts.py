@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline import reference
+from pipeline.benchmarks import prompt_suffix
 from pipeline.config import ConfigError
 from pipeline.prompts import load_solver_template, render_chat
 
@@ -47,7 +48,7 @@ EXPECTED = {
 @pytest.mark.parametrize("prompt,dataset", sorted(EXPECTED))
 def test_paper_prompt_renders_exactly(embedded, prompt, dataset):
     tok = embedded.tokenizer
-    messages = load_solver_template(prompt).messages(Q, dataset)
+    messages = load_solver_template(prompt).messages(Q, prompt_suffix(dataset, prompt))
     assert [m["role"] for m in messages] == ["system", "user"]
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert text == EXPECTED[prompt, dataset]
@@ -63,15 +64,22 @@ def test_paper_prompt_renders_exactly(embedded, prompt, dataset):
 @pytest.mark.parametrize("prompt,dataset", sorted(EXPECTED))
 def test_reference_keeps_its_own_copy_of_the_same_prompts(embedded, prompt, dataset):
     # pipeline.reference writes the prompts out independently; both copies must agree.
-    assert reference.paper_messages(Q, prompt, dataset) == load_solver_template(prompt).messages(
-        Q, dataset
+    note = prompt_suffix(dataset, prompt)
+    assert reference.paper_messages(Q, prompt, note) == load_solver_template(prompt).messages(
+        Q, note
     )
-    ids = reference.prompt_ids(embedded.tokenizer, Q, prompt, dataset)
+    ids = reference.prompt_ids(embedded.tokenizer, Q, prompt, note)
     assert embedded.tokenizer.decode(ids) == EXPECTED[prompt, dataset]
 
 
-def test_user_suffix_must_map_to_strings(tmp_path):
-    path = tmp_path / "t.yaml"
-    path.write_text("style: boxed\nuser: '{question}'\nuser_suffix: [a, b]\n")
-    with pytest.raises(ConfigError, match="user_suffix"):
+def test_a_template_under_another_name_gets_no_benchmark_note(tmp_path):
+    # The note belongs to the benchmark and the paper's template name ("json"); a user's copy
+    # under another name renders its own text only.
+    path = tmp_path / "mine.yaml"
+    path.write_text("name: mine\nstyle: json\nuser: 'Q: {question}'\n")
+    template = load_solver_template(str(path))
+    assert prompt_suffix("gsm8k", template.name) == ""
+    assert prompt_suffix("gsm8k", "json") == NOTE and prompt_suffix("math500", "json") == ""
+    with pytest.raises(ConfigError, match="style"):
+        path.write_text("style: latex\nuser: '{question}'\n")
         load_solver_template(str(path))

@@ -86,12 +86,16 @@ def latentseek(
 
 
 def sc(pid: str, picks: list[str], pick: int) -> ProblemResult:
+    """What an SC run records: the samples, each one's grade and its group of equal answers
+    (numbered by first appearance), as `pipeline.methods.sc` writes them."""
     samples = [f"so \\boxed{{{a}}}" for a in picks]
+    groups = [list(dict.fromkeys(picks)).index(a) for a in picks]
     return ProblemResult(
         problem_id=pid, dataset="gsm8k", method="sc", question="?", gold=GOLD[pid],
         cot_answer=samples[0], final_answer=samples[pick], final_extracted=picks[pick],
         cot_correct=picks[0] == GOLD[pid], final_correct=picks[pick] == GOLD[pid],
         samples=samples, stop_reason="majority", compute=_compute(20, 120),
+        sample_correct=[a == GOLD[pid] for a in picks], sample_groups=groups,
     )  # fmt: skip
 
 

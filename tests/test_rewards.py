@@ -16,7 +16,7 @@ import textwrap
 import pytest
 from conftest import ByteTokenizer, problem, tiny_loaded
 
-from pipeline.config import ConfigError
+from pipeline.config import Config, ConfigError
 from pipeline.generation import GenerationResult, Generator
 from pipeline.prompts import load_solver_template, load_verifiers, render_chat
 from pipeline.rewards import (
@@ -81,8 +81,21 @@ def test_combine_verdicts_none_and_format(verdicts, format_ok, expected):
     assert combine_verdicts(verdicts, WEIGHTS, format_ok, 2.0) == pytest.approx(expected)
 
 
-def test_default_verifiers_are_the_spec_roles():
-    v = load_verifiers("verifiers")
+def test_default_verifiers_are_the_papers():
+    # SPEC §2: the four verifiers of the paper (Multi-Agent Verification), in the official order,
+    # weights 2, 1, 2, 1, marker FINAL VERIFICATION ANSWER IS: (texts: tests/test_prompts.py).
+    v = load_verifiers(Config().verifier_prompts)
+    assert [(x.name, x.weight) for x in v.verifiers] == [
+        ("calculation_check", 2),
+        ("answer_correct", 1),
+        ("answer_completeness", 2),
+        ("understanding_check", 1),
+    ]
+    assert (v.marker, v.format_penalty, v.total_weight) == ("FINAL VERIFICATION ANSWER IS:", 2, 6)
+
+
+def test_our_earlier_verifiers_stay_available():
+    v = load_verifiers("verifiers-short")
     assert [(x.name, x.weight) for x in v.verifiers] == [
         ("calculation", 2),
         ("answer_correct", 1),
@@ -114,7 +127,7 @@ def test_default_verifiers_are_the_spec_roles():
     ],
 )
 def test_parse_verdict(generated, expected):
-    assert load_verifiers("verifiers").parse_verdict(generated) is expected
+    assert load_verifiers("verifiers-short").parse_verdict(generated) is expected
     assert read_verdict(generated) is expected  # the test's own reader agrees on every case
 
 
@@ -140,8 +153,8 @@ def test_self_reward_reads_only_generated_text():
     # The verifier prompts themselves contain 'write "Verdict: True" if ...'; a verifier that
     # generates nothing must not approve by matching its own prompt.
     gen = ScriptedGenerator([""])
-    reward = SelfReward(gen, load_verifiers("verifiers"), 32, "boxed")
-    (rr,) = reward.score([problem()], ["\\boxed{2}"])
+    reward = SelfReward(gen.tokenizer, load_verifiers("verifiers-short"), 32, "boxed")
+    (rr,) = reward.score([problem()], ["\\boxed{2}"], gen)
     assert all("Verdict: True" in p for p in gen.prompts) and len(gen.prompts) == 4
     assert rr.value == -1.0 and rr.unparsed == 4
     assert rr.verdicts == dict.fromkeys(
@@ -153,8 +166,10 @@ def test_self_reward_combines_the_four_verdicts():
     # calculation True, answer_correct False, completeness unparsed, understanding True:
     # -(1 + 2) / 6 = -0.5; two answers, each scored by its own 4 verifier outputs.
     gen = ScriptedGenerator(["Verdict: True", "Verdict: False", "hmm", "**Verdict:** true"])
-    reward = SelfReward(gen, load_verifiers("verifiers"), 32, "boxed", format_rule=True)
-    first, second = reward.score([problem(), problem(pid="p1")], ["\\boxed{2}", "it is 2"])
+    reward = SelfReward(
+        gen.tokenizer, load_verifiers("verifiers-short"), 32, "boxed", format_rule=True
+    )
+    first, second = reward.score([problem(), problem(pid="p1")], ["\\boxed{2}", "it is 2"], gen)
     assert first.value == pytest.approx(-0.5) and first.unparsed == 1
     assert first.verdicts == {
         "calculation": True,
@@ -165,7 +180,7 @@ def test_self_reward_combines_the_four_verdicts():
     assert second.value == pytest.approx(-5 / 6)  # the same verdicts, no \boxed: -(3 + 2) / 6
     assert first.prompt_tokens == sum(
         len(render_chat(gen.tokenizer, v.messages("What is 1+1?", "\\boxed{2}")))
-        for v in load_verifiers("verifiers").verifiers
+        for v in load_verifiers("verifiers-short").verifiers
     )
 
 
@@ -173,14 +188,9 @@ def test_self_reward_on_the_tiny_model_is_unparsed():
     # A random model never writes a verdict: every verifier unparsed, reward -1 (not 0).
     loaded = tiny_loaded()
     reward = build_reward(
-        "self",
-        Generator(loaded.model, loaded.tokenizer),
-        load_verifiers("verifiers"),
-        "boxed",
-        8,
-        False,
+        "self", loaded.tokenizer, load_verifiers("verifiers-short"), "boxed", 8, False
     )
-    (rr,) = reward.score([problem()], ["\\boxed{2}"])
+    (rr,) = reward.score([problem()], ["\\boxed{2}"], Generator(loaded.model, loaded.tokenizer))
     assert rr.value == -1.0 and rr.unparsed == 4 and rr.generated_tokens == 4 * 8
 
 
@@ -221,15 +231,16 @@ def test_self_reward_on_the_embedded_model(make_solver, embedded_cfg):
     # the embedded SmolLM2, 32 verifier tokens. The answers hold verdicts, which the 135M model
     # tends to echo, so its outputs hold True, False, no verdict, and two verdicts in one text
     # (checked at the end: every path of the parsing is exercised by real generated text).
-    solver = make_solver(embedded_cfg.replace(reward="self", verifier_max_new_tokens=32))
+    cfg = embedded_cfg.replace(reward="self", verifier_max_new_tokens=32)
+    solver = make_solver(cfg.replace(verifier_prompts="verifiers-short"))
     reward = solver.reward
     assert isinstance(reward, SelfReward) and reward.max_new_tokens == 32
-    reward.generator = recorder = RecordingGenerator(reward.generator)
+    recorder = RecordingGenerator(solver.backend)
     probs = [problem("What is 2+3?", "5", "p0"), problem("What is 2+3?", "5", "p1")]
     answers = ["2 + 3 = 5. Verdict: True", "Verdict: False. Verdict: True"]
-    results = reward.score(probs, answers)
+    results = reward.score(probs, answers, recorder)
 
-    tok, verifiers = solver.tokenizer, load_verifiers("verifiers")
+    tok, verifiers = solver.tokenizer, load_verifiers("verifiers-short")
     n = len(verifiers.verifiers)
     weights = [v.weight for v in verifiers.verifiers]
     assert len(recorder.outputs) == n * len(answers)  # every verifier of every answer, once
@@ -411,7 +422,7 @@ def test_custom_verifiers(tmp_path):
         ("verifiers:\n  - weight: 1\n", "verifier 0 needs 'user' and 'weight'"),
         ("verifiers:\n  - {weight: -1, user: '{answer}'}\n", "negative weight"),
         ("verifiers:\n  - {weight: 0, user: '{answer}'}\n", "sum to > 0"),
-        ("verifiers:\n  - {weight: 1, user: '{answer} {solution}'}\n", "solution"),
+        ("verifiers:\n  - {weight: 1, user: '{answer} {proof}'}\n", "proof"),
     ],
 )
 def test_bad_verifiers(tmp_path, text, match):

@@ -31,7 +31,7 @@ def load_problems(cfg: Any) -> list[Any]:
 def make_solver(cfg: Any) -> Any:
     import torch
 
-    from pipeline.methods import Solver
+    from pipeline.solver import Solver
 
     solver = Solver.from_config(cfg)
     torch.manual_seed(cfg.seed)
@@ -39,9 +39,11 @@ def make_solver(cfg: Any) -> Any:
 
 
 def prompt_ids(solver: Any, problem: Any) -> list[int]:
+    from pipeline.benchmarks import prompt_suffix
     from pipeline.prompts import render_chat
 
-    messages = solver.template.messages(problem.question, problem.dataset)
+    suffix = prompt_suffix(problem.dataset, solver.template.name)
+    messages = solver.template.messages(problem.question, suffix)
     return render_chat(solver.tokenizer, messages, as_text=solver.rules.render_as_text)
 
 
@@ -49,7 +51,7 @@ def warm_up(solver: Any, prompt: list[int]) -> None:
     """One short untimed generation: first-call allocations are not charged to any row."""
     from pipeline.generation import GenerationRequest
 
-    solver.generator.generate([GenerationRequest(prompt, 4)])
+    solver.backend.generate([GenerationRequest(prompt, 4)])
 
 
 def problem_row(problem_id: str, text: str, grade: Any, **fields: Any) -> dict:
@@ -124,7 +126,7 @@ def _naive_self_reward(model: Any, tokenizer: Any, verifiers: Any, cfg: Any, sty
             verdicts = []
             for v in verifiers.verifiers:
                 prompt = render_chat(tokenizer, v.messages(question, text))
-                tokens, _ = naive_greedy(model, prompt, cfg.verifier_max_new_tokens, eos)
+                tokens, _ = naive_greedy(model, prompt, cfg.verifier_budget, eos)
                 counter["generated"] += len(tokens)
                 out = tokenizer.decode(tokens, skip_special_tokens=True)
                 verdicts.append(verifiers.parse_verdict(out))

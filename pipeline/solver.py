@@ -1,0 +1,186 @@
+"""One worker's engine: a loaded model, its generation backend, the prompts, grader and reward,
+and `Solver.run`, which runs any registered method (`pipeline.methods`) on a batch of problems.
+
+The methods are written once per problem as tasks (`pipeline.batching`); the helpers here are
+what they share: the prompt and its budget, the answer request, decoding the answer text,
+scoring with the reward, grading, and charging compute to the problem's record.
+
+Decisions the spec leaves open (documented in docs/method.md), in the default mode:
+- `max_new_tokens` caps the whole answer, so a continuation after a U-token prefix gets
+  `max_new_tokens - U` tokens and LatentSeek answers have the same budget as CoT answers.
+  `compat=reference` follows the official code instead (`pipeline.compat.DecodeRules`).
+- `wall_seconds` of a problem is its batch's wall time divided by the batch's problems.
+- `flops` is an estimate: 2 x parameters x token-passes (attention's quadratic term ignored).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator as PyGenerator
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from pipeline.backends import make_backend
+from pipeline.backends.base import Backend, GenerationRequest, GenerationResult
+from pipeline.benchmarks import prompt_suffix
+from pipeline.compat import decode_rules, make_grader
+from pipeline.data import Problem
+from pipeline.methods import get_method
+from pipeline.model import LoadedModel, load_model
+from pipeline.prompts import load_solver_template, load_verifiers, render_chat
+from pipeline.results import ProblemResult
+from pipeline.rewards import Reward, RewardResult, build_reward
+
+
+class Solver:
+    """Owns one loaded model, its backend, the prompt templates, the grader and the reward."""
+
+    def __init__(
+        self,
+        cfg: Any,
+        loaded: LoadedModel,
+        reward: Reward | None = None,
+        backend: Backend | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.backend = backend or make_backend(getattr(cfg, "backend", "native"), loaded, cfg)
+        self.rules = decode_rules(
+            cfg.compat, cfg.max_new_tokens, loaded.tokenizer, self.backend.eos_ids
+        )
+        self.template = load_solver_template(cfg.prompt)
+        self.style = self.template.style
+        self.grader = make_grader(cfg.compat, self.style)
+        self.verifiers = load_verifiers(cfg.verifier_prompts)
+        self.reward = reward or build_reward(
+            cfg.reward,
+            self.tokenizer,
+            self.verifiers,
+            self.style,
+            cfg.verifier_budget,
+            cfg.format_rule,
+            grader=self.grader,
+            reference=self.rules.reference,
+            generation_config=getattr(loaded.model, "generation_config", None),
+            seed=cfg.seed,
+        )
+
+    @property
+    def head(self) -> Any:
+        """The LM head, [..., D] -> [..., V] logits (`Backend.logits`)."""
+        return self.backend.logits
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> Solver:
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        return cls(cfg, load_model(cfg))
+
+    # -------------------------------------------------------------------------------------
+    def run(self, method: str, problems: Sequence[Problem]) -> list[ProblemResult]:
+        """Run `method` on a batch; problems that cannot run are returned with `error` set."""
+        task = get_method(method).task
+        start = time.perf_counter()
+        results = [self._blank(method, p) for p in problems]
+        tasks = []
+        for p, r in zip(problems, results):
+            prompt, error = self.prompt(p)
+            if error:
+                r.error, r.stop_reason = error, "error"
+            else:
+                tasks.append(task(self, p, prompt, r))
+        if tasks:
+            self.backend.run(tasks, self.cfg.batch_size, self.cfg.batching)
+        elapsed = time.perf_counter() - start
+        device, dtype = str(self.loaded.device), str(self.loaded.dtype).removeprefix("torch.")
+        for r in results:
+            r.device, r.dtype = device, dtype
+            r.compute.wall_seconds = elapsed / len(results)
+            r.compute.flops = 2.0 * self.loaded.num_parameters * r.compute.flops
+        return results
+
+    # -------------------------------------------------------------------------------------
+    # What the tasks share
+
+    def _blank(self, method: str, p: Problem) -> ProblemResult:
+        return ProblemResult(
+            problem_id=p.problem_id,
+            dataset=p.dataset,
+            method=method,
+            question=p.question,
+            gold=p.gold,
+        )
+
+    def prompt(self, p: Problem) -> tuple[list[int], str]:
+        """The problem's prompt ids, or an error text when it cannot run."""
+        if not p.question or not p.question.strip():
+            return [], "empty question"
+        suffix = prompt_suffix(p.dataset, self.template.name)
+        messages = self.template.messages(p.question, suffix)
+        prompt = render_chat(self.tokenizer, messages, as_text=self.rules.render_as_text)
+        limit = self.backend.max_positions
+        budget = self.rules.cot_max_new_tokens
+        if limit and len(prompt) + budget > limit:
+            return prompt, (
+                f"prompt of {len(prompt)} tokens + {budget} answer tokens "
+                f"exceeds the model's context of {limit} tokens"
+            )
+        return prompt, ""
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        """Answer text of `tokens` (special tokens kept in compat=reference)."""
+        return self.tokenizer.decode(
+            list(tokens), skip_special_tokens=not self.rules.keep_special_tokens
+        )
+
+    def answer_request(self, prompt: Sequence[int], **kw: Any) -> GenerationRequest:
+        """A request for a whole answer (CoT or sample): the mode's budget and stop tokens."""
+        return GenerationRequest(
+            prompt, self.rules.cot_max_new_tokens, stop_ids=self.rules.cot_stop_ids, **kw
+        )
+
+    @staticmethod
+    def charge_solver(r: ProblemResult, out: GenerationResult, forced: int = 0) -> None:
+        c = r.compute
+        c.solver_prompt_tokens += out.prompt_tokens
+        c.solver_generated_tokens += len(out.tokens) + forced
+        c.forward_calls += out.forward_calls
+        c.flops += out.token_passes  # token-passes; turned into FLOPs in run()
+
+    @staticmethod
+    def charge_reward(r: ProblemResult, rr: RewardResult) -> None:
+        c = r.compute
+        c.verifier_prompt_tokens += rr.prompt_tokens
+        c.verifier_generated_tokens += rr.generated_tokens
+        c.forward_calls += rr.forward_calls
+        c.flops += rr.token_passes
+        r.unparsed_verdicts += rr.unparsed
+
+    def correct(self, p: Problem, text: str) -> bool:
+        return self.grader(p, text).correct
+
+    def finish(self, p: Problem, r: ProblemResult, text: str, length: int) -> None:
+        """Record `text` (of `length` tokens) as the problem's returned answer."""
+        g = self.grader(p, text)
+        r.final_answer, r.final_extracted, r.final_correct = text, g.extracted, g.correct
+        r.final_length = length
+
+    def score(self, p: Problem, answer: str, index: int = 0) -> PyGenerator[Any, Any, RewardResult]:
+        """The reward of `answer` (the problem's `index`-th answer scored: 0 the CoT, k the k-th
+        iteration), after the generations it needs (self-reward's verifiers)."""
+        requests = self.reward.requests(p, answer, index)
+        outputs = (yield requests) if requests else []
+        return self.reward.result(p, answer, outputs)
+
+    def cot(self, p: Problem, prompt: list[int], r: ProblemResult, **kw: Any) -> PyGenerator:
+        """The greedy CoT answer into `r` (cot_answer, cot_length, cot_correct); returns the
+        generation result (its `hidden` and `prompt_state` when asked for by `kw`)."""
+        (out,) = yield [self.answer_request(prompt, **kw)]
+        self.charge_solver(r, out)
+        text = self.decode(out.tokens)
+        r.cot_answer, r.cot_length = text, len(out.tokens)
+        r.cot_correct = self.correct(p, text)
+        return out
