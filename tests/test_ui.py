@@ -9,21 +9,18 @@ state from another page, as for a first-time user), waits until the page has set
 keeps its visible text (asserted on) and a screenshot (one PNG per page, kept under the test's
 temporary folder and copied to ui-screenshots/ when LATENTSEEK_UI_SCREENSHOTS is set).
 
-Chromium is driven over the DevTools protocol on a pipe (`--remote-debugging-pipe`: JSON
-messages ending in NUL on file descriptors 3 and 4), with the standard library only. The
-simpler `--dump-dom --screenshot --virtual-time-budget` run shows the same text, but its
-screenshots catch folder-unfolding animations half way; here a page counts as settled when its
-text, its network traffic and its animations have all been still for a moment.
+Chromium is driven by Playwright (sync API, a dev extra) through `executable_path`: Debian's
+chromium, never a browser Playwright would download, with flags that keep it off the network
+(the pages come from 127.0.0.1). The simpler `--dump-dom --screenshot --virtual-time-budget`
+run shows the same text, but its screenshots catch folder-unfolding animations half way; here a
+page counts as settled when its text, its network traffic and its animations have all been
+still for a moment.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import fcntl
-import json
 import os
-import select
 import shutil
 import signal
 import socket
@@ -61,6 +58,34 @@ RUN_WINDOW = (1400, 1500)  # the run overview down to its metrics table
 TALL_WINDOW = (1400, 2600)  # the model-metrics tab down to the latentseek charts
 SETTLE_S = 30.0  # at most this long for a page to settle
 QUIET_S = 1.5  # ... which it has when nothing changed for this long
+STEP_S = 60.0  # at most this long for one browser step (launch, open, screenshot, read)
+# Off the network: no background requests (component updates, sync, variations, QUIC probes),
+# no proxy between the browser and 127.0.0.1. --no-sandbox: the tests run as root, where
+# Chromium refuses its sandbox (Playwright adds it too unless asked for the sandbox).
+CHROMIUM_ARGS = [
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--no-first-run", "--disable-quic", "--no-proxy-server", "--disable-gpu", "--no-sandbox",
+]  # fmt: skip
+# True once the page's text has been the same, with no visible animation running, for `quiet`
+# ms (the state kept on the page's window between polls). Animations of elements off screen do
+# not count: spinners of charts never scrolled to keep turning.
+STILL = """quiet => {
+  const running = document.getAnimations().filter(a => a.playState === 'running').filter(a => {
+    const t = a.effect && a.effect.target;
+    if (!t || !t.getBoundingClientRect) return true;
+    const r = t.getBoundingClientRect();
+    return r.width > 0 && r.height > 0 && r.bottom > 0 && r.right > 0
+      && r.top < innerHeight && r.left < innerWidth;
+  }).length;
+  const text = document.body ? document.body.innerText : '';
+  const now = performance.now();
+  const last = window.__latentseekStill;
+  if (!last || last.text !== text || document.readyState !== 'complete' || running) {
+    window.__latentseekStill = {text, since: now};
+    return false;
+  }
+  return now - last.since >= quiet;
+}"""
 
 
 @dataclass
@@ -74,134 +99,77 @@ class Page:
 
 
 class Chromium:
-    """Headless Chromium over the DevTools protocol on a pipe; one fresh context per page."""
+    """Headless Chromium (the given executable) driven by Playwright; one fresh context per page."""
 
-    def __init__(self, exe: str, profile: Path, log: Path) -> None:
-        cmd_r, cmd_w = os.pipe()  # commands: we write, Chromium reads its fd 3
-        res_r, res_w = os.pipe()  # replies and events: Chromium writes its fd 4
-        # Above 9, so that moving them to 3 and 4 in the child cannot overwrite each other.
-        cmd_r, res_w = (self._above_9(fd) for fd in (cmd_r, res_w))
-        args = [
-            exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-            "--no-proxy-server", f"--user-data-dir={profile}", "--remote-debugging-pipe",
-            "about:blank",
-        ]  # fmt: skip
-        self._log = open(log, "wb")  # closed in close()
-        self.proc = subprocess.Popen(
-            ["bash", "-c", f'exec "$@" 3<&{cmd_r} 4>&{res_w} {cmd_r}<&- {res_w}>&-', "bash", *args],
-            pass_fds=(cmd_r, res_w), stdin=subprocess.DEVNULL, stdout=self._log,
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        os.close(cmd_r)
-        os.close(res_w)
-        self._out, self._in = cmd_w, res_r
-        self._buf = b""
-        self._id = 0
-        self._network: dict[str, int] = {}  # session -> Network events seen
+    def __init__(self, exe: str) -> None:
+        from playwright.sync_api import TimeoutError as PlaywrightTimeout
+        from playwright.sync_api import sync_playwright
 
-    @staticmethod
-    def _above_9(fd: int) -> int:
-        high = fcntl.fcntl(fd, fcntl.F_DUPFD, 10)
-        os.close(fd)
-        return high
-
-    def send(self, method: str, params: dict | None = None, session: str | None = None) -> dict:
-        self._id += 1
-        message = {"id": self._id, "method": method, "params": params or {}}
-        if session:
-            message["sessionId"] = session
-        os.write(self._out, json.dumps(message).encode() + b"\0")
-        deadline = time.monotonic() + 60
-        while True:
-            while b"\0" in self._buf:
-                raw, self._buf = self._buf.split(b"\0", 1)
-                reply = json.loads(raw)
-                if reply.get("id") == self._id:
-                    if "error" in reply:
-                        raise RuntimeError(f"chromium: {method}: {reply['error']}")
-                    return reply["result"]
-                if reply.get("method", "").startswith("Network."):
-                    key = reply.get("sessionId", "")
-                    self._network[key] = self._network.get(key, 0) + 1
-            ready, _, _ = select.select([self._in], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready:
-                raise TimeoutError(f"chromium: no answer to {method} in 60 s")
-            chunk = os.read(self._in, 1 << 20)
-            if not chunk:
-                raise RuntimeError(f"chromium exited (rc {self.proc.poll()}) during {method}")
-            self._buf += chunk
-
-    def _eval(self, session: str, expression: str):
-        params = {"expression": expression, "returnByValue": True}
-        return self.send("Runtime.evaluate", params, session)["result"].get("value")
+        self._timeout = PlaywrightTimeout
+        self._playwright = sync_playwright().start()
+        try:
+            self.browser = self._playwright.chromium.launch(
+                executable_path=exe, headless=True, args=CHROMIUM_ARGS, timeout=STEP_S * 1000
+            )
+        except BaseException:
+            self._playwright.stop()
+            raise
 
     def open(self, url: str, shot: Path, window: tuple[int, int], evaluate: str = "") -> Page:
-        context = self.send("Target.createBrowserContext")["browserContextId"]
-        params = {"url": "about:blank", "browserContextId": context}
-        target = self.send("Target.createTarget", params)["targetId"]
+        width, height = window
+        context = self.browser.new_context(
+            viewport={"width": width, "height": height}, device_scale_factor=1, is_mobile=False
+        )
         try:
-            params = {"targetId": target, "flatten": True}
-            session = self.send("Target.attachToTarget", params)["sessionId"]
-            width, height = window
-            metrics = {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}
-            self.send("Emulation.setDeviceMetricsOverride", metrics, session)
-            self.send("Network.enable", {}, session)
-            self.send("Page.navigate", {"url": url}, session)
-            settled = self._settle(session)
-            png = self.send("Page.captureScreenshot", {"format": "png"}, session)["data"]
-            shot.write_bytes(base64.b64decode(png))
-            text = self._eval(session, "document.body ? document.body.innerText : ''") or ""
+            context.set_default_timeout(STEP_S * 1000)
+            page = context.new_page()
+            traffic = [0]  # requests started, finished or failed: the page's network activity
+
+            def count(_request) -> None:
+                traffic[0] += 1
+
+            for event in ("request", "requestfinished", "requestfailed"):
+                page.on(event, count)
+            page.goto(url)
+            settled = self._settle(page, traffic)
+            page.screenshot(path=shot)
             return Page(
-                text=" ".join(text.split()),
-                title=self._eval(session, "document.title") or "",
-                html=self._eval(session, "document.documentElement.outerHTML") or "",
+                text=" ".join(page.locator("body").inner_text().split()),
+                title=page.title(),
+                html=page.content(),
                 screenshot=shot,
                 settled=settled,
-                value=self._eval(session, evaluate) if evaluate else None,
+                value=page.evaluate(f"() => ({evaluate})") if evaluate else None,
             )
         finally:
-            self.send("Target.closeTarget", {"targetId": target})
-            self.send("Target.disposeBrowserContext", {"browserContextId": context})
+            context.close()
 
-    def _settle(self, session: str) -> bool:
-        """Wait until the text, the network and the animations have been still for QUIET_S."""
-        probe = (
-            "[document.readyState, document.body ? document.body.innerText : '', "
-            "document.getAnimations().filter(a => a.playState === 'running').filter(a => {"
-            "  const t = a.effect && a.effect.target;"  # spinners of charts never scrolled to
-            "  if (!t || !t.getBoundingClientRect) return true;"  # keep turning off screen
-            "  const r = t.getBoundingClientRect();"
-            "  return r.width > 0 && r.height > 0 && r.bottom > 0 && r.right > 0"
-            "    && r.top < innerHeight && r.left < innerWidth;"
-            "}).length]"
-        )
-        start = time.monotonic()
-        last, still_since = None, start
-        while time.monotonic() - start < SETTLE_S:
-            time.sleep(0.25)
-            ready, text, running = self._eval(session, probe)
-            now = time.monotonic()
-            state = (text, self._network.get(session, 0))
-            if state != last or ready != "complete" or running:
-                last, still_since = state, now
-            elif now - still_since >= QUIET_S:
-                return True
-        return False
+    def _settle(self, page, traffic: list[int]) -> bool:
+        """Wait until the text, the network and the animations have been still for QUIET_S.
+
+        Not Playwright's "networkidle", which never came: the MLflow UI starts a web worker
+        (its telemetry logger) whose script request Playwright sees start but never finish (the
+        worker's own target loads it), so every page looked busy for SETTLE_S. Still network
+        here: no request started, finished or failed during the quiet spell.
+        """
+        deadline = time.monotonic() + SETTLE_S
+        try:
+            while True:
+                seen = traffic[0]
+                page.evaluate("() => { delete window.__latentseekStill; }")  # a new quiet spell
+                left_ms = max(1.0, (deadline - time.monotonic()) * 1000)
+                page.wait_for_function(STILL, arg=QUIET_S * 1000, polling=250, timeout=left_ms)
+                if traffic[0] == seen:  # and no request either
+                    return True
+        except self._timeout:
+            return False
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.send("Browser.close")
+        """The browser Playwright started (and its helpers), then Playwright's driver."""
         try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=5)
-        with contextlib.suppress(ProcessLookupError):  # its helpers (zygote, renderers)
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        os.close(self._out)
-        os.close(self._in)
-        self._log.close()
+            self.browser.close()
+        finally:
+            self._playwright.stop()
 
 
 def _free_port() -> int:
@@ -335,7 +303,11 @@ def browse(logged, server, tmp_path_factory):
     url, _, _ = server
     shots = tmp_path_factory.mktemp("ui-screenshots")
     keep = REPO / "ui-screenshots" if os.environ.get("LATENTSEEK_UI_SCREENSHOTS") else None
-    browser = Chromium(exe, shots / "profile", shots / "chromium.log")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        pytest.fail("no playwright: `make setup` installs it with the dev extras")
+    browser = Chromium(exe)
 
     def open_page(name: str, route: str, window=WINDOW, evaluate: str = "") -> Page:
         page = browser.open(f"{url}/{route}", shots / f"{name}.png", window, evaluate)
