@@ -181,6 +181,17 @@ class Config:
     sample_update: bool = _f(
         False, "sample the prefix tokens instead of argmax (off: reference)", roles=(RESULT,)
     )
+    se_sigma2: float = _f(
+        0.5,
+        "se: variance of the Gaussian noise added once to the CoT's first rho*T hidden states "
+        "(the paper's Table 5 tries 0.5, 0.75, 1.0)",
+        roles=(RESULT,),
+    )
+    reflect_prompts: str = _f(
+        "reflect",
+        "reflect: the critique and revise messages, a name in configs/prompts or a YAML path",
+        roles=(RESULT,),
+    )
     return_best: bool = _f(
         False, "return the best-rewarded answer instead of the last", roles=(RESULT,)
     )
@@ -286,6 +297,7 @@ class Config:
         need(self.max_update_length >= 0, "max_update_length", "must be >= 0")
         need(self.max_iters >= 0, "max_iters", "must be >= 0")
         need(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables)")
+        need(self.se_sigma2 >= 0, "se_sigma2", "must be >= 0")
         need(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
         need(
             self.verifier_max_new_tokens >= 0,

@@ -145,6 +145,24 @@ def load_verifiers(ref: str) -> VerifierSet:
     return vset
 
 
+@dataclass(frozen=True)
+class ReflectPrompts:
+    """Self-reflection's two user messages: a review of the last answer, then a new answer."""
+
+    name: str
+    critique: str
+    revise: str
+
+
+def load_reflect_prompts(ref: str) -> ReflectPrompts:
+    path = _template_path(ref)
+    data = _load_yaml(path)
+    for key in ("critique", "revise"):
+        if not isinstance(data.get(key), str) or not data[key].strip():
+            raise ConfigError(f"{path}: needs a non-empty string {key!r}")
+    return ReflectPrompts(str(data.get("name", path.stem)), data["critique"], data["revise"])
+
+
 def render_chat(tokenizer: Any, messages: list[dict[str, str]], as_text: bool = False) -> list[int]:
     """Token ids of the chat-formatted messages, ending with the assistant generation prompt.
 

@@ -231,9 +231,15 @@ def naive_latentseek(
     max_update_length: int = 300,
     compat: str = "none",
     reward_fn: Callable[[str, str], float] | None = None,
+    se_sigma2: float | None = None,
+    se_seed: int = 0,
 ) -> ReferenceResult:
     """SPEC §1 for one problem in mode `compat`; `reward_fn(answer_text, gold) -> float`
-    (default: the mode's PSRM; in reference mode `gold` is the label as the data writes it)."""
+    (default: the mode's PSRM; in reference mode `gold` is the label as the data writes it).
+
+    `se_sigma2`: the unguided search of the paper's Table 5 instead of the gradient steps: Z plus
+    Gaussian noise of that variance (drawn on the CPU in float32 from a generator seeded with
+    `se_seed`), decoded and continued once; its answer is returned."""
     if compat not in MODES:
         raise ValueError(f"compat={compat!r}: allowed: {', '.join(MODES)}")
     reference = compat == "reference"
@@ -273,9 +279,22 @@ def naive_latentseek(
         return res
 
     z = torch.stack(zs[:u]).detach().clone()  # [U, D] the trainable parameter
-    z = (z if reference else z.float()).requires_grad_(True)
-    optimizer = torch.optim.Adam([z], lr=lr)
+    z = z if reference else z.float()
     continuation_budget = max_new_tokens + 1 if reference else max(max_new_tokens - u, 0)
+    if se_sigma2 is not None:
+        noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(se_seed))
+        noisy = z + (math.sqrt(se_sigma2) * noise).to(z.dtype)
+        with torch.no_grad():
+            prefix = model.lm_head(noisy.to(model.lm_head.weight.dtype)).argmax(dim=-1).tolist()
+        continuation, _ = naive_greedy(
+            model, list(prompt) + prefix, continuation_budget, continuation_stop
+        )
+        text = text_of(prefix + continuation)
+        res.answer_tokens, res.answer_texts = [prefix + continuation], [text]
+        res.rewards, res.final_text, res.stop_reason = [reward_of(text, gold)], text, "explored"
+        return res
+    z.requires_grad_(True)
+    optimizer = torch.optim.Adam([z], lr=lr)
     res.stop_reason = "max_iters"
     # 4. Iterate while r <= tau, at most K times.
     for _ in range(max_iters):
@@ -307,3 +326,87 @@ def naive_latentseek(
             res.stop_reason = "threshold"
             break
     return res
+
+
+# ------------------------------------------------------------------------------------------
+# Self-reward, written from SPEC §2 (greedy verifiers only)
+
+
+def _verdict_after_marker(generated: str, marker: str) -> bool | None:
+    """Default mode: the last `marker` in the generated text followed (after spaces and `*`) by
+    the whole word True or False, any case; None when there is none."""
+    verdict = None
+    low, key = generated.lower(), marker.lower()
+    at = low.find(key)
+    while at >= 0:
+        rest = low[at + len(key) :].lstrip(" \t\n*")
+        for word, value in (("true", True), ("false", False)):
+            follows = rest[len(word) : len(word) + 1]
+            if rest.startswith(word) and not (follows.isalnum() or follows == "_"):
+                verdict = value
+        at = low.find(key, at + 1)
+    return verdict
+
+
+def _official_approval(whole: str, marker: str) -> bool:
+    """compat=reference: the text after the last `marker` of prompt and answer together, `*`
+    removed, lower-cased: "true" in it approves; anything else does not."""
+    at = whole.lower().rfind(marker.lower())
+    if at < 0:
+        return False
+    return "true" in whole[at + len(marker) :].replace("*", "").strip().lower()
+
+
+def naive_self_reward(
+    model: Any,
+    tokenizer: Any,
+    question: str,
+    verifiers: Sequence[tuple[str, float, str]],  # (name, weight, template), in order
+    marker: str,
+    *,
+    max_new_tokens: int,
+    compat: str = "none",
+    format_rule: bool = False,
+    format_penalty: float = 2.0,
+) -> Callable[[str, str], float]:
+    """SPEC §2's self-reward of answers to `question`, as `reward_fn(text, gold)`: each verifier
+    in turn, its template filled with the question and the answer as the only user message of
+    the chat template (tokenized by the template call), decoded greedily without a cache for up
+    to `max_new_tokens` tokens, stopping on the generation config's EOS ids (compat=reference)
+    or the model's (default); reward = -(weights of rejections [+ penalty]) / (all weights)."""
+    if getattr(model.generation_config, "do_sample", False):
+        raise NotImplementedError("the reference loop decodes verifiers greedily only")
+    reference = compat == "reference"
+    if reference:
+        eos = model.generation_config.eos_token_id
+        stops = set(eos) if isinstance(eos, (list, tuple)) else {eos}
+    else:
+        stops = model_eos_ids(model, tokenizer)
+    total = sum(w for _, w, _ in verifiers)
+
+    def reward(text: str, gold: str) -> float:
+        failed = 0.0
+        for _, weight, template in verifiers:
+            content = template.format(question=question, solution=text, answer=text)
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True
+            )
+            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+            generated, _ = naive_greedy(model, ids, max_new_tokens, stops)
+            if reference:
+                whole = tokenizer.decode(ids + generated, skip_special_tokens=True)
+                approved = _official_approval(whole, marker)
+            else:
+                said = tokenizer.decode(generated, skip_special_tokens=True)
+                approved = _verdict_after_marker(said, marker) is True
+            failed += 0.0 if approved else weight
+        if format_rule:
+            boxed = (
+                re.search(r"\\boxed{(.*)}", text, re.DOTALL) is not None
+                if reference
+                else ("\\boxed" in text or "\\fbox" in text)
+            )
+            failed += 0.0 if boxed else format_penalty
+        return -failed / total
+
+    return reward

@@ -36,17 +36,18 @@ class Compute:
 
 @dataclass
 class IterationStats:
-    """One latent iteration k >= 1 (detached diagnostics, never printed by the library)."""
+    """One iteration k >= 1 of an iterative method (a latent step, a reflection round);
+    detached diagnostics, never printed by the library. None: not part of that method's step."""
 
     iteration: int
     reward: float  # reward of the answer decoded after this step
     answer: str
     correct: bool
     tokens: int  # answer length in tokens (prefix + continuation)
-    loss: float
-    grad_norm: float
-    tokens_changed: int  # prefix positions whose token differs from the previous iteration's
-    mean_logprob: float  # mean log pi(a_t | z_t) over the prefix, before the step
+    loss: float | None = None  # the latent step's loss
+    grad_norm: float | None = None
+    tokens_changed: int | None = None  # prefix positions whose token differs from before
+    mean_logprob: float | None = None  # mean log pi(a_t | z_t) over the prefix, before the step
 
 
 @dataclass

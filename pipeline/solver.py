@@ -118,9 +118,7 @@ class Solver:
         """The problem's prompt ids, or an error text when it cannot run."""
         if not p.question or not p.question.strip():
             return [], "empty question"
-        suffix = prompt_suffix(p.dataset, self.template.name)
-        messages = self.template.messages(p.question, suffix)
-        prompt = render_chat(self.tokenizer, messages, as_text=self.rules.render_as_text)
+        prompt = self.render(self.messages(p))
         limit = self.backend.max_positions
         budget = self.rules.cot_max_new_tokens
         if limit and len(prompt) + budget > limit:
@@ -129,6 +127,14 @@ class Solver:
                 f"exceeds the model's context of {limit} tokens"
             )
         return prompt, ""
+
+    def messages(self, p: Problem) -> list[dict[str, str]]:
+        """The solver prompt's chat messages for `p` (with its benchmark's note, if any)."""
+        return self.template.messages(p.question, prompt_suffix(p.dataset, self.template.name))
+
+    def render(self, messages: list[dict[str, str]]) -> list[int]:
+        """Chat messages as prompt ids, with a generation prompt, the mode's way."""
+        return render_chat(self.tokenizer, messages, as_text=self.rules.render_as_text)
 
     def decode(self, tokens: Sequence[int]) -> str:
         """Answer text of `tokens` (special tokens kept in compat=reference)."""

@@ -168,3 +168,55 @@ def test_engine_matches_reference_loop_long(embedded, embedded_cfg, make_solver,
         print(f"\n{p.problem_id}: identical ({mine.stop_reason}, {mine.iterations} iterations)")
     batched = solver.run("latentseek", problems)
     assert [a.problem_id for a, b in zip(b1, batched) if not same_outputs(a, b)] == []
+
+
+# --- the self-reward and SE against the reference loop ----------------------------------------
+
+VERIFIER_TOKENS = 12
+
+
+def reference_self_reward(loaded, p, compat: str):
+    """The reference loop's own self-reward (`reference.naive_self_reward`) with the shipped
+    verifier texts, read here as plain data."""
+    import yaml
+
+    from pipeline.config import CONFIG_DIR
+
+    data = yaml.safe_load((CONFIG_DIR / "prompts" / "verifiers.yaml").read_text())
+    verifiers = [(v["name"], v["weight"], v["user"]) for v in data["verifiers"]]
+    return reference.naive_self_reward(
+        loaded.model, loaded.tokenizer, p.question, verifiers, data["marker"],
+        max_new_tokens=VERIFIER_TOKENS, compat=compat,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("compat", ["none", "reference"])
+def test_self_reward_matches_reference_loop(embedded, make_solver, embedded_cfg, compat):
+    # The paper's verifiers, 12 tokens each: the engine's batched self-reward (verifier prompts
+    # of all answers decoded in the same batches as the solver's rows) against the reference's
+    # one-by-one naive decoding, over the whole loop (r0 and every iteration's reward).
+    cfg = engine_cfg(embedded_cfg, compat).replace(
+        reward="self", verifier_max_new_tokens=VERIFIER_TOKENS
+    )
+    solver = make_solver(cfg)
+    for p in gsm8k(cfg, 2)[1:2]:
+        mine = solver.run("latentseek", [p])[0]
+        ref = run_reference(
+            embedded, p, compat, SETTINGS, reference_self_reward(embedded, p, compat)
+        )
+        assert_same(mine, ref)
+        assert mine.iterations >= 1  # the loop ran: rewards after steps are compared too
+
+
+@pytest.mark.parametrize("compat", ["none", "reference"])
+def test_se_matches_reference_loop(embedded, make_solver, embedded_cfg, compat):
+    from pipeline.methods import problem_seed
+
+    cfg = engine_cfg(embedded_cfg, compat).replace(method=["se"], se_sigma2=0.75)
+    solver = make_solver(cfg)
+    for p in gsm8k(cfg, 2):
+        mine = solver.run("se", [p])[0]
+        seed = problem_seed(cfg.seed, f"{p.problem_id}/se")
+        ref = run_reference(embedded, p, compat, {**SETTINGS, "se_sigma2": 0.75, "se_seed": seed})
+        assert_same(mine, ref)
+        assert mine.stop_reason == "explored" and mine.iteration_stats[0].tokens_changed > 0
