@@ -29,8 +29,8 @@ function of the seed and the batch's problem ids, so a run's workload does not d
 worker takes which batch. The results are plausible `ProblemResult`s (answers of 120 to 480
 tokens, 0 to 3 latent iterations) so that the records written are as large as real ones.
 
-`python scripts/simulate_cluster.py [key=value ...]` prints the numbers (README "The driver at
-cluster scale").
+`python scripts/simulate_cluster.py [key=value ...]` prints the numbers (docs/throughput.md, "The
+driver at cluster scale").
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """What `compat=reference` changes: the official LatentSeek code's behaviour, as rules the engine
 follows, so that its outputs are token for token those of the official code (SPEC.md §6).
 
-The default mode (`compat=none`) keeps this engine's decisions (README "The method and its
-decisions"). `compat=reference` reproduces, as read from the official code
-(github bigai-nlco/LatentSeek, `src/`):
+The default mode (`compat=none`) keeps this engine's decisions (docs/method.md, "Decisions").
+`compat=reference` reproduces, as read from the official code (github bigai-nlco/LatentSeek,
+`src/`):
 
 - Token budget: its decoding loops stop once a counter *exceeds* the cap, so the CoT and every
   continuation decode up to cap + 1 tokens, and a continuation gets that whole budget after the
@@ -20,10 +20,10 @@ decisions"). `compat=reference` reproduces, as read from the official code
   equality with the label as the data writes it (GSM8K: the text after `#### `, commas kept, so
   "1,600" never matches). Other datasets keep this engine's grading (math-verify).
 
-What `compat=reference` does not change: the self-reward keeps this project's verifier prompts
-and greedy capped decoding (the official verifiers sample with the model's generation config for
-up to 4096 tokens, which no engine can reproduce token for token); `max_update_length` (the
-official cap is 300, our default too).
+The self-reward's reference rules (the model's generation config, 4096 tokens, the official
+verdict) live in `pipeline.rewards`; where that config samples, its draws are not the official
+code's (which seeds once per process). `max_update_length` stays a key (the official cap is
+300, our default too).
 """
 
 from __future__ import annotations

@@ -90,8 +90,7 @@ class Config:
     tensor_parallel: int = _f(
         1,
         "devices per model replica; >1 shards the model across that many Ray actors (one device "
-        "each, one placement group); `workers` counts replicas (README 'Models larger than one "
-        "device')",
+        "each, one placement group); `workers` counts replicas (docs/cluster.md)",
         roles=(RESULT, MODEL),
     )
     shard_backend: Literal["transformers", "deepspeed"] = _f(
@@ -104,7 +103,7 @@ class Config:
     backend: str = _f(
         "native",
         "the generation engine: 'native' (this project's engine: exact, the only one for "
-        "compat=reference) or 'vllm' (vLLM's engine; an optional install, docs/backends.md)",
+        "compat=reference); 'vllm' (vLLM's engine) is being added (docs/backends.md)",
         roles=(RESULT, MODEL),
     )
     device_map: Literal["", "auto"] = _f(
@@ -117,7 +116,7 @@ class Config:
     # --- data ------------------------------------------------------------------------------
     dataset: str = _f(
         "gsm8k",
-        "a shipped benchmark (docs/benchmarks.md), a .jsonl/.parquet/.csv file, or 'hf:<id>'",
+        "a shipped benchmark (docs/configuration.md), a .jsonl/.parquet/.csv file, or 'hf:<id>'",
         roles=(RESULT,),
     )
     dataset_split: str = _f("test", "split of a Hugging Face dataset", roles=(RESULT,))
@@ -154,7 +153,7 @@ class Config:
     # --- method ----------------------------------------------------------------------------
     method: list[str] = _f(
         _default_methods,
-        "methods to run, each on every problem (`latentseek config --keys` lists them)",
+        "methods to run, each on every problem: the modules of pipeline/methods (docs/method.md)",
         roles=(RESULT,),
     )
     reward: str = _f(
@@ -207,7 +206,7 @@ class Config:
         "none",
         "'none' (this engine's documented decisions) or 'reference': reproduce the official "
         "LatentSeek code token for token (its budgets, stop sets, answer text, epsilon, Z dtype "
-        "and GSM8K PSRM grading; README 'Comparing with the paper')",
+        "and GSM8K PSRM grading; docs/method.md)",
         roles=(RESULT,),
     )
 
@@ -235,7 +234,7 @@ class Config:
         "continuous",
         "'continuous': a worker admits pending work (a new problem's CoT, a continuation, a "
         "verifier prompt) as soon as rows finish; 'static': each round's rows decode together "
-        "and the round waits for its longest row (README 'Throughput')",
+        "and the round waits for its longest row (docs/throughput.md)",
         roles=(BATCHING,),
     )
     task_size: int = _f(
@@ -549,12 +548,14 @@ def describe_keys(cls: type = Config) -> str:
 
 
 def keys_table() -> str:
-    """The config keys as a Markdown table (the README's table is this function's output)."""
-    rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    """The config keys as a Markdown table, with each key's roles (docs/configuration.md holds
+    this function's output; tests/test_docs.py compares them)."""
+    rows = ["| key | type | default | roles | meaning |", "| --- | --- | --- | --- | --- |"]
     defaults = Config()
     for f in dataclasses.fields(Config):
         kind = _type_name(_field_types()[f.name]).replace("|", "\\|")
         default = json.dumps(getattr(defaults, f.name))
+        roles = ", ".join(f.metadata["roles"])
         meaning = f.metadata["help"].replace("|", "\\|")
-        rows.append(f"| `{f.name}` | {kind} | `{default}` | {meaning} |")
+        rows.append(f"| `{f.name}` | {kind} | `{default}` | {roles} | {meaning} |")
     return "\n".join(rows)

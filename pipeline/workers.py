@@ -1,7 +1,7 @@
 """The Ray layer: evaluation workers and the scheduler that feeds them. Nothing of the method.
 
 `EvalWorker` is a Ray actor that owns one device (a GPU, or `cpus_per_worker` CPU threads) and
-one loaded model (`pipeline.methods.Solver`), loaded once in its constructor. `Scheduler` holds
+one loaded model (`pipeline.solver.Solver`), loaded once in its constructor. `Scheduler` holds
 the queue of batches on the driver and keeps exactly one batch in flight per worker: a worker
 gets its next batch the moment it returns one, so a fast worker takes more of the work (pull).
 

@@ -31,7 +31,7 @@ from pipeline.workers import run_on_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Tolerances seen (see the README): hidden states differ by up to ~5e-5 (summation order of the
+# Tolerances seen (docs/cluster.md): hidden states differ by up to ~5e-5 (summation order of the
 # all-reduce), the Z gradient by ~2e-6 relative.
 Z_ATOL = 1e-3
 GRAD_RTOL = 1e-3

@@ -46,7 +46,7 @@ TABLE = "report/table.json"  # the report's Table 1 as an MLflow table
 # MLflow 3.17's UI picks the experiment view from a global switch (GenAI / Model training,
 # kept in the browser's localStorage, default GenAI), or from this query parameter.
 TRAINING_VIEW = "?workflowType=machine_learning"
-# The method runs alone, best first (README "Reports and dashboards"): with a filter and an order
+# The method runs alone, best first (docs/sweeps-and-reports.md, "MLflow"): with a filter and an order
 # other than by date the runs table lists nested runs flat, so the table and its chart view put
 # them side by side instead of folding them under their evaluation.
 METHOD_RUNS = (
@@ -343,7 +343,7 @@ def test_experiment_page_lists_the_run(logged, browse):
 
 
 def test_runs_table_puts_the_methods_side_by_side(logged, browse):
-    """Filtered to method runs and sorted by final_accuracy (README's recipe), the runs table
+    """Filtered to method runs and sorted by final_accuracy (the docs' recipe), the runs table
     lists each method's run on its own row, and its chart view draws one chart per metric with
     every method in it: bars for single values, lines for the step = k curves."""
     route = f"#/experiments/{logged.experiment_id}/runs?{METHOD_RUNS}"

@@ -1,6 +1,7 @@
 """The benchmark registry: every module of this package that defines `BENCHMARK` is a shipped
 benchmark (`dataset=<name>`). Adding one is its module, its data file under data/ (with its
-checksum in data/SOURCES.md), a test and the docs; nothing else names a benchmark."""
+origin in data/SOURCES.md), a test and its row in docs/configuration.md (`benchmarks_table()`);
+nothing else names a benchmark."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ __all__ = [
     "DATA_DIR",
     "Benchmark",
     "all_benchmarks",
+    "benchmarks_table",
     "get_benchmark",
     "prompt_suffix",
     "strip_gold",
@@ -57,3 +59,21 @@ def verify_checksums(data_dir: Path = DATA_DIR) -> dict[str, bool]:
         and sha256_file(Path(data_dir) / b.file) == b.sha256
         for name, b in all_benchmarks().items()
     }
+
+
+def benchmarks_table() -> str:
+    """The shipped benchmarks as a Markdown table (docs/configuration.md holds this function's
+    output; tests/test_docs.py compares them)."""
+    rows = [
+        "| dataset | title | file | question, answer | problem ids | prompt note for "
+        "| graded under compat=reference by |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for b in all_benchmarks().values():
+        ids = f"`{b.id_prefix}<{b.id_field or 'row'}>`"
+        notes = ", ".join(f"`prompt={t}`" for t in b.prompt_suffix) or "-"
+        official = "the official extraction" if b.official_extract else "this engine's grading"
+        fields = f"`{b.question_field}`, `{b.answer_field}`"
+        cells = [f"`{b.name}`", b.title, f"`data/{b.file}`", fields, ids, notes, official]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)

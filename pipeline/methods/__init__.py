@@ -1,8 +1,8 @@
 """The method registry: every module of this package that defines `METHOD` is a method.
 
-Adding a method is one file here (its `METHOD = Method(...)` and its task), a test file and the
-docs (docs/methods.md): the config, the driver, sweeps and reports find it through this registry
-and name no method themselves.
+Adding a method is one file here (its `METHOD = Method(...)` and its task), a test file and its
+row in docs/method.md (`methods_table()`): the config, the driver, sweeps and reports find it
+through this registry and name no method themselves.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ __all__ = [
     "all_methods",
     "get_method",
     "method_names",
+    "methods_table",
     "problem_seed",
     "select_best",
 ]
@@ -54,3 +55,36 @@ def get_method(name: str) -> Method:
 def reference_method() -> Method | None:
     """The method every other method's gain is measured against (the greedy CoT)."""
     return next((m for m in all_methods().values() if m.reference), None)
+
+
+def methods_table() -> str:
+    """The registered methods as a Markdown table (docs/method.md holds this function's output;
+    tests/test_docs.py compares them)."""
+    rows = [
+        "| method | title | what it does | its own keys | records | a sweep derives |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for m in all_methods().values():
+        keys = (["reward"] if m.uses_reward else []) + list(m.settings)
+        records = ["a problem row"]
+        if m.cot_pass:
+            records.append("its own greedy CoT pass")
+        if m.iterations:
+            records.append("an iteration row per step k")
+        if m.samples:
+            records.append("its N samples")
+        derives = "-"
+        if m.derive is not None:
+            how = "the answer after k steps" if m.derive.kind == "steps" else "the first n of N"
+            derives = f"`{m.derive.key}`: {how}"
+        what = m.description + (" (the reference of every gain)" if m.reference else "")
+        cells = [
+            f"`{m.name}`",
+            m.title,
+            what,
+            ", ".join(f"`{k}`" for k in keys) or "-",
+            ", ".join(records),
+            derives,
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)

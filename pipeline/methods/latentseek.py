@@ -176,5 +176,5 @@ METHOD = Method(
     derive=Derivation("max_iters", "steps"),
     cot_pass=True,
     default=True,
-    description="SPEC §1: the latent policy gradient on the CoT's first rho*T hidden states",
+    description="the CoT, then a policy gradient on the hidden states behind its first rho*T tokens",
 )
