@@ -148,6 +148,8 @@ def _settings(problems: pd.DataFrame, cfg: dict[str, Any]) -> pd.DataFrame:
     sampled = out["method"].map(_samples) & out["n_samples"].isna()
     if sampled.any():  # no config: N is what was drawn
         out.loc[sampled, "n_samples"] = out.loc[sampled, "samples"].map(len).max()
+    # The paper's backbone a run stands for (configs/paper recipes), else the model's own name.
+    out["paper_model"] = cfg.get("paper_model") or None
     return out
 
 

@@ -11,6 +11,8 @@
     rewards.png               LatentSeek mean reward after k steps (numbers in scaling.csv)
     iterations.png, .csv      how many latent iterations LatentSeek used
     tokens_changed.png, .csv  how many prefix tokens one latent step changed
+    paper.md, paper.csv       our cells beside the paper's (arXiv 2505.13308 v3), its Tables 6
+                              and 8 (`analysis.paper`)
 
 The pieces, each in its own module: the records read into labelled configurations
 (`analysis.records`), Table 1 with its intervals (`analysis.accuracy`), the curves after k steps,
@@ -37,6 +39,7 @@ from analysis.curves import (
     tokens_changed_steps,
     tokens_changed_table,
 )
+from analysis.paper import comparison_table, paper_markdown
 from analysis.records import (
     SETTING_COLUMNS,
     Records,
@@ -63,6 +66,8 @@ class ReportFiles:
     compute_csv: Path
     iterations_csv: Path
     tokens_changed_csv: Path
+    paper_md: Path
+    paper_csv: Path
     scaling_png: Path | None = None
     compute_png: Path | None = None
     rewards_png: Path | None = None
@@ -200,6 +205,10 @@ def write_report(run_dirs: Sequence[Path | str] | Path | str, out_dir: Path | st
     iterations.to_csv(out / "iterations.csv", index=False)
     steps = tokens_changed_steps(records)
     tokens_changed_table(steps).to_csv(out / "tokens_changed.csv", index=False)
+    against = comparison_table(records)
+    against.to_csv(out / "paper.csv", index=False)
+    paper_md = out / "paper.md"
+    paper_md.write_text("# Against the paper\n\n" + paper_markdown(records, against))
 
     notes: list[str] = []
     figures = _figures(out, scaling, compute, iterations, steps, several, notes)
@@ -212,6 +221,8 @@ def write_report(run_dirs: Sequence[Path | str] | Path | str, out_dir: Path | st
         compute_csv=out / "compute.csv",
         iterations_csv=out / "iterations.csv",
         tokens_changed_csv=out / "tokens_changed.csv",
+        paper_md=paper_md,
+        paper_csv=out / "paper.csv",
         notes=tuple(notes),
         **figures,
     )

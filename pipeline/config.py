@@ -266,6 +266,13 @@ class Config:
         "MLflow store; '' uses $MLFLOW_TRACKING_URI or sqlite under output_dir",
         roles=(RUN,),
     )
+    paper_model: str = _f(
+        "",
+        "the paper's backbone this run stands for (configs/paper recipes set it, e.g. "
+        "'Qwen2.5-7B-Instruct'); the report sets its cells beside the paper's numbers for that "
+        "backbone; '' compares by the model's own name",
+        roles=(RUN,),
+    )
     mlflow_experiment: str = _f("latentseek", "MLflow experiment name", roles=(RUN,))
 
     def __post_init__(self) -> None:

@@ -119,9 +119,15 @@ def load_solver_template(ref: str) -> SolverTemplate:
     )
 
 
-def load_verifiers(ref: str) -> VerifierSet:
+def load_verifiers(ref: str, _seen: tuple[Path, ...] = ()) -> VerifierSet:
+    """A verifier file: a list of verifiers, or `include:` another verifier file and change its
+    `weights:` (name -> weight), `format_penalty` or `marker` (the paper reweights some cells)."""
     path = _template_path(ref)
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: include cycle")
     data = _load_yaml(path)
+    if "include" in data:
+        return _derived_verifiers(path, data, _seen + (path.resolve(),))
     items = data.get("verifiers")
     if not items or not isinstance(items, list):
         raise ConfigError(f"{path}: needs a non-empty list 'verifiers'")
@@ -139,6 +145,34 @@ def load_verifiers(ref: str) -> VerifierSet:
         marker=str(data.get("marker", "Verdict:")),
         format_penalty=float(data.get("format_penalty", 2)),
         verifiers=tuple(verifiers),
+    )
+    if vset.total_weight <= 0:
+        raise ConfigError(f"{path}: the verifier weights must sum to > 0")
+    return vset
+
+
+def _derived_verifiers(path: Path, data: dict[str, Any], seen: tuple[Path, ...]) -> VerifierSet:
+    unknown = sorted(set(data) - {"include", "name", "weights", "format_penalty", "marker"})
+    if unknown:
+        raise ConfigError(f"{path}: a file that includes another may set weights, "
+                          f"format_penalty and marker only, not {unknown}")  # fmt: skip
+    include = str(data["include"])
+    base = load_verifiers(
+        str(path.parent / include) if include.endswith(".yaml") else include, seen
+    )
+    weights = data.get("weights") or {}
+    names = {v.name for v in base.verifiers}
+    if not isinstance(weights, dict) or not set(weights) <= names:
+        raise ConfigError(f"{path}: weights must map verifier names ({sorted(names)}) to numbers")
+    if any(float(w) < 0 for w in weights.values()):
+        raise ConfigError(f"{path}: a negative weight")
+    verifiers = tuple(
+        Verifier(v.name, float(weights.get(v.name, v.weight)), v.user) for v in base.verifiers
+    )
+    vset = VerifierSet(
+        marker=str(data.get("marker", base.marker)),
+        format_penalty=float(data.get("format_penalty", base.format_penalty)),
+        verifiers=verifiers,
     )
     if vset.total_weight <= 0:
         raise ConfigError(f"{path}: the verifier weights must sum to > 0")

@@ -80,6 +80,23 @@ def join_group(rank: int, world: int, addr: str, port: int, device_type: str) ->
     )
 
 
+def rank0_value(value: float) -> float:
+    """Rank 0's `value` on every rank of the replica (the value itself outside one).
+
+    Every decision that changes what a replica computes next (a reward against tau, a stop) is
+    taken on rank 0's value: a rank whose reward differs (a grader timing out on one rank, a
+    custom reward that is not deterministic) then still takes the same steps and meets the same
+    collectives, instead of waiting in a mismatched one until the group times out."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(tensor, src=0)
+    return float(tensor.item())
+
+
 def check_shardable(config: Any, world: int, backend: str) -> None:
     """Raise ShardError if `backend` cannot split a model with this `config` over `world` ranks."""
     if backend not in BACKENDS:

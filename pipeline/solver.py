@@ -16,8 +16,8 @@ Decisions the spec leaves open (documented in docs/method.md), in the default mo
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from collections.abc import Generator as PyGenerator
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -43,8 +43,16 @@ class Solver:
         loaded: LoadedModel,
         reward: Reward | None = None,
         backend: Backend | None = None,
+        agree: Callable[[float], float] | None = None,
     ) -> None:
         self.cfg = cfg
+        # On a rank of a tensor-parallel replica every reward is rank 0's (`rank0_value`), so
+        # that all ranks take the same steps; elsewhere the value itself.
+        if agree is None and getattr(cfg, "tensor_parallel", 1) > 1:
+            from pipeline.shards import rank0_value
+
+            agree = rank0_value
+        self.agree = agree or (lambda value: value)
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.backend = backend or make_backend(getattr(cfg, "backend", "native"), loaded, cfg)
@@ -179,7 +187,9 @@ class Solver:
         iteration), after the generations it needs (self-reward's verifiers)."""
         requests = self.reward.requests(p, answer, index)
         outputs = (yield requests) if requests else []
-        return self.reward.result(p, answer, outputs)
+        result = self.reward.result(p, answer, outputs)
+        result.value = self.agree(result.value)
+        return result
 
     def cot(self, p: Problem, prompt: list[int], r: ProblemResult, **kw: Any) -> PyGenerator:
         """The greedy CoT answer into `r` (cot_answer, cot_length, cot_correct); returns the

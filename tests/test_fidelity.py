@@ -172,10 +172,10 @@ def test_engine_matches_reference_loop_long(embedded, embedded_cfg, make_solver,
 
 # --- the self-reward and SE against the reference loop ----------------------------------------
 
-VERIFIER_TOKENS = 12
+VERIFIER_TOKENS = 4  # each verifier: a ~500-token prompt run once per token by the naive loop
 
 
-def reference_self_reward(loaded, p, compat: str):
+def reference_self_reward(loaded, p, compat: str, tokens: int):
     """The reference loop's own self-reward (`reference.naive_self_reward`) with the shipped
     verifier texts, read here as plain data."""
     import yaml
@@ -186,37 +186,52 @@ def reference_self_reward(loaded, p, compat: str):
     verifiers = [(v["name"], v["weight"], v["user"]) for v in data["verifiers"]]
     return reference.naive_self_reward(
         loaded.model, loaded.tokenizer, p.question, verifiers, data["marker"],
-        max_new_tokens=VERIFIER_TOKENS, compat=compat,
+        max_new_tokens=tokens, compat=compat,
     )  # fmt: skip
+
+
+def _self_reward_matches(embedded, make_solver, embedded_cfg, compat, settings, tokens, n):
+    cfg = engine_cfg(embedded_cfg, compat).replace(
+        reward="self", verifier_max_new_tokens=tokens, max_iters=settings["max_iters"]
+    )
+    solver = make_solver(cfg)
+    for p in gsm8k(cfg, 2)[2 - n :]:
+        mine = solver.run("latentseek", [p])[0]
+        reward = reference_self_reward(embedded, p, compat, tokens)
+        assert_same(mine, run_reference(embedded, p, compat, settings, reward))
+        assert mine.iterations >= 1  # the loop ran: rewards after steps are compared too
 
 
 @pytest.mark.parametrize("compat", ["none", "reference"])
 def test_self_reward_matches_reference_loop(embedded, make_solver, embedded_cfg, compat):
-    # The paper's verifiers, 12 tokens each: the engine's batched self-reward (verifier prompts
-    # of all answers decoded in the same batches as the solver's rows) against the reference's
-    # one-by-one naive decoding, over the whole loop (r0 and every iteration's reward).
-    cfg = engine_cfg(embedded_cfg, compat).replace(
-        reward="self", verifier_max_new_tokens=VERIFIER_TOKENS
-    )
-    solver = make_solver(cfg)
-    for p in gsm8k(cfg, 2)[1:2]:
-        mine = solver.run("latentseek", [p])[0]
-        ref = run_reference(
-            embedded, p, compat, SETTINGS, reference_self_reward(embedded, p, compat)
-        )
-        assert_same(mine, ref)
-        assert mine.iterations >= 1  # the loop ran: rewards after steps are compared too
+    # The paper's verifiers: the engine's batched self-reward (verifier prompts of all answers
+    # decoded in the same batches as the solver's rows) against the reference's one-by-one
+    # naive decoding, for r0 and the reward after the step.
+    settings = {**SETTINGS, "max_iters": 1}
+    _self_reward_matches(embedded, make_solver, embedded_cfg, compat, settings, VERIFIER_TOKENS, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compat", ["none", "reference"])
+def test_self_reward_matches_reference_loop_long(embedded, make_solver, embedded_cfg, compat):
+    # 12 verifier tokens, K 2, 2 problems: ~10 min per mode on 2 shared cores.
+    _self_reward_matches(embedded, make_solver, embedded_cfg, compat, SETTINGS, 12, 2)
 
 
 @pytest.mark.parametrize("compat", ["none", "reference"])
 def test_se_matches_reference_loop(embedded, make_solver, embedded_cfg, compat):
     from pipeline.methods import problem_seed
 
-    cfg = engine_cfg(embedded_cfg, compat).replace(method=["se"], se_sigma2=0.75)
+    # sigma^2 = 4 (the official code's early, unused default): at the paper's 0.5-1.0 this
+    # model's 4-token prefixes rarely change (its hidden states have an RMS of ~1.9).
+    cfg = engine_cfg(embedded_cfg, compat).replace(method=["se"], se_sigma2=4.0)
     solver = make_solver(cfg)
+    changed = []
     for p in gsm8k(cfg, 2):
         mine = solver.run("se", [p])[0]
         seed = problem_seed(cfg.seed, f"{p.problem_id}/se")
-        ref = run_reference(embedded, p, compat, {**SETTINGS, "se_sigma2": 0.75, "se_seed": seed})
+        ref = run_reference(embedded, p, compat, {**SETTINGS, "se_sigma2": 4.0, "se_seed": seed})
         assert_same(mine, ref)
-        assert mine.stop_reason == "explored" and mine.iteration_stats[0].tokens_changed > 0
+        assert mine.stop_reason == "explored"
+        changed.append(mine.iteration_stats[0].tokens_changed)
+    assert any(changed), changed  # the noise moved a prefix: the comparison covers a new answer

@@ -179,3 +179,31 @@ def test_kv_bytes_per_token_is_what_a_prompt_state_holds(gen):
     (state,) = gen.prefill([PROMPTS[2]])
     held = sum(t.numel() * t.element_size() for t in state.keys + state.values)
     assert kv_bytes_per_token(gen.model) == held // state.length > 0
+
+
+def test_repetition_penalty_is_hf_s_rule(gen, tiny_model):
+    # compat=reference verifiers decode with the model's generation config, which may carry a
+    # repetition penalty (Qwen's 1.05): the engine's greedy rows against a naive loop that
+    # applies transformers' own processor to the whole sequence so far.
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    penalty = RepetitionPenaltyLogitsProcessor(3.0)
+    for ids in PROMPTS[:3]:
+        seq = list(ids)
+        for _ in range(12):
+            with torch.no_grad():
+                logits = tiny_model(torch.tensor([seq])).logits[:, -1]
+            seq.append(int(penalty(torch.tensor([seq]), logits).argmax(-1)))
+        engine = greedy(gen, ids, 12, repetition_penalty=3.0)
+        assert engine.tokens == seq[len(ids) :]
+        assert engine.tokens != greedy(gen, ids, 12).tokens  # the penalty changed something
+
+
+def test_top_k_of_one_is_greedy_and_top_k_limits_the_draws(gen):
+    row = dict(sample=True, temperature=2.0, seed=5)
+    assert greedy(gen, PROMPTS[2], 10, top_k=1, **row).tokens == greedy(gen, PROMPTS[2], 10).tokens
+    free = [greedy(gen, PROMPTS[2], 1, seed=s, sample=True, temperature=5.0) for s in range(40)]
+    capped = [
+        greedy(gen, PROMPTS[2], 1, seed=s, sample=True, temperature=5.0, top_k=2) for s in range(40)
+    ]
+    assert len({o.tokens[0] for o in capped}) <= 2 < len({o.tokens[0] for o in free})

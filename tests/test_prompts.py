@@ -4,12 +4,15 @@ from SPEC §3 and SmolLM2's ChatML template, not computed from the templates und
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from pipeline import reference
 from pipeline.benchmarks import prompt_suffix
-from pipeline.config import ConfigError
-from pipeline.prompts import load_solver_template, render_chat
+from pipeline.config import CONFIG_DIR, ConfigError
+from pipeline.prompts import load_solver_template, load_verifiers, render_chat
 
 Q = "Natalia sold 48 clips in April. How many clips did she sell?"
 
@@ -83,3 +86,44 @@ def test_a_template_under_another_name_gets_no_benchmark_note(tmp_path):
     with pytest.raises(ConfigError, match="style"):
         path.write_text("style: latex\nuser: '{question}'\n")
         load_solver_template(str(path))
+
+
+# --- the paper's verifiers ----------------------------------------------------------------------
+
+# tests/data/verifiers.json: the official code's renders of the four prompts, copied from the
+# project's shared reference (MIT-licensed; LICENSE-LatentSeek.txt beside it), the independent
+# source the shipped configs/prompts/verifiers.yaml is checked against.
+OFFICIAL = json.loads((Path(__file__).parent / "data" / "verifiers.json").read_text())
+SMOL_SYSTEM = (
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    "<|im_end|>\n"
+)
+ANSWER = "She sold 48 / 2 = 24 clips in May, so 48 + 24 = 72 in all. \\boxed{72}<|im_end|>"
+
+
+@pytest.mark.parametrize("name", OFFICIAL["order"])
+def test_paper_verifier_renders_exactly(embedded, name):
+    # Each verifier prompt is the user message alone; the chat template adds SmolLM2's default
+    # system message, as in the official code, and the answer (special tokens kept, as the
+    # official answer text) sits where the official code interpolates {solution}.
+    shipped = {v.name: v for v in load_verifiers("verifiers").verifiers}[name]
+    messages = shipped.messages(Q, ANSWER)
+    assert messages == [{"role": "user", "content": messages[0]["content"]}]
+    body = OFFICIAL["prompts"][name].replace("{question}", Q).replace("{solution}", ANSWER)
+    expected = SMOL_SYSTEM + "<|im_start|>user\n" + body + "<|im_end|>\n<|im_start|>assistant\n"
+    tok = embedded.tokenizer
+    assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == expected
+    ids = render_chat(tok, messages)
+    assert tok.decode(ids) == expected
+    # The answer's <|im_end|> is read back as that one special token, inside the user turn.
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert ids.count(im_end) == 3  # the system turn's, the answer's, the user turn's
+
+
+def test_paper_verifiers_order_weights_and_marker():
+    v = load_verifiers("verifiers")
+    assert [x.name for x in v.verifiers] == OFFICIAL["order"]
+    assert {x.name: x.weight for x in v.verifiers} == OFFICIAL["weights"]
+    assert v.marker == OFFICIAL["answer_symbol"] == "FINAL VERIFICATION ANSWER IS:"
+    license_text = (CONFIG_DIR / "prompts" / "LICENSE-LatentSeek.txt").read_text()
+    assert "MIT License" in license_text and "NLCo-Lab" in license_text

@@ -194,7 +194,7 @@ def test_every_listed_file_exists(report):
     assert names == sorted(
         ["report.md", "table.md", "table.csv", "scaling.csv", "scaling.png", "compute.csv",
          "compute.png", "rewards.png", "iterations.csv", "iterations.png",
-         "tokens_changed.csv", "tokens_changed.png"]
+         "tokens_changed.csv", "tokens_changed.png", "paper.md", "paper.csv"]
     )  # fmt: skip
     assert all(p.is_file() and p.stat().st_size > 0 for p in report.paths())
     assert report.notes == ()

@@ -23,10 +23,12 @@ from pipeline.rewards import (
     CallableReward,
     PsrmReward,
     SelfReward,
+    VerifierDecoding,
     build_reward,
     combine_verdicts,
     has_format,
     import_callable,
+    official_verdict,
 )
 
 WEIGHTS = (2, 1, 2, 1)
@@ -428,3 +430,91 @@ def test_custom_verifiers(tmp_path):
 def test_bad_verifiers(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match):
         load_verifiers(write(tmp_path, text))
+
+
+# --- compat=reference: the official verdict, decoding and format rule -----------------------------
+
+OFFICIAL_VERIFIERS = load_verifiers("verifiers")
+MARK = "FINAL VERIFICATION ANSWER IS:"
+
+
+def _whole(name: str, response: str) -> str:
+    """A verifier's whole decoded sequence (special tokens skipped, ChatML role words kept):
+    its prompt for a made-up answer, then `response`."""
+    v = {x.name: x for x in OFFICIAL_VERIFIERS.verifiers}[name]
+    prompt = v.messages("What is 2+3?", "2 + 3 = 5")[0]["content"]
+    return f"system\nYou are helpful\nuser\n{prompt}\nassistant\n{response}"
+
+
+@pytest.mark.parametrize(
+    "name, response, expected",
+    [
+        ("answer_correct", "Checked. FINAL VERIFICATION ANSWER IS:True", True),
+        ("answer_correct", "FINAL VERIFICATION ANSWER IS: **False**", False),
+        ("answer_correct", "final verification answer is: false", False),  # any case
+        # "true" anywhere after the last marker wins over "false"
+        ("answer_correct", "FINAL VERIFICATION ANSWER IS: False, not True", True),
+        # No marker in the response: the prompt's own last marker is read. calculation_check's
+        # is followed by "True'", so a silent verifier approves ...
+        ("calculation_check", "I would need more time.", True),
+        # ... the others' by "False'", so they reject unless "true" appears anywhere later,
+        ("answer_correct", "I would need more time.", False),
+        ("understanding_check", "I would need more time.", False),
+        # ... even inside another word.
+        ("answer_completeness", "That claim is untrue.", True),
+        ("understanding_check", "FINAL VERIFICATION ANSWER IS:", False),  # nothing after it
+    ],
+)
+def test_official_verdict_reads_prompt_and_answer(name, response, expected):
+    assert official_verdict(_whole(name, response), MARK) is expected
+
+
+def test_official_verdict_without_any_marker_is_false():
+    assert official_verdict("no marker at all, true", MARK) is False
+
+
+def test_reference_self_reward_uses_the_official_rules():
+    # Byte tokenizer: the prompt is the rendered chat text; the verdict is read from prompt and
+    # answer together. calculation_check silent (approves through its prompt), answer_correct
+    # says False, completeness says True, understanding says nothing (rejects): -(1 + 1) / 6.
+    gen = ScriptedGenerator(["hmm", f"{MARK}False", f"{MARK} **True**", "no idea"])
+    reward = SelfReward(
+        gen.tokenizer, OFFICIAL_VERIFIERS, 32, "boxed", format_rule=True, reference=True
+    )
+    (rr,) = reward.score([problem()], ["\\boxed{5}"], gen)
+    assert rr.value == pytest.approx(-2 / 6)
+    assert rr.verdicts == {
+        "calculation_check": True,
+        "answer_correct": False,
+        "answer_completeness": True,
+        "understanding_check": False,
+    }
+    assert rr.unparsed == 2  # verifiers whose own text held no marker
+    # The official format rule: the regex \\boxed{(.*)} on the answer, -2 before dividing.
+    (no_box,) = reward.score([problem()], ["the answer is 5"], gen)
+    assert no_box.value == pytest.approx(-(2 + 2) / 6)
+
+
+def test_reference_decoding_is_the_models_generation_config():
+    from transformers import GenerationConfig
+
+    tok = ByteTokenizer()
+    sampled = GenerationConfig(
+        do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05,
+        eos_token_id=[3, 7],
+    )  # fmt: skip
+    d = VerifierDecoding.of_model(sampled, tok, 4096)
+    assert (d.sample, d.temperature, d.top_p, d.top_k, d.repetition_penalty) == (
+        True, 0.7, 0.8, 20, 1.05,
+    )  # fmt: skip
+    assert (d.max_new_tokens, d.stop_ids) == (4096, frozenset({3, 7}))
+    greedy = VerifierDecoding.of_model(GenerationConfig(eos_token_id=2), tok, 16)
+    assert (greedy.sample, greedy.top_k, greedy.repetition_penalty, greedy.stop_ids) == (
+        False, 0, 1.0, frozenset({2}),
+    )  # fmt: skip
+    # Requests carry it, each verifier of each call seeded apart.
+    reward = SelfReward(tok, OFFICIAL_VERIFIERS, 4096, "boxed", reference=True, decoding=d, seed=1)
+    first, again, later = (reward.requests(problem(), "x", i) for i in (0, 0, 1))
+    assert [q.seed for q in first] == [q.seed for q in again]
+    assert len({q.seed for q in first + later}) == 8
+    assert all((q.sample, q.top_k, q.max_new_tokens) == (True, 20, 4096) for q in first)

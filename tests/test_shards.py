@@ -189,6 +189,31 @@ def test_a_replica_runs_the_same_latentseek_trajectory(shard_ray, tmp_path, tiny
     assert any("KV cache" in line for line in logs)
 
 
+def rank_dependent_run(cfg: Config) -> list[tuple]:
+    """LatentSeek on two problems on this rank's shard, with a reward that rank 1 sees otherwise
+    (it would accept every answer at once; rank 0 rejects every one): what each rank ran."""
+    import torch.distributed as dist
+    from conftest import ScriptedReward, problem
+
+    from pipeline.solver import Solver
+
+    script = [0.0] if dist.get_rank() == 1 else [-1.0]
+    solver = Solver(cfg, load_model(cfg), reward=ScriptedReward(script))
+    results = solver.run("latentseek", [problem(pid="a"), problem("What is 2+3?", "5", "b")])
+    return [(r.stop_reason, r.iterations, r.rewards, r.answers) for r in results]
+
+
+def test_a_rank_with_another_reward_follows_rank_0(shard_ray, tiny_dir):
+    # Rewards decide the steps; every rank takes rank 0's (pipeline.shards.rank0_value). Were
+    # rank 1 to follow its own, it would stop while rank 0 runs its next forward, and rank 0
+    # would wait in that collective until the group's timeout: the test bounds it at 120 s.
+    cfg = Config(model=str(tiny_dir), device="cpu", dtype="float32", method=["latentseek"],
+                 reward="psrm", max_iters=2, max_new_tokens=12, rho=0.5, tensor_parallel=2)  # fmt: skip
+    rank0, rank1 = run_on_ranks(cfg, rank_dependent_run, timeout=120.0)
+    assert rank0 == rank1
+    assert [(stop, k) for stop, k, _, _ in rank0] == [("max_iters", 2), ("max_iters", 2)]
+
+
 @pytest.mark.parametrize("rank", [1, 0])
 def test_a_killed_rank_is_survived(shard_ray, tmp_path, tiny_dir, rank):
     """SIGKILL one rank of a replica between two batches. Rank 1: the next batch fails on the

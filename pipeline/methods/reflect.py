@@ -8,7 +8,8 @@ first answer whose reward exceeds tau is kept, else up to K = `max_iters` rounds
 critique (`reflect_prompts`: a user message asking for a review, after the answer) and a revised
 answer (a second user message asking to answer again), both greedy in one growing conversation
 from the latest answer; a round's answer is scored and the rounds stop once its reward exceeds
-tau. The last answer is returned. Each round is recorded as an iteration.
+tau, or before a turn that would not fit the model's context (`context_full`). The last answer
+is returned. Each round is recorded as an iteration.
 """
 
 from __future__ import annotations
@@ -42,12 +43,18 @@ def reflect(s: Solver, p: Problem, prompt: list[int], r: ProblemResult) -> Task:
             {"role": "assistant", "content": _plain(s, tokens)},
             {"role": "user", "content": prompts.critique},
         ]
+        if not _fits(s, messages):
+            r.stop_reason = "context_full"
+            break
         (review,) = yield [s.answer_request(s.render(messages))]
         s.charge_solver(r, review)
         messages += [
             {"role": "assistant", "content": _plain(s, review.tokens)},
             {"role": "user", "content": prompts.revise},
         ]
+        if not _fits(s, messages):
+            r.stop_reason = "context_full"
+            break
         (out,) = yield [s.answer_request(s.render(messages))]
         s.charge_solver(r, out)
         text, tokens = s.decode(out.tokens), list(out.tokens)
@@ -61,6 +68,12 @@ def reflect(s: Solver, p: Problem, prompt: list[int], r: ProblemResult) -> Task:
             r.stop_reason = "threshold"
             break
     s.finish(p, r, text, len(tokens))
+
+
+def _fits(s: Solver, messages: list[dict[str, str]]) -> bool:
+    """Whether the conversation and a whole answer fit the model's context."""
+    limit = s.backend.max_positions
+    return not limit or len(s.render(messages)) + s.rules.cot_max_new_tokens <= limit
 
 
 def _plain(s: Solver, tokens: list[int]) -> str:

@@ -1,0 +1,216 @@
+"""Our cells beside the paper's (arXiv 2505.13308 v3): the accuracies it reports, shipped in
+data/paper/latentseek-v3.csv (table, prompt, backbone, dataset, method, reward, setting, value),
+and its two analyses that need no GPU: the self-reward's agreement with correctness (Table 6)
+and the average number of iterations (Table 8).
+
+A cell of ours is matched to the paper by backbone (the run's `paper_model`, else the model's
+own name), dataset, prompt, method, the reward where the paper names one, and SE's noise
+variance. Table 1 gives one prompt per cell; Table 3 (PSRM) only the mean of both prompts, so a
+PSRM cell is compared when both prompts were run. The comparison reports our accuracy with its
+95% Wilson interval, the paper's value, the difference, and whether the paper's value lies inside
+our interval. A model that is not one of the paper's backbones (the embedded 135M model) has no
+cell of its own in the paper: it is compared only where a run says which backbone it stands for.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis.accuracy import wilson_interval
+from analysis.records import Records, dataset_order, short_model
+
+PAPER_FILE = Path(__file__).resolve().parent.parent / "data" / "paper" / "latentseek-v3.csv"
+THRESHOLD = -0.2  # Table 6 binarises the self-reward here: positive above, negative at or below
+
+COLUMNS = [
+    "label", "dataset", "prompt", "paper_model", "problems", "accuracy_pct", "ci_low_pct",
+    "ci_high_pct", "paper_pct", "difference_pp", "paper_in_ci", "paper_table",
+]  # fmt: skip
+
+
+def load_paper(path: Path = PAPER_FILE) -> pd.DataFrame:
+    paper = pd.read_csv(path, dtype=str, keep_default_na=False)
+    return paper.assign(value=pd.to_numeric(paper["value"], errors="coerce"))
+
+
+def _cells(records: Records) -> pd.DataFrame:
+    """One row per configuration and dataset: what matching needs, and the correct count."""
+    p = records.problems.assign(
+        backbone=[m or short_model(model) for m, model in zip(records.problems["paper_model"],
+                                                               records.problems["model"])]
+    )  # fmt: skip
+    keys = ["label", "dataset", "model"]
+    rows = []
+    for (label, dataset, model), g in p.groupby(keys, sort=False):
+        first = g.iloc[0]
+        rows.append(
+            {
+                "label": label, "dataset": dataset, "model": model, "method": first["method"],
+                "reward": first["reward"] or "", "prompt": first["prompt"] or "",
+                "settings": first.to_dict(), "paper_model": first["backbone"],
+                "problems": len(g), "correct": int(g["final_correct"].sum()),
+            }
+        )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def _match(paper: pd.DataFrame, cell: pd.Series, prompt: str) -> pd.DataFrame:
+    hit = paper[
+        (paper["metric"] == "accuracy")
+        & (paper["model"] == cell["paper_model"])
+        & (paper["dataset"] == cell["dataset"])
+        & (paper["method"] == cell["method"])
+        & (paper["prompt"] == prompt)
+    ]
+    hit = hit[(hit["reward"] == "") | (hit["reward"] == cell["reward"])]
+    return hit[hit["setting"].map(lambda setting: _same_setting(setting, cell["settings"]))]
+
+
+def _same_setting(setting: str, ours: dict) -> bool:
+    """Whether our run has the paper row's `key=value` setting (SE's noise variance); a row
+    without one matches any run."""
+    if not setting:
+        return True
+    key, _, value = setting.partition("=")
+    mine = ours.get(key)
+    try:
+        return mine is not None and float(mine) == float(value)
+    except (TypeError, ValueError):
+        return str(mine) == value
+
+
+def comparison_table(records: Records, paper: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Each of our cells that the paper reports, beside the paper's value (long form)."""
+    paper = load_paper() if paper is None else paper
+    cells = _cells(records)
+    rows = []
+    for _, cell in cells.iterrows():
+        hit = _match(paper, cell, cell["prompt"])
+        if len(hit):
+            rows.append(_row(cell, cell["prompt"], cell["correct"], cell["problems"], hit))
+    # Table 3: the mean of both prompts, for a method and reward run once on each prompt.
+    for _, g in cells.groupby(["method", "reward", "dataset", "paper_model"], sort=False):
+        if sorted(g["prompt"]) == ["boxed", "json"]:
+            cell = g.iloc[0].copy()
+            hit = _match(paper, cell, "avg(boxed,json)")
+            if len(hit):
+                cell["label"] = " + ".join(g["label"])
+                acc = [c / n for c, n in zip(g["correct"], g["problems"])]
+                rows.append(_row(cell, "avg(boxed,json)", None, int(g["problems"].sum()), hit, acc))
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    order = dataset_order(list(dict.fromkeys(table["dataset"])))
+    return table.sort_values("dataset", key=lambda c: c.map(order.index), kind="stable")
+
+
+def _row(cell, prompt, correct, problems, hit, mean_of=None) -> dict:
+    first = hit.iloc[0]
+    if mean_of is None:
+        acc = correct / problems
+        low, high = wilson_interval(correct, problems)
+    else:  # the mean of the prompts' accuracies; no interval of our own for it
+        acc, low, high = float(np.mean(mean_of)), float("nan"), float("nan")
+    paper = float(first["value"])
+    inside = bool(100 * low <= paper <= 100 * high) if not np.isnan(low) else None
+    return {
+        "label": cell["label"], "dataset": cell["dataset"], "prompt": prompt,
+        "paper_model": cell["paper_model"], "problems": problems,
+        "accuracy_pct": 100 * acc, "ci_low_pct": 100 * low, "ci_high_pct": 100 * high,
+        "paper_pct": paper, "difference_pp": 100 * acc - paper, "paper_in_ci": inside,
+        "paper_table": first["table"],
+    }  # fmt: skip
+
+
+def agreement_table(records: Records, paper: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Table 6: over every answer a self-rewarded configuration explored (its CoT answer and each
+    iteration's), the share whose reward > -0.2 agrees with its correctness; the paper's value
+    where it reports this cell (GSM8K, the json prompt)."""
+    paper = load_paper() if paper is None else paper
+    p, it = records.problems, records.iterations
+    rows = []
+    selfish = p[(p["reward"] == "self") & p["method"].isin(it["method"].unique())]
+    for (label, dataset, model), g in selfish.groupby(["label", "dataset", "model"], sort=False):
+        steps = it[(it["label"] == label) & (it["model"] == model)]
+        steps = steps[steps["problem_id"].isin(g["problem_id"]) & steps["reward"].notna()]
+        if steps.empty:
+            continue
+        agree = (steps["reward"].astype(float) > THRESHOLD) == steps["correct"].astype(bool)
+        backbone = g["paper_model"].iloc[0] or short_model(model)
+        hit = paper[(paper["table"] == "Table 6") & (paper["model"] == backbone)
+                    & (paper["dataset"] == dataset) & (paper["prompt"] == g["prompt"].iloc[0])]  # fmt: skip
+        rows.append(
+            {
+                "label": label, "dataset": dataset, "prompt": g["prompt"].iloc[0],
+                "paper_model": backbone, "answers": len(steps),
+                "agreement_pct": 100 * float(agree.mean()),
+                "positive_pct": 100 * float((steps["reward"].astype(float) > THRESHOLD).mean()),
+                "correct_pct": 100 * float(steps["correct"].astype(bool).mean()),
+                "paper_pct": float(hit["value"].iloc[0]) if len(hit) else float("nan"),
+            }
+        )  # fmt: skip
+    columns = ["label", "dataset", "prompt", "paper_model", "answers", "agreement_pct",
+               "positive_pct", "correct_pct", "paper_pct"]  # fmt: skip
+    return pd.DataFrame(rows, columns=columns)
+
+
+def iterations_table(records: Records, paper: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Table 8: the mean number of iterations over every problem of an iterative configuration
+    (a CoT answer accepted at once counts 0), beside the paper's value where it reports it."""
+    paper = load_paper() if paper is None else paper
+    p = records.problems
+    rows = []
+    it_methods = set(records.iterations.loc[records.iterations["iteration"] > 0, "method"])
+    for (label, dataset, model), g in p[p["method"].isin(it_methods)].groupby(
+        ["label", "dataset", "model"], sort=False
+    ):
+        backbone = g["paper_model"].iloc[0] or short_model(model)
+        hit = paper[(paper["table"] == "Table 8") & (paper["metric"] == "avg_update_iterations")
+                    & (paper["model"] == backbone) & (paper["dataset"] == dataset)
+                    & (paper["prompt"] == g["prompt"].iloc[0])
+                    & (paper["method"] == g["method"].iloc[0])]  # fmt: skip
+        rows.append(
+            {
+                "label": label, "dataset": dataset, "prompt": g["prompt"].iloc[0],
+                "paper_model": backbone, "problems": len(g),
+                "mean_iterations": float(g["iterations"].mean()),
+                "accepted_at_cot_pct": 100 * float((g["iterations"] == 0).mean()),
+                "paper_mean_iterations": float(hit["value"].iloc[0]) if len(hit) else float("nan"),
+            }
+        )  # fmt: skip
+    columns = ["label", "dataset", "prompt", "paper_model", "problems", "mean_iterations",
+               "accepted_at_cot_pct", "paper_mean_iterations"]  # fmt: skip
+    return pd.DataFrame(rows, columns=columns)
+
+
+def paper_markdown(records: Records, against: pd.DataFrame) -> str:
+    """paper.md: the comparison, then Tables 6 and 8, with how each was computed."""
+    from analysis.tables import markdown
+
+    def fmt(df: pd.DataFrame) -> str:
+        return markdown(df, floatfmt=".2f") if len(df) else "(no such configuration here)\n"
+
+    agreement, iterations = agreement_table(records), iterations_table(records)
+    return "".join(
+        [
+            "Our cells beside the numbers arXiv 2505.13308 v3 reports for the same backbone "
+            "(the run's `paper_model`, else the model's name), dataset, prompt, method, reward and "
+            "setting (data/paper/latentseek-v3.csv). `ci_*_pct`: our 95% Wilson interval; "
+            "`paper_in_ci`: whether the paper's value lies inside it. Table 3 (PSRM) gives the "
+            "mean of both prompts only: such a row is the mean of our two prompts' accuracies, "
+            "without an interval. A model that is not one of the paper's backbones is compared "
+            "only as the backbone its run names, which is not a reproduction.\n\n",
+            fmt(against),
+            "\n## Self-reward agreement with correctness (the paper's Table 6)\n\n",
+            "Over every answer a self-rewarded configuration explored (the CoT answer and each "
+            "iteration's), the share whose reward > -0.2 agrees with its correctness; "
+            "`positive_pct`: rewards above -0.2; `correct_pct`: correct answers. The paper "
+            "reports GSM8K with the json prompt.\n\n",
+            fmt(agreement),
+            "\n## Average iterations (the paper's Table 8)\n\n",
+            "The mean number of iterations over every problem of an iterative configuration, a "
+            "CoT answer accepted at once counting 0.\n\n",
+            fmt(iterations),
+        ]
+    )

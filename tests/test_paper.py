@@ -1,0 +1,193 @@
+"""The paper's experiments one command away: configs/paper recipes against the appendix's settings
+(data/paper/latentseek-v3-settings.csv), the comparison with its reported numbers
+(data/paper/latentseek-v3.csv, `analysis.paper`), and a recipe run end to end on the embedded
+model."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import ray
+
+from analysis.paper import agreement_table, comparison_table, iterations_table, load_paper
+from analysis.records import load_records
+from pipeline.config import Config
+from pipeline.records import RecordStore
+from pipeline.results import IterationStats, ProblemResult
+from pipeline.sweep import load_sweep, plan
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "paper_recipes.py"
+SETTINGS = ROOT / "data" / "paper" / "latentseek-v3-settings.csv"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("paper_recipes", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _appendix() -> dict:
+    """(model, dataset, prompt, reward) -> {key: value}, read here from the settings file."""
+    cells: dict = {}
+    with SETTINGS.open() as fh:
+        for row in csv.DictReader(fh):
+            if row["table"] in {f"Table {n}" for n in range(21, 27)}:
+                reward = row["method"].split("_")[1]
+                cells.setdefault((row["model"], row["dataset"], row["prompt"], reward), {})[
+                    row["key"]
+                ] = row["value"]
+    return cells
+
+
+def test_recipes_are_what_the_script_writes():
+    written = _script().recipes()
+    on_disk = sorted((ROOT / "configs" / "paper").rglob("*.yaml"))
+    assert sorted(written) == on_disk and len(on_disk) == 5 * 3 * 2
+    for path, text in written.items():
+        assert path.read_text() == text, f"{path}: run scripts/paper_recipes.py"
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted((ROOT / "configs" / "paper").rglob("*.yaml")),
+    ids=lambda p: p.parent.name + "/" + p.name,
+)
+def test_recipe_expands_to_the_papers_cell(path):
+    points = plan(load_sweep(path))
+    first = points[0].cfg
+    appendix = _appendix()
+    own = appendix[(first.paper_model, first.dataset, first.prompt, "self")]
+    oracle = appendix[(first.paper_model, first.dataset, first.prompt, "psrm")]
+    by = {}
+    for p in points:
+        assert (p.cfg.paper_model, p.cfg.dataset, p.cfg.prompt) == (
+            first.paper_model, first.dataset, first.prompt,
+        )  # fmt: skip
+        assert p.cfg.compat == "reference" and p.cfg.max_new_tokens == int(own["max_new_tokens"])
+        assert p.cfg.max_iters == int(own["max_iters"]) == 10
+        by.setdefault((p.cfg.method[0], p.cfg.reward), []).append(p.cfg)
+    expected = {("cot", "self"), ("bon", "self"), ("sc", "self"), ("reflect", "self"),
+                ("latentseek", "self"), ("latentseek", "psrm")}  # fmt: skip
+    if first.dataset == "gsm8k":
+        expected.add(("se", "self"))
+        assert sorted(c.se_sigma2 for c in by[("se", "self")]) == [0.5, 0.75, 1.0]  # Table 5
+    assert set(by) == expected
+    assert by[("bon", "self")][0].n_samples == by[("sc", "self")][0].n_samples == 3  # App. F.3
+    (ls,) = by[("latentseek", "self")]
+    assert (ls.rho, ls.lr) == (float(own["rho"]), float(own["lr"]))
+    (ps,) = by[("latentseek", "psrm")]
+    assert (ps.rho, ps.lr) == (float(oracle["rho"]), float(oracle["lr"]))
+    # App. F's self-reward per cell: a format reward where it names one (its weight), and the
+    # reweighted verifiers where it says 1:1:1:2.
+    weight = own.get("format_reward_weight", "none")
+    assert ls.format_rule == (weight != "none")
+    if weight == "3":
+        assert ls.verifier_prompts == "verifiers-format3"
+    if "calculation_check=1" in own.get("verifier_weights", ""):
+        assert ls.verifier_prompts == "verifiers-calc1"
+
+
+def test_recipe_cells_cover_table_1():
+    # Every Table 1 cell of the five backbones has a recipe: 5 x 3 datasets x 2 prompts.
+    paper = load_paper()
+    t1 = paper[(paper["table"] == "Table 1") & (paper["model"] != "Avg")]
+    cells = {(m, d, p) for m, d, p in zip(t1["model"], t1["dataset"], t1["prompt"])}
+    recipes = {
+        (cfg.paper_model, cfg.dataset, cfg.prompt)
+        for path in (ROOT / "configs" / "paper").rglob("*.yaml")
+        for cfg in [plan(load_sweep(path))[0].cfg]
+    }
+    assert cells == recipes and len(cells) == 30
+
+
+# --- the comparison, on records written by hand -----------------------------------------------
+
+
+def _result(pid, method, correct, **kw) -> ProblemResult:
+    return ProblemResult(problem_id=pid, dataset="gsm8k", method=method, question="?", gold="1",
+                         final_correct=correct, cot_correct=correct, **kw)  # fmt: skip
+
+
+def _run(root: Path, name: str, results, **cfg) -> None:
+    RecordStore(root / name).write(results, name, "my-7b", worker="w")
+    Config(dataset="gsm8k", paper_model="Qwen2.5-7B-Instruct", **cfg).save(
+        root / name / "config.yaml"
+    )
+
+
+def test_cells_beside_the_papers(tmp_path):
+    # CoT boxed: 9 of 10 right = 90 %; the paper's Table 1 says 88.86 for Qwen2.5-7B-Instruct,
+    # GSM8K, Prompt 1; Wilson 95% interval of 9/10: [59.6, 98.2] -> inside, +1.14 points.
+    _run(tmp_path, "cot", [_result(f"p{i}", "cot", i < 9) for i in range(10)],
+         method=["cot"], prompt="boxed")  # fmt: skip
+    # LatentSeek (Self), json: 2 problems; p0 CoT accepted (0 iterations), p1 2 iterations.
+    # Answers explored with rewards: p0 k0 -0.0 correct; p1 k0 -0.5 wrong, k1 -0.5 correct,
+    # k2 -0.1 correct: (reward > -0.2) == correct on 3 of 4 -> 75 %.
+    p0 = _result("p0", "latentseek", True, initial_reward=0.0)
+    steps = [IterationStats(1, -0.5, "a", True, 5), IterationStats(2, -0.1, "b", True, 5)]
+    p1 = _result("p1", "latentseek", True, initial_reward=-0.5, rewards=[-0.5, -0.1],
+                 iterations=2, iteration_stats=steps)  # fmt: skip
+    p1.cot_correct = False
+    _run(tmp_path, "ls", [p0, p1], method=["latentseek"], reward="self", prompt="json")
+    records = load_records(tmp_path)
+
+    table = comparison_table(records)
+    cot = table[table["label"] == "CoT"].iloc[0]
+    assert (cot["paper_table"], cot["paper_pct"], cot["problems"]) == ("Table 1", 88.86, 10)
+    assert cot["accuracy_pct"] == 90.0 and cot["difference_pp"] == pytest.approx(1.14)
+    assert (round(cot["ci_low_pct"], 1), round(cot["ci_high_pct"], 1)) == (59.6, 98.2)
+    assert cot["paper_in_ci"]
+    ls = table[table["label"].str.startswith("LatentSeek")].iloc[0]
+    assert (ls["prompt"], ls["paper_pct"], ls["accuracy_pct"]) == ("json", 85.06, 100.0)
+
+    agreement = agreement_table(records).iloc[0]
+    assert (agreement["answers"], agreement["agreement_pct"]) == (4, 75.0)
+    assert agreement["paper_pct"] == 80.17  # Table 6, Qwen2.5-7B-Instruct
+    iterations = iterations_table(records).iloc[0]
+    assert iterations["mean_iterations"] == 1.0 and iterations["accepted_at_cot_pct"] == 50.0
+    assert iterations["paper_mean_iterations"] == 1.52  # Table 8, GSM8K Prompt 2
+
+
+def test_a_model_without_a_paper_cell_is_not_compared(tmp_path):
+    _run(tmp_path, "cot", [_result("p0", "cot", True)], method=["cot"], prompt="boxed")
+    cfg = Config(dataset="gsm8k", method=["cot"])  # no paper_model: compared by its own name
+    cfg.save(tmp_path / "cot" / "config.yaml")
+    assert comparison_table(load_records(tmp_path)).empty
+
+
+# --- a recipe end to end ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_a_recipe_runs_end_to_end_on_the_embedded_model(tmp_path, local_ray):
+    from jobs.sweep import run_sweep
+
+    recipe = ROOT / "configs" / "paper" / "qwen2.5-1.5b-instruct" / "gsm8k-boxed.yaml"
+    overrides = [
+        "model=embedded", "device=cpu", "dtype=float32", "limit=2", "max_new_tokens=12",
+        "max_iters=1", "verifier_max_new_tokens=4", "workers=1", f"output_dir={tmp_path}",
+    ]  # fmt: skip
+    summary = run_sweep(recipe, overrides, progress=False, log=lambda msg: None)
+    assert len(summary.points) == 9 and all(p.executed for p in summary.points)
+    table = (summary.sweep_dir / "report" / "paper.csv").read_text()
+    rows = list(csv.DictReader(table.splitlines()))
+    # Every Table 1 method of the cell, and SE at its three variances (Table 5), beside the
+    # paper's Qwen2.5-1.5B-Instruct numbers.
+    assert {r["paper_table"] for r in rows} == {"Table 1", "Table 5"}, rows
+    assert len(rows) == 5 + 3, rows
+    assert {(r["paper_model"], r["problems"]) for r in rows} == {("Qwen2.5-1.5B-Instruct", "2")}
+    assert all(not math.isnan(float(r["paper_pct"])) for r in rows)
+    report = (summary.sweep_dir / "report" / "report.md").read_text()
+    assert "# Against the paper" in report and "Table 6" in report
