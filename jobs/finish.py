@@ -39,6 +39,7 @@ class Counts:
     correct: int = 0
     worker_failures: int = 0
     retried: int = 0
+    iterations: int = 0  # latent iterations of the problems recorded (the progress bar's)
 
 
 def finish_run(

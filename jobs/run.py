@@ -146,7 +146,11 @@ def plan_batches(cfg: Config, todo: dict[str, list[Problem]], problems: list[Pro
 
 
 class BatchLoop:
-    """Feeds every batch to the workers and records each result once, as it comes back."""
+    """Feeds every batch to the workers and records each result once, as it comes back.
+
+    The bar counts records plus the problems that workers reported finished in batches still
+    out (`Scheduler.reported`), so it moves per problem, not per batch; it equals the records
+    whenever nothing is out, at the end included. Only records are ever written."""
 
     def __init__(
         self,
@@ -164,6 +168,7 @@ class BatchLoop:
         self.counts, self.total, self.skipped = counts, total, skipped
         self.log, self.mlflow_run = log, mlflow_run
         self.last_logged = float("-inf")
+        self.bar: Any = None
 
     def run(
         self,
@@ -183,15 +188,16 @@ class BatchLoop:
             self.workers,
             plan_batches(self.cfg, todo, problems),
             self.cfg.max_retries,
-            on_worker_lost=lambda why: self.log(f"worker lost, its batch is re-queued: {why}"),
+            on_worker_lost=lambda why: self.log(f"worker lost: {why}"),
             settings=self.cfg,
+            on_progress=lambda: self.show(scheduler),
         )
-        bar = tqdm(total=self.total, initial=self.skipped, disable=not progress,
-                   desc=self.cfg.run_id, unit="rec", dynamic_ncols=True)  # fmt: skip
+        self.bar = tqdm(total=self.total, initial=self.skipped, disable=not progress,
+                        desc=self.cfg.run_id, unit="rec", dynamic_ncols=True)  # fmt: skip
         try:
             for outcome in scheduler.run():
                 if outcome.results:
-                    self.record(outcome, scheduler, bar)
+                    self.record(outcome, scheduler)
                     if on_batch:
                         state = {"workers": self.workers, "infos": self.infos}
                         on_batch(
@@ -200,11 +206,11 @@ class BatchLoop:
         except NoWorkerLeftError as exc:
             raise RunError(str(exc)) from None
         finally:
-            bar.close()
+            self.bar.close()
             self.counts.worker_failures = scheduler.worker_failures
             self.counts.retried = scheduler.retried
 
-    def record(self, outcome: Any, scheduler: Any, bar: Any) -> None:
+    def record(self, outcome: Any, scheduler: Any) -> None:
         """Write one returned batch (one shard pair), then advance the bar and the metrics."""
         results = outcome.results
         attempts = {
@@ -215,31 +221,48 @@ class BatchLoop:
         c.recorded += len(results)
         c.failures += sum(bool(r.error) for r in results)
         c.correct += sum(r.final_correct for r in results)
-        bar.update(len(results))
-        bar.set_postfix(
+        c.iterations += sum(r.iterations for r in results)
+        self.show(scheduler)
+
+    def show(self, scheduler: Any) -> None:
+        """The bar (problems and iterations done: recorded, or reported in batches still out;
+        the age of the oldest batch out) and, at most every PROGRESS_EVERY_S and at the end,
+        the live MLflow metrics."""
+        c = self.counts
+        problems, iterations = scheduler.reported()
+        self.bar.n = self.skipped + c.recorded + problems
+        self.bar.set_postfix(
             acc=f"{c.correct / max(c.recorded, 1):.3f}",
             failed=c.failures,
             lost_workers=scheduler.worker_failures,
+            iters=c.iterations + iterations,
+            oldest=f"{scheduler.oldest_age():.0f}s",
         )
-        done = c.recorded == self.total - self.skipped
-        if self.mlflow_run and (done or time.monotonic() - self.last_logged >= PROGRESS_EVERY_S):
-            self.log_progress(scheduler.worker_failures)
+        finished = c.recorded == self.total - self.skipped
+        if self.mlflow_run and (
+            finished or time.monotonic() - self.last_logged >= PROGRESS_EVERY_S
+        ):
+            self.log_progress(scheduler, c.recorded + problems, c.iterations + iterations)
             self.last_logged = time.monotonic()
 
-    def log_progress(self, lost: int) -> None:
-        """Live metrics, step = records done in this invocation: what the progress bar shows."""
+    def log_progress(self, scheduler: Any, done: int, iterations: int) -> None:
+        """Live metrics, step = problems done in this invocation (recorded, or reported finished
+        in a batch still out): what the progress bar shows."""
         from pipeline import tracking
 
         c = self.counts
         tracking.log_progress(
             self.cfg,
             self.mlflow_run,
-            c.recorded,
+            done,
             {
                 "records": float(c.recorded + self.skipped),
+                "done": float(done + self.skipped),
                 "accuracy": c.correct / max(c.recorded, 1),
                 "failures": float(c.failures),
-                "workers_lost": float(lost),
+                "workers_lost": float(scheduler.worker_failures),
+                "iterations": float(iterations),
+                "oldest_batch_s": scheduler.oldest_age(),
             },
         )
 

@@ -109,8 +109,14 @@ class StandInWorker:
         }
 
     def run(
-        self, method: str, problems: Sequence[Problem], settings: Any = None
+        self,
+        method: str,
+        problems: Sequence[Problem],
+        settings: Any = None,
+        progress: Any = None,
     ) -> tuple[str, list[Any]]:
+        """As EvalWorker.run; posts no progress (`progress` is ignored), so the driver's cost
+        measured here is that of the records, not of progress events."""
         latency = batch_latency([p.problem_id for p in problems], self.workload)
         if self.rng.random() < self.workload.crash_rate:
             time.sleep(latency * self.rng.random())
@@ -364,7 +370,7 @@ class _DriverClock:
         self.first = self.first or mark
         self.last, self.own_at_last = mark, (self.own[0], self.own[1])
         scheduler, every = state["scheduler"], self.workload.kill_every
-        busy = [w for w, _ in scheduler.in_flight.values() if w not in self.gone]
+        busy = [f.worker for f in scheduler.in_flight.values() if f.worker not in self.gone]
         waiting = len(scheduler.queue) > len(state["workers"])
         if busy and every and self.batches % every == 0 and waiting:
             worker = self.rng.choice(busy)

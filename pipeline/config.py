@@ -255,6 +255,13 @@ class Config:
     max_worker_restarts: int = _f(
         3, "times Ray restarts a worker whose process died", roles=(MODEL,)
     )
+    batch_timeout_s: float = _f(
+        -1.0,
+        "seconds a worker may spend on one task before it is taken for hung: killed (Ray "
+        "restarts it) and the task re-queued as for a worker that died; -1: derived from the "
+        "task's token budget, generously (README 'A Ray cluster'); 0: no deadline",
+        roles=(RUN,),
+    )
 
     # --- outputs ---------------------------------------------------------------------------
     output_dir: str = _f("outputs", "records go to <output_dir>/<run_id>/", roles=(RUN,))
@@ -320,6 +327,11 @@ class Config:
         need(self.gpus_per_worker >= 0, "gpus_per_worker", "must be >= 0")
         need(self.max_retries >= 0, "max_retries", "must be >= 0")
         need(self.max_worker_restarts >= 0, "max_worker_restarts", "must be >= 0")
+        need(
+            self.batch_timeout_s >= 0 or self.batch_timeout_s == -1,
+            "batch_timeout_s",
+            "must be -1 (derived from the task's token budget), 0 (no deadline) or > 0 seconds",
+        )
         need(self.offset >= 0, "offset", "must be >= 0")
         need(self.limit >= 0, "limit", "must be >= 0 (0 means all)")
         need(self.threads >= 0, "threads", "must be >= 0")

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from pipeline.backends import make_backend
-from pipeline.backends.base import Backend, GenerationRequest, GenerationResult
+from pipeline.backends.base import Backend, GenerationRequest, GenerationResult, Task
 from pipeline.benchmarks import prompt_suffix
 from pipeline.compat import decode_rules, make_grader
 from pipeline.data import Problem
@@ -75,6 +75,7 @@ class Solver:
             generation_config=getattr(loaded.model, "generation_config", None),
             seed=cfg.seed,
         )
+        self._on_iteration: Callable[[str, int], None] | None = None  # during `run` only
 
     @property
     def head(self) -> Any:
@@ -88,8 +89,18 @@ class Solver:
         return cls(cfg, load_model(cfg))
 
     # -------------------------------------------------------------------------------------
-    def run(self, method: str, problems: Sequence[Problem]) -> list[ProblemResult]:
-        """Run `method` on a batch; problems that cannot run are returned with `error` set."""
+    def run(
+        self,
+        method: str,
+        problems: Sequence[Problem],
+        on_problem_done: Callable[[ProblemResult], None] | None = None,
+        on_iteration: Callable[[str, int], None] | None = None,
+    ) -> list[ProblemResult]:
+        """Run `method` on a batch; problems that cannot run are returned with `error` set.
+
+        For progress only: `on_problem_done(result)` as each problem's task ends (before the
+        batch's: its timings and FLOPs are filled in when the whole batch is done), and
+        `on_iteration(problem_id, k)` as a method ends its k-th iteration (`iteration_done`)."""
         task = get_method(method).task
         start = time.perf_counter()
         results = [self._blank(method, p) for p in problems]
@@ -98,10 +109,17 @@ class Solver:
             prompt, error = self.prompt(p)
             if error:
                 r.error, r.stop_reason = error, "error"
+                if on_problem_done:
+                    on_problem_done(r)
             else:
-                tasks.append(task(self, p, prompt, r))
-        if tasks:
-            self.backend.run(tasks, self.cfg.batch_size, self.cfg.batching)
+                t = task(self, p, prompt, r)
+                tasks.append(_reporting(t, r, on_problem_done) if on_problem_done else t)
+        self._on_iteration = on_iteration
+        try:
+            if tasks:
+                self.backend.run(tasks, self.cfg.batch_size, self.cfg.batching)
+        finally:
+            self._on_iteration = None
         elapsed = time.perf_counter() - start
         device, dtype = str(self.loaded.device), str(self.loaded.dtype).removeprefix("torch.")
         for r in results:
@@ -173,6 +191,11 @@ class Solver:
         c.flops += rr.token_passes
         r.unparsed_verdicts += rr.unparsed
 
+    def iteration_done(self, p: Problem, k: int) -> None:
+        """A method's k-th iteration of `p` is done (for `run`'s `on_iteration`)."""
+        if self._on_iteration is not None:
+            self._on_iteration(p.problem_id, k)
+
     def correct(self, p: Problem, text: str) -> bool:
         return self.grader(p, text).correct
 
@@ -200,3 +223,9 @@ class Solver:
         r.cot_answer, r.cot_length = text, len(out.tokens)
         r.cot_correct = self.correct(p, text)
         return out
+
+
+def _reporting(task: Task, r: ProblemResult, on_done: Callable[[ProblemResult], None]) -> Task:
+    """`task`, then `on_done(r)` once it has ended (and filled `r`)."""
+    yield from task
+    on_done(r)

@@ -1,8 +1,31 @@
-"""A user reward (`reward=tests.faulty_reward:fails_on_gsm8k_1`) that raises on one problem,
-for the retry test: it runs inside Ray workers, which import it from the repo root."""
+"""User rewards (`reward=tests.faulty_reward:<function>`) that misbehave on one problem, for the
+fault tests: they run inside Ray workers, which import them from the repo root."""
+
+import os
+import time
 
 
 def fails_on_gsm8k_1(problem, answer: str) -> float:
     if problem.problem_id == "gsm8k-1":
         raise ValueError("deliberate failure for gsm8k-1")
+    return -1.0
+
+
+def exits_on_gsm8k_1(problem, answer: str) -> float:
+    """Ends the worker's process on gsm8k-1, as an out-of-memory kill or a segfault would."""
+    if problem.problem_id == "gsm8k-1":
+        os._exit(1)
+    return -1.0
+
+
+def hangs_on_gsm8k_1(problem, answer: str) -> float:
+    """Never returns on gsm8k-1 (an hour is forever for a test)."""
+    if problem.problem_id == "gsm8k-1":
+        time.sleep(3600)
+    return -1.0
+
+
+def slow(problem, answer: str) -> float:
+    """A second per answer scored, so that the problems of one task finish seconds apart."""
+    time.sleep(1.0)
     return -1.0

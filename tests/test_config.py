@@ -146,7 +146,10 @@ def test_wrong_types_in_yaml(tmp_path, yaml_text, match):
         ({"lr": -0.1}, r"lr=-0.1: must be > 0"),
         ({"rho": 1.5}, r"rho=1.5: must be in \[0, 1\]"),
         ({"rho": -0.1}, r"rho=-0.1"),
-        ({"method": ["beam"]}, r"method=\['beam'\]: allowed: cot, bon, sc, reflect, latentseek, se"),
+        (
+            {"method": ["beam"]},
+            r"method=\['beam'\]: allowed: cot, bon, sc, reflect, latentseek, se",
+        ),
         ({"method": []}, r"method=\[\]"),
         ({"method": ["cot", "cot"]}, r"method=.*each method at most once"),
         ({"reward": "bad"}, r"reward='bad': allowed: 'self', 'psrm', or 'module:function'"),

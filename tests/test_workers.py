@@ -5,6 +5,7 @@ with tiny token caps so that each run takes seconds of decoding."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,10 +19,10 @@ import ray
 import torch
 
 from jobs.run import RunError, check_resume, run_evaluation
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.records import RecordStore, read_invocations, write_config
 from pipeline.results import ProblemResult
-from pipeline.workers import worker_device
+from pipeline.workers import batch_timeout, gather_ranks, worker_device
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -129,7 +130,7 @@ def test_sigkilled_worker_is_replaced_and_nothing_is_lost(tmp_path, local_ray):
     killed: list[int] = []
 
     def kill_one_worker(state):
-        busy = [w for w, _ in state["scheduler"].in_flight.values()]
+        busy = [f.worker for f in state["scheduler"].in_flight.values()]
         if not killed and busy:
             pid = state["infos"][state["workers"].index(busy[0])]["pid"]
             os.kill(pid, signal.SIGKILL)  # mid-batch: it holds a batch in flight
@@ -160,6 +161,102 @@ def test_a_problem_that_raises_is_retried_then_recorded_with_its_error(tmp_path,
     assert summary.failures == 1 and summary.retried == 1
 
 
+def test_a_problem_that_kills_its_worker_is_recorded_and_the_run_goes_on(tmp_path, local_ray):
+    """gsm8k-1 ends its worker's process (os._exit) whenever it is scored. 9 problems in two
+    tasks of 5 and 4 on 2 workers, max_retries=1: the task of 5 dies (death 1 of each of its
+    problems), is split into 5 one-problem batches, and gsm8k-1 alone dies again (death 2 =
+    max_retries + 1): recorded with its error. 2 workers lost in all, both maybe the same one:
+    max_worker_restarts=2 keeps it (fewer restarts would end the run, legitimately)."""
+    cfg = small_cfg(
+        tmp_path,
+        limit=9,
+        method=["latentseek"],
+        reward="tests.faulty_reward:exits_on_gsm8k_1",
+        max_retries=1,
+        max_worker_restarts=2,
+    )
+    summary = run_evaluation(cfg, progress=False, log=lambda m: None)
+    problems = assert_exactly_once(summary.run_dir, 9, ["latentseek"])
+    bad = problems[problems["problem_id"] == "gsm8k-1"].iloc[0]
+    assert "worker process died while running this problem (2 times)" in bad["error"]
+    assert bad["attempts"] == 2
+    assert (problems[problems["problem_id"] != "gsm8k-1"]["error"] == "").all()
+    assert summary.recorded == 9 and summary.failures == 1
+    assert summary.worker_failures == 2
+
+
+def test_a_problem_that_hangs_times_out_and_the_run_goes_on(tmp_path, local_ray):
+    """gsm8k-1 never returns from its reward. One worker, one task of 4 problems,
+    batch_timeout_s=15 (a lone problem here takes a few seconds): the task times out (its worker
+    is killed and restarted; death 1 of each problem) and is split; gsm8k-1 alone times out again
+    (death 2 = max_retries + 1) and is recorded with its error; the other three are recorded.
+    Two restarts of the one worker: max_worker_restarts=2."""
+    cfg = small_cfg(
+        tmp_path,
+        limit=4,
+        workers=1,
+        method=["latentseek"],
+        reward="tests.faulty_reward:hangs_on_gsm8k_1",
+        max_retries=1,
+        max_worker_restarts=2,
+        batch_timeout_s=15.0,
+    )
+    lost: list[str] = []
+    summary = run_evaluation(cfg, progress=False, log=lost.append)
+    problems = assert_exactly_once(summary.run_dir, 4, ["latentseek"])
+    bad = problems[problems["problem_id"] == "gsm8k-1"].iloc[0]
+    assert "(2 times)" in bad["error"] and "timed out after 15 s" in bad["error"]
+    assert (problems[problems["problem_id"] != "gsm8k-1"]["error"] == "").all()
+    assert summary.failures == 1 and summary.worker_failures == 2
+    assert sum("timed out" in line for line in lost) == 2
+
+
+def test_rank_zero_stops_waiting_for_a_rank_that_hangs_or_dies(local_ray):
+    """`gather_ranks`, rank 0's wait for its other ranks: their outcomes, or None (rank 0 then
+    ends the replica) for a rank that is not done in time or whose process is gone."""
+
+    @ray.remote(num_cpus=0)
+    class Rank:
+        def run(self, seconds: float) -> tuple[str, list[str]]:
+            time.sleep(seconds)
+            return "rank", ["ok"]
+
+        def exit(self) -> None:
+            os._exit(1)
+
+    ready, hung, dying = Rank.remote(), Rank.remote(), Rank.remote()
+    assert gather_ranks([ready.run.remote(0)], 60) == [["ok"]]
+    start = time.monotonic()
+    assert gather_ranks([ready.run.remote(0), hung.run.remote(3600)], 2) is None
+    assert time.monotonic() - start < 30
+    assert gather_ranks([dying.exit.remote()], 60) is None
+
+
+def test_progress_moves_per_problem_before_the_task_returns(tmp_path, local_ray, capfd):
+    """One worker, one task of 4 LatentSeek problems whose reward takes a second per answer, so
+    that they finish seconds apart: the bar counts each problem as it finishes (1/4, 2/4, 3/4
+    can only come from the worker's progress reports, since the task returns all 4 at once),
+    ends at the recorded count, and MLflow's live metrics move in between too."""
+    cfg = small_cfg(
+        tmp_path, limit=4, workers=1, method=["latentseek"], reward="tests.faulty_reward:slow"
+    )
+    summary = run_evaluation(cfg, progress=True, log=lambda m: None)
+    err = capfd.readouterr().err
+    shown = [int(n) for n in re.findall(r"\| (\d+)/4 \[", err)]
+    assert len({1, 2, 3} & set(shown)) >= 2, f"the bar went {shown}"
+    assert shown[-1] == summary.recorded == 4
+    problems = RecordStore(summary.run_dir).read_problems()
+    iterations = re.findall(r"iters=(\d+)", err)
+    assert iterations and int(iterations[-1]) == problems["iterations"].sum() > 0
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=summary.tracking_uri)
+    done = client.get_metric_history(summary.mlflow_run_id, "progress/done")
+    assert any(0 < m.value < 4 for m in done), [m.value for m in done]
+    assert done[-1].value == 4
+
+
 def test_resume_with_different_settings_is_refused(tmp_path, local_ray):
     cfg = small_cfg(tmp_path, limit=2, method=["cot"])
     run_evaluation(cfg, progress=False, log=lambda m: None)
@@ -177,6 +274,27 @@ def test_resume_with_different_settings_is_refused(tmp_path, local_ray):
     assert again.recorded == 0 and again.skipped == 2
     assert (tmp_path / "out" / "r1" / "config.yaml").read_text() == config_text
     assert len(read_invocations(tmp_path / "out" / "r1")) == 2  # refused ones are not logged
+
+
+# --- the batch deadline (no Ray) ------------------------------------------------------------
+
+
+def test_batch_deadline_from_the_config():
+    """batch_timeout_s: > 0 seconds, 0 none, -1 derived (pipeline.workers.batch_timeout):
+    600 s + s/step x (problems x answers x tokens per answer / batch_size + one problem's chain)."""
+    cfg = Config(max_new_tokens=100, max_iters=2, reward="psrm", batch_size=4)
+    # latentseek, psrm (no verifier): 3 answers of 100 tokens; (8*3*100/4 + 3*100) steps x 2 s
+    assert batch_timeout(cfg, "latentseek", 8) == 600 + 2.0 * (600 + 300)
+    # cot: 1 answer, no reward; (8*100/4 + 100) steps x 2 s
+    assert batch_timeout(cfg, "cot", 8) == 600 + 2.0 * (200 + 100)
+    # self-reward, 4 verifiers of 50 tokens each, on GPU workers at 0.25 s a step:
+    # (8*3*(100 + 4*50)/4 + 3*(100 + 50)) steps
+    gpu = cfg.replace(reward="self", verifier_max_new_tokens=50, gpus_per_worker=1.0)
+    assert batch_timeout(gpu, "latentseek", 8) == 600 + 0.25 * (1800 + 450)
+    assert batch_timeout(cfg.replace(batch_timeout_s=0.0), "latentseek", 8) is None
+    assert batch_timeout(cfg.replace(batch_timeout_s=30.0), "latentseek", 8) == 30.0
+    with pytest.raises(ConfigError, match="batch_timeout_s=-2.0: must be -1"):
+        cfg.replace(batch_timeout_s=-2.0)
 
 
 # --- devices and resume, decided before anything starts (no Ray) ----------------------------

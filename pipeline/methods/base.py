@@ -41,6 +41,10 @@ class Derivation:
     pick: Callable[[dict[str, Any], int], int] | None = None  # samples: the index returned
 
 
+def one_answer(cfg: Any) -> int:
+    return 1
+
+
 @dataclass(frozen=True)
 class Method:
     name: str  # the config value (`method=`), the records' `method` column, MLflow's tag
@@ -56,6 +60,8 @@ class Method:
     cot_pass: bool = False  # its `cot_correct` is its own greedy CoT pass (a paired reference)
     default: bool = False  # run when the config names no method (`method` key's default)
     description: str = ""  # one line for the docs
+    # answers one problem may decode at most, under a config (the driver's batch deadline)
+    max_answers: Callable[[Any], int] = one_answer
 
 
 def problem_seed(seed: int, problem_id: str, index: int = 0) -> int:

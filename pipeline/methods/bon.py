@@ -45,4 +45,5 @@ METHOD = Method(
     samples=True,
     derive=Derivation("n_samples", "samples", pick),
     description="Best-of-N: N sampled answers, the one with the highest reward",
+    max_answers=lambda cfg: cfg.n_samples,
 )

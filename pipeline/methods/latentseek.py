@@ -139,6 +139,7 @@ def step(
             mean_logprob=float(out.mean_logprob[0]),
         )
     )
+    s.iteration_done(p, k)
     if rr.value > search.best[0]:
         search.best = (rr.value, text, len(search.tokens))
     search.reward = rr.value
@@ -177,4 +178,5 @@ METHOD = Method(
     cot_pass=True,
     default=True,
     description="the CoT, then a policy gradient on the hidden states behind its first rho*T tokens",
+    max_answers=lambda cfg: 1 + cfg.max_iters,  # the CoT, then one per iteration
 )

@@ -64,6 +64,7 @@ def reflect(s: Solver, p: Problem, prompt: list[int], r: ProblemResult) -> Task:
         r.rewards.append(rr.value)
         r.answers.append(text)
         r.iteration_stats.append(IterationStats(k, rr.value, text, s.correct(p, text), len(tokens)))
+        s.iteration_done(p, k)
         if rr.value > cfg.reward_threshold:
             r.stop_reason = "threshold"
             break
@@ -92,4 +93,5 @@ METHOD = Method(
     derive=Derivation("max_iters", "steps"),
     cot_pass=True,
     description="Self-Reflection: answer, review the answer, answer again (K rounds)",
+    max_answers=lambda cfg: 1 + 2 * cfg.max_iters,  # the CoT, then a review and an answer a round
 )

@@ -80,4 +80,5 @@ METHOD = Method(
     samples=True,
     derive=Derivation("n_samples", "samples", pick),
     description="self-consistency: N sampled answers, the majority of the extracted answers",
+    max_answers=lambda cfg: cfg.n_samples,
 )

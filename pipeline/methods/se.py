@@ -77,6 +77,7 @@ def se(s: Solver, p: Problem, prompt: list[int], r: ProblemResult) -> Task:
             tokens_changed=int((torch.tensor(prefix) != before.cpu()).sum()),
         )
     )
+    s.iteration_done(p, 1)
     r.stop_reason = "explored"
     s.finish(p, r, text, len(tokens))
 
@@ -91,4 +92,5 @@ METHOD = Method(
     iterations=True,
     cot_pass=True,
     description="the paper's unguided latent search: Gaussian noise added once to the CoT's Z",
+    max_answers=lambda cfg: 2,  # the CoT, then the explored answer
 )
