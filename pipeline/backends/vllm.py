@@ -329,10 +329,17 @@ class VllmBackend:
                 if waiting.missing == 0:
                     submit(waiting, _advance(waiting.task, list(waiting.results)))  # type: ignore[arg-type]
 
-        for task in tasks:
-            waiting = _Waiting(task)
-            submit(waiting, _advance(task, None))
+        try:
+            for task in tasks:
+                waiting = _Waiting(task)
+                submit(waiting, _advance(task, None))
+            self._drive(queue, inflight, deliver, max_rows)
+        finally:
+            if inflight:  # a task or a request failed: nothing of this run stays in the engine
+                self.engine.abort_request(list(inflight))
 
+    def _drive(self, queue: deque, inflight: dict, deliver: Any, max_rows: int) -> None:
+        """Admit queued requests (up to `max_rows` in the engine), step, deliver, repeat."""
         while queue or inflight:
             immediate = []
             while queue and len(inflight) < max_rows:

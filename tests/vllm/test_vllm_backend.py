@@ -192,3 +192,17 @@ def test_process_settings_kept(vllm_backend):
     assert torch.get_num_threads() == before + 1
     torch.set_num_threads(before)
     assert vllm_backend.logits(torch.zeros(2, vllm_backend.model.config.hidden_size)).shape[-1] > 0
+
+
+def test_failing_task_leaves_the_engine_clean(vllm_backend, boxed_prompts):
+    def bad():
+        yield [GenerationRequest(boxed_prompts[0], 3)]
+        raise RuntimeError("boom")
+
+    def slow():
+        yield [GenerationRequest(boxed_prompts[1], 40)]
+
+    with pytest.raises(RuntimeError, match="boom"):
+        vllm_backend.run([bad(), slow()], max_rows=4)
+    assert not vllm_backend.engine.has_unfinished_requests()
+    assert len(vllm_backend.generate([GenerationRequest(boxed_prompts[0], 2)])[0].tokens) == 2
