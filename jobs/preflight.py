@@ -1,7 +1,8 @@
 """Preflight: everything a user can get wrong, checked before anything starts or is written.
 
 `latentseek run` (and each point of a sweep) checks, in order: the device settings agree with
-each other and with the local Ray (`check_devices`), an existing run directory may be resumed
+each other and with the local Ray (`check_devices`), the generation backend is installed
+(`check_backend`), an existing run directory may be resumed
 with these settings (`check_resume`), the prompt templates load (`check_prompts`) and the
 dataset selection loads and is usable (`load_selection`). Each failure is one message (a
 `RunError`, `ConfigError` or `DataError`) that the command line prints without a traceback.
@@ -117,6 +118,14 @@ def _precision_changes(before: tuple[str, str], cfg: Config, where: str) -> list
     if before[1] and before[1] != now[1]:
         out.append(f"dtype: {before[1]!r} in {where} -> {now[1]!r} now (dtype={cfg.dtype!r})")
     return out
+
+
+def check_backend(cfg: Config) -> None:
+    """The generation backend can start here (`backend=vllm` needs vLLM installed)."""
+    from pipeline.backends import check_installed
+
+    if missing := check_installed(cfg.backend):
+        raise RunError(missing)
 
 
 def check_prompts(cfg: Config) -> None:

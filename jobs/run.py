@@ -26,6 +26,7 @@ import yaml
 from jobs.finish import Counts, RunSummary, finish_run, format_summary, model_name
 from jobs.preflight import (
     RunError,
+    check_backend,
     check_devices,
     check_prompts,
     check_resume,
@@ -66,6 +67,7 @@ def run_evaluation(
     cfg = resolve_run_id(cfg)
     directory = run_dir(cfg)
     check_devices(cfg)
+    check_backend(cfg)
     check_resume(cfg, directory)
     check_prompts(cfg)
     dataset = load_selection(cfg, log)

@@ -35,7 +35,7 @@ from pipeline.generation import DecodeBatch, Generator, Row
 
 
 @dataclass
-class _Waiting:
+class Waiting:
     """A task and the results of the requests it yielded last."""
 
     task: Task
@@ -80,9 +80,9 @@ def run_continuous(generator: Generator, tasks: Sequence[Task], max_rows: int) -
     requests are done, and its next requests join the running batch when rows are free."""
     if max_rows < 1:
         raise ValueError(f"max_rows={max_rows}: must be >= 1")
-    queue: deque[tuple[_Waiting, int]] = deque()  # (task, index of the request) in FIFO order
+    queue: deque[tuple[Waiting, int]] = deque()  # (task, index of the request) in FIFO order
 
-    def submit(waiting: _Waiting, requests: list[GenerationRequest] | None) -> None:
+    def submit(waiting: Waiting, requests: list[GenerationRequest] | None) -> None:
         if requests is None:
             return
         waiting.requests, waiting.results = requests, [None] * len(requests)
@@ -98,7 +98,7 @@ def run_continuous(generator: Generator, tasks: Sequence[Task], max_rows: int) -
                 submit(waiting, advance(waiting.task, list(waiting.results)))  # type: ignore[arg-type]
 
     for task in tasks:
-        waiting = _Waiting(task)
+        waiting = Waiting(task)
         submit(waiting, advance(task, None))
 
     batch = DecodeBatch.empty(generator)

@@ -357,6 +357,12 @@ class Config:
             "reproduces; use backend=native with compat=reference",
         )
         need(
+            (self.tensor_parallel == 1 and not self.device_map) or capabilities.shards,
+            "backend",
+            f"backend={self.backend} runs one whole model per worker on one device; use "
+            "tensor_parallel=1 and device_map='' with it, or backend=native to shard",
+        )
+        need(
             self.batching != "static" or capabilities.static_batching,
             "batching",
             f"backend={self.backend} batches continuously inside its engine; use batching=continuous",

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
+import ray
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -191,6 +193,34 @@ def make_solver(embedded: LoadedModel) -> Callable[..., object]:
 @pytest.fixture(scope="session")
 def solver(make_solver, embedded_cfg):
     return make_solver(embedded_cfg)
+
+
+# --- one local Ray for the session ------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+RAY_CPUS = 3  # a replica of 3 ranks (tests/test_shards.py), or 2 workers and a spare
+
+
+@pytest.fixture(scope="session")
+def _ray_started() -> Iterator[list[bool]]:
+    started: list[bool] = []
+    yield started
+    if started and ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture
+def local_ray(_ray_started: list[bool]) -> Iterator[None]:
+    """A real in-process local Ray with `RAY_CPUS` CPUs, started on first use and shared by the
+    session's tests (a Ray start costs 10-20 s here). A test that needs another Ray shuts this
+    one down first; the next test that asks for it starts it again. Ray's workers import test
+    modules (a faulty reward, a rank's probe) from tests/ and the project root."""
+    if not ray.is_initialized():
+        paths = [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+        ray.init(num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False)
+        _ray_started.append(True)
+    yield
 
 
 # --- a server on loopback -----------------------------------------------------------------------

@@ -123,7 +123,7 @@ def test_a_target_whose_row_failed_is_missed_and_says_so():
 def _fake_child(failing: str):
     """A `Runner.child` that returns made-up results at once; the row labelled `failing` fails."""
 
-    def child(self, label: str, spec: dict) -> dict:
+    def child(self, label: str, spec: dict, python: str | None = None) -> dict:
         self.count += 1
         if label.startswith(failing):
             return {"error": "exit 1: RuntimeError: deliberate"}
@@ -149,12 +149,17 @@ def test_every_row_reported_and_a_failed_row_makes_the_exit_code_1(
 ):
     monkeypatch.setattr(harness.Runner, "child", _fake_child(failing or "nothing"))
     monkeypatch.setattr("pipeline.model.prepare_model", lambda cfg: None)
-    code = bench.main(None, [f"out={tmp_path}", "profile=never"])
+    code = bench.main(None, [f"out={tmp_path}", "profile=never", f"vllm_python={sys.executable}"])
     md = (tmp_path / "bench.md").read_text()
     assert capsys.readouterr().out.strip() == md.strip()  # the report is also printed
     report = json.loads((tmp_path / "bench.json").read_text())
     kinds = {r["row"] for r in report["rows"]}
-    assert kinds == {"engine", "batching", "bf16", "ceiling", "naive", "ray"}
+    assert kinds == {"engine", "batching", "bf16", "ceiling", "naive", "ray", "vllm"}
+    vllm = [r for r in report["rows"] if r["row"] == "vllm"]
+    assert sorted((r["method"], r["backend"]) for r in vllm) == sorted(
+        (m, b) for m in ("cot", "latentseek-psrm", "sc-8") for b in ("native", "vllm")
+    )
+    assert any("backend=vllm tokens/s" in line for line in md.splitlines())
     for name in TARGETS:  # every target is in the table, met or missed
         line = next(line for line in md.splitlines() if name in line)
         assert "| met |" in line or "| MISSED |" in line
@@ -167,20 +172,26 @@ def test_every_row_reported_and_a_failed_row_makes_the_exit_code_1(
         assert code == 0 and "failed rows: 0" in md
 
 
+@pytest.mark.slow
 def test_bench_runs_every_row_end_to_end(tmp_path):
     """`make bench` shrunk (2 problems, 8 tokens, K=1): every row kind completes in its own
-    process, the report has them all, and rows that should agree give the same answers."""
+    process, the report has them all, and rows that should agree give the same answers. The
+    vLLM rows point at a Python that does not exist: they fail, saying what to install (the
+    vLLM rows run for real in tests/vllm)."""
     out = tmp_path / "bench"
     args = [
         str(Path(sys.executable).parent / "latentseek"), "bench", "limit=2", "batch_sizes=1,2",
         "batch_size=2", "max_new_tokens=8", "max_iters=1", "batching_problems=2",
         "ray_problems=2", "ray_batch_size=1", "profile=always", f"out={out}",
+        "vllm_problems=2", "vllm_methods=cot", f"vllm_python={tmp_path}/no-vllm/python",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 1, done.stderr[-3000:]  # the vLLM row failed
     report = json.loads((out / "bench.json").read_text())
-    assert not [r for r in report["rows"] if "error" in r]
+    (missing,) = [r for r in report["rows"] if "error" in r]
+    assert (missing["row"], missing["backend"]) == ("vllm", "vllm")
+    assert "make setup-vllm" in missing["error"]
     assert {r["row"] for r in report["rows"]} == set(settings.ROW_KINDS)
     rows = {(r["row"], r["method"], r["config"]): r for r in report["rows"]}
     assert rows[("engine", "latentseek-psrm", "engine B=1 continuous")]["problems"] == 1

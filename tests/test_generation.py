@@ -207,3 +207,35 @@ def test_top_k_of_one_is_greedy_and_top_k_limits_the_draws(gen):
         greedy(gen, PROMPTS[2], 1, seed=s, sample=True, temperature=5.0, top_k=2) for s in range(40)
     ]
     assert len({o.tokens[0] for o in capped}) <= 2 < len({o.tokens[0] for o in free})
+
+
+def test_one_device_to_host_transfer_per_decode_step(gen, monkeypatch):
+    # On a GPU every tensor-to-Python conversion waits for the device. A decode step reads the
+    # chosen tokens once (`tolist`) and nothing else: not per row, not for sampling, capture or
+    # repetition penalties. Counted here on the engine's own lines (the model's are its own).
+    import sys
+
+    calls = []
+    names = ("tolist", "item", "__int__", "__float__", "__bool__", "__index__", "numpy", "cpu")
+    for name in names:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            if sys._getframe(1).f_code.co_filename.endswith("pipeline/generation.py"):
+                calls.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    requests = [
+        GenerationRequest(PROMPTS[0], 6, capture=3),
+        GenerationRequest(PROMPTS[1], 8, sample=True, temperature=0.8, top_p=0.9, seed=1),
+        GenerationRequest(PROMPTS[2], 5, repetition_penalty=1.3, top_k=5, sample=True, seed=2),
+        GenerationRequest(PROMPTS[3], 7, prefix_ids=PROMPTS[0][:2]),
+    ]
+    batch, _ = gen.open(requests)
+    steps = []
+    while batch.rows:
+        calls.clear()
+        batch.step()
+        steps.append(list(calls))
+    assert len(steps) == 8 and all(s == ["tolist"] for s in steps), steps

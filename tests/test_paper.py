@@ -11,7 +11,6 @@ import math
 from pathlib import Path
 
 import pytest
-import ray
 
 from analysis.paper import agreement_table, comparison_table, iterations_table, load_paper
 from analysis.records import load_records
@@ -162,13 +161,6 @@ def test_a_model_without_a_paper_cell_is_not_compared(tmp_path):
 
 
 # --- a recipe end to end ------------------------------------------------------------------------
-
-
-@pytest.fixture
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def test_a_recipe_runs_end_to_end_on_the_embedded_model(tmp_path, local_ray):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,31 @@ def test_a_key_without_a_role_fails_at_import():
 def test_backend_is_checked_against_the_registry_and_its_capabilities():
     with pytest.raises(ConfigError, match="backend='nope': allowed: native"):
         Config(backend="nope")
+
+
+def test_backend_vllm_is_refused_where_it_cannot_serve():
+    with pytest.raises(ConfigError, match="compat=reference promises the official code's tokens"):
+        Config(backend="vllm", compat="reference")
+    with pytest.raises(ConfigError, match="one whole model per worker"):
+        Config(backend="vllm", tensor_parallel=2)
+    with pytest.raises(ConfigError, match="one whole model per worker"):
+        Config(backend="vllm", device_map="auto")
+
+
+def test_backend_vllm_without_vllm_stops_before_ray_with_the_install_command(tmp_path):
+    # make test's venv has no vLLM (.venv-vllm has): the run stops in preflight, one line.
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("vllm") is not None and importlib.util.find_spec("vllm").origin:
+        pytest.skip("vLLM is installed in this environment: nothing to refuse")
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "run", "backend=vllm", "limit=1",
+         f"output_dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: backend=vllm needs vLLM") and len(lines) == 1
+    assert "make setup-vllm" in lines[-1] and "pip install -e '.[vllm]'" in lines[-1]
+    assert not (tmp_path / "mlflow.db").exists() and not list(tmp_path.rglob("*.parquet"))

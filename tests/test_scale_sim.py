@@ -17,20 +17,11 @@ import json
 from pathlib import Path
 
 import pytest
-import ray
 
 from jobs.simulate import Measurement, Workload, is_poison, simulate
 from pipeline.config import Config
 from pipeline.data import load_dataset
 from pipeline.records import ITERATION_KEY, RecordStore
-
-
-@pytest.fixture
-def local_ray():
-    """A real in-process local Ray with 2 CPUs; the stand-ins ask for none."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
 
 
 def run_simulation(tmp_path: Path, workers: int, problems: int, workload: Workload) -> Measurement:

@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import ray
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -45,15 +44,9 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def shard_ray():
-    """A real local Ray with 3 CPUs (a replica of 3 ranks), shut down after the module."""
-    # Ray's workers import this module (`probe`, run on each rank) by its pytest name, from tests/.
-    paths = [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
-    os.environ["PYTHONPATH"] = os.pathsep.join(paths)
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+@pytest.fixture
+def shard_ray(local_ray):
+    """The session's local Ray (conftest: 3 CPUs, a replica of 3 ranks)."""
 
 
 @pytest.fixture(scope="module")

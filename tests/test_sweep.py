@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import ray
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -58,13 +57,6 @@ def test_plan_errors_name_the_problem(tmp_path):
         load_sweep(write_sweep(tmp_path, "name: x\ngrids: {lr: [1]}\n"))
     with pytest.raises(ConfigError, match="rho=2.0"):
         plan(load_sweep(write_sweep(tmp_path, "name: x\ngrid: {rho: [0.1, 2.0]}\n")))
-
-
-@pytest.fixture
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _children(uri: str, parent: str) -> dict:

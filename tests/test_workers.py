@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -53,16 +52,6 @@ def assert_exactly_once(run_dir: Path, n_problems: int, methods: list[str]) -> p
     assert len(keys) == n_problems * len(methods)
     assert set(problems["method"]) == set(methods)
     return problems
-
-
-@pytest.fixture
-def local_ray(monkeypatch):
-    """A real in-process local Ray with 2 CPUs, shut down after the test."""
-    # Workers import tests.faulty_reward (for the retry test) from the repo root.
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def test_run_records_every_problem_once_and_uses_both_workers(tmp_path, local_ray):
@@ -455,36 +444,36 @@ def test_killed_driver_resumes_without_loss_or_duplicates(tmp_path):
     assert (merged["final_answer_a"] == merged["final_answer_b"]).all()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_work_lands_on_both_nodes_of_a_two_node_cluster(tmp_path, monkeypatch):
+    # Two real Ray nodes on this machine, started the way Ray's own tests do
+    # (`ray.cluster_utils.Cluster`): each node's processes are this test's children, in a session
+    # directory of its own, and `shutdown` ends exactly those, never another Ray of the user.
+    # Everything listens on 127.0.0.1; Ray would turn a loopback address given to `ray.init`
+    # into the machine's own IP, which this test keeps it from doing.
+    import tempfile
 
+    import ray._private.services as services
+    from ray.cluster_utils import Cluster
 
-def test_work_lands_on_both_nodes_of_a_two_node_cluster(tmp_path):
-    port = _free_port()
-    ray_bin = str(VENV_BIN / "ray")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
-    common = ["--num-cpus=1", "--disable-usage-stats"]
-    head = [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-            "--include-dashboard=false", *common]  # fmt: skip
-    node = [ray_bin, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
-            *common]  # fmt: skip
+    if ray.is_initialized():
+        ray.shutdown()  # the session's local Ray (conftest `local_ray`), started again on use
+    monkeypatch.setattr(services, "resolve_ip_for_localhost", lambda host: host)
+    node = {
+        "num_cpus": 1,
+        "node_ip_address": "127.0.0.1",
+        "temp_dir": tempfile.mkdtemp(prefix="ray", dir="/tmp"),
+    }  # short: socket paths
+    cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
     try:
-        subprocess.run(head, env=env, check=True, capture_output=True, timeout=180)
-        subprocess.run(node, env=env, check=True, capture_output=True, timeout=180)
-        ray.init(address=f"127.0.0.1:{port}", log_to_driver=False)
-        deadline = time.monotonic() + 60
-        while len([n for n in ray.nodes() if n["Alive"]]) < 2 and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-        cfg = small_cfg(
-            tmp_path, limit=4, method=["cot"], ray_address=f"127.0.0.1:{port}", workers=2
-        )
+        cluster.add_node(**node)
+        ray.init(address=cluster.address, log_to_driver=False, _node_ip_address="127.0.0.1")
+        cluster.wait_for_nodes()
+        assert [n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]] == ["127.0.0.1"] * 2
+        cfg = small_cfg(tmp_path, limit=4, method=["cot"], ray_address=cluster.address, workers=2)
         summary = run_evaluation(cfg, progress=False, log=lambda m: None)
         problems = assert_exactly_once(summary.run_dir, 4, ["cot"])
         node_ids = {w.rsplit(":", 1)[-1] for w in problems["worker"]}
         assert len(node_ids) == 2, f"work landed on {node_ids}"
     finally:
         ray.shutdown()
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        cluster.shutdown()

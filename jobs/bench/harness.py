@@ -101,8 +101,9 @@ class Runner:
         elapsed = int(self.elapsed())
         print(f"[bench {elapsed // 60:02d}:{elapsed % 60:02d}] {msg}", file=sys.stderr)
 
-    def child(self, label: str, spec: dict) -> dict:
-        """Run one configuration in a fresh process; on failure the result carries the error."""
+    def child(self, label: str, spec: dict, python: str | None = None) -> dict:
+        """Run one configuration in a fresh process (of `python`, default this one); on failure
+        the result carries the error."""
         self.count += 1
         name = f"{self.count:02d}-" + "".join(c if c.isalnum() else "_" for c in label)
         spec_path, out_path = self.logs / f"{name}.spec.json", self.logs / f"{name}.result.json"
@@ -113,7 +114,13 @@ class Runner:
         start = time.perf_counter()
         with open(log_path, "w") as log:
             proc = subprocess.run(
-                [sys.executable, "-m", "jobs.bench.harness", str(spec_path), str(out_path)],
+                [
+                    python or sys.executable,
+                    "-m",
+                    "jobs.bench.harness",
+                    str(spec_path),
+                    str(out_path),
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self.env,
@@ -163,6 +170,22 @@ def child_entry(spec_path: str, out_path: str) -> int:
     return 0
 
 
+# Instruction sets that decide whether bf16 (and vLLM's CPU kernels) pay on this CPU.
+WATCHED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+
+
+def cpu_flags() -> list[str]:
+    """Which of WATCHED_FLAGS this CPU reports (/proc/cpuinfo)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in WATCHED_FLAGS if f in have]
+    except OSError:
+        pass
+    return []
+
+
 def machine_info() -> dict[str, Any]:
     """CPU, cores, memory and library versions, for the report's header."""
     cpu = platform.processor() or ""
@@ -175,6 +198,7 @@ def machine_info() -> dict[str, Any]:
         pass
     info: dict[str, Any] = {
         "cpu": cpu,
+        "cpu_flags": cpu_flags(),
         "cores": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),

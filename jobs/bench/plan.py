@@ -13,7 +13,10 @@ each becomes. Every row kind is one method of `Plan`:
 - `ceiling`: `model.generate` at each method's best batch size;
 - `profile`: LatentSeek PSRM at its best batch under the profiler, with the rooflines;
 - `naive`: the reference loop; its cot row is the CoT pass of its LatentSeek PSRM row;
-- `ray`: the whole pipeline with 1 and 2 workers.
+- `ray`: the whole pipeline with 1 and 2 workers;
+- `vllm`: `vllm_methods` on `vllm_problems` problems (continuous, K = 3) on the native engine,
+  then on `backend=vllm` in `vllm_python` (the venv `make setup-vllm` makes; the engine's start-up
+  is reported apart, `engine_start_s`).
 
 A row whose child fails is kept with its error; the others still run.
 """
@@ -27,7 +30,7 @@ from typing import Any
 from jobs.bench.harness import Runner
 from jobs.bench.settings import BenchSettings
 from jobs.bench.targets import TARGET_TOKENS_PER_S, best_row, find
-from pipeline.config import Config
+from pipeline.config import PROJECT_ROOT, Config
 
 
 def generated_tokens(result: dict) -> int:
@@ -76,7 +79,7 @@ class Plan:
     def run(self) -> None:
         """Every row kind not in `skip`; a kind that raises here (not in its child) is kept as
         one failed row, and the next kind runs."""
-        for kind in ("engine", "batching", "bf16", "ceiling", "profile", "naive", "ray"):
+        for kind in ("engine", "batching", "bf16", "ceiling", "profile", "naive", "ray", "vllm"):
             if self.settings.runs(kind):
                 try:
                     getattr(self, kind)()
@@ -92,12 +95,33 @@ class Plan:
         self.rows.append(row)
         return row
 
-    def _engine(self, kind: str, method: str, cfg: Config, config: str) -> dict:
+    def _engine(
+        self, kind: str, method: str, cfg: Config, config: str, python: str | None = None
+    ) -> dict:
         spec = {"kind": "engine", "cfg": cfg.to_dict(), "method": method}
-        result = self.runner.child(f"{config} {method} N={cfg.limit}", spec)
+        result = self.runner.child(f"{config} {method} N={cfg.limit}", spec, python)
         extra = {"batch_size": cfg.batch_size, "batching": cfg.batching, "dtype": cfg.dtype}
         extra.update(task=cfg.problems_per_task, max_new_tokens=cfg.max_new_tokens)
+        extra.update(backend=cfg.backend, engine_start_s=result.get("engine_start_s"))
         return self.add(kind, method, config, result, **extra)
+
+    def vllm(self) -> None:
+        """Each of `vllm_methods` on both backends, the same problems and settings; vLLM runs in
+        its own venv (its rows say what to install when that is missing)."""
+        s = self.settings
+        if not s.vllm_problems:
+            return
+        python = Path(s.vllm_python)
+        python = python if python.is_absolute() else PROJECT_ROOT / python
+        base = self.cfg.replace(limit=self._n(s.vllm_problems), max_iters=3, batching="continuous")
+        for method in s.vllm_methods:
+            label = f"B={base.batch_size} continuous"
+            self._engine("vllm", method, base, f"native {label}")
+            if not python.exists():
+                missing = {"error": f"no {s.vllm_python}: run `make setup-vllm` for the vLLM rows"}
+                self.add("vllm", method, f"vllm {label}", missing, backend="vllm")
+                continue
+            self._engine("vllm", method, base.replace(backend="vllm"), f"vllm {label}", str(python))
 
     def _n(self, n: int) -> int:
         return min(n, self.cfg.limit) if self.cfg.limit else n

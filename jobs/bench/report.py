@@ -189,6 +189,8 @@ def render_markdown(report: dict) -> str:
         f"- command: `{report['command']}`",
         f"- machine: {m.get('cpu')}, {m.get('cores')} cores, torch {m.get('torch')}, "
         f"transformers {m.get('transformers')}, ray {m.get('ray')}",
+        f"- instruction sets (bf16 pays with avx512_bf16 or amx_bf16): "
+        f"{', '.join(m.get('cpu_flags') or []) or 'unknown'}",
         f"- settings: {report['settings_text']}",
         f"- total wall time: {report['total_wall_s']:.0f} s; load average at start/end: "
         f"{report['load_start']:.2f} / {report['load_end']:.2f}",

@@ -107,7 +107,11 @@ def engine(cfg: Any, spec: dict) -> dict:
                 }
             )
     wall = time.perf_counter() - start
-    return _result(wall, rows, rss_loaded, task_walls=task_walls, dtype=str(solver.loaded.dtype))
+    extra = {"backend": solver.backend.name}
+    if hasattr(solver.backend, "start_seconds"):  # a serving engine's start-up, not timed above
+        extra["engine_start_s"] = solver.backend.start_seconds
+    return _result(wall, rows, rss_loaded, task_walls=task_walls, dtype=str(solver.loaded.dtype),
+                   **extra)  # fmt: skip
 
 
 def _naive_self_reward(model: Any, tokenizer: Any, verifiers: Any, cfg: Any, style: str, eos):

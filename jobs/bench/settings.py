@@ -35,8 +35,10 @@ METHODS: dict[str, tuple[str, str | None]] = {
     "cot": ("cot", None),
     "latentseek-psrm": ("latentseek", "psrm"),
     "latentseek-self": ("latentseek", "self"),
+    "sc-8": ("sc", None),
 }
-ROW_KINDS = ("engine", "batching", "bf16", "ceiling", "naive", "ray", "profile")
+METHOD_CHANGES: dict[str, dict[str, Any]] = {"sc-8": {"n_samples": 8}}  # besides method, reward
+ROW_KINDS = ("engine", "batching", "bf16", "ceiling", "naive", "ray", "profile", "vllm")
 
 # `Config` keys a preset sets (after the YAML, before the command line)
 CONFIG_PRESETS: dict[str, dict[str, Any]] = {
@@ -104,6 +106,17 @@ class BenchSettings:
     ray_methods: list[str] = _f(["cot"], "methods of the Ray rows (1 and 2 workers)")
     ray_problems: int = _f(16, "problems of the Ray rows")
     ray_batch_size: int = _f(8, "batch size of the Ray rows (8: 16 problems, one task a worker)")
+    vllm_problems: int = _f(
+        64, "problems of the native-vs-vLLM rows (continuous, K=3); 0 leaves them out"
+    )
+    vllm_methods: list[str] = _f(
+        ["cot", "latentseek-psrm", "sc-8"], "methods run on both backends (native and vllm)"
+    )
+    vllm_python: str = _f(
+        ".venv-vllm/bin/python",
+        "the Python that has vLLM (make setup-vllm), relative to the project; its rows fail with "
+        "what to install when it is missing",
+    )
     ceiling_tokens: int = _f(
         0, "tokens the generate() ceiling decodes (0: one batch of rows of max_new_tokens / 2)"
     )
@@ -120,7 +133,7 @@ class BenchSettings:
 
     def __post_init__(self) -> None:
         check_types(self)
-        for key in ("methods", "batching_methods", "bf16_methods", "ray_methods"):
+        for key in ("methods", "batching_methods", "bf16_methods", "ray_methods", "vllm_methods"):
             bad = [m for m in getattr(self, key) if m not in METHODS]
             if bad:
                 raise ConfigError(f"{key}: unknown {bad}; allowed: {', '.join(METHODS)}")
@@ -132,7 +145,8 @@ class BenchSettings:
         for key in ("b1_problems", "ray_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)}: must be >= 1")
-        for key in ("batching_problems", "naive_problems", "naive_self_problems", "ray_problems"):
+        for key in ("batching_problems", "naive_problems", "naive_self_problems", "ray_problems",
+                    "vllm_problems"):  # fmt: skip
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}={getattr(self, key)}: must be >= 0")
 
@@ -167,6 +181,7 @@ def parse(config_path: str | Path | None, items: list[str]) -> tuple[Config, Ben
 def method_config(cfg: Config, method: str, **changes: Any) -> Config:
     """`cfg` running one bench method (engine method + reward), with `changes`."""
     engine, reward = METHODS[method]
+    changes = {**METHOD_CHANGES.get(method, {}), **changes}
     return cfg.replace(method=[engine], reward=reward or cfg.reward, **changes)
 
 
@@ -182,6 +197,7 @@ def describe(cfg: Config, settings: BenchSettings) -> str:
         f"(continuous tasks of {cfg.replace(batching='continuous').problems_per_task}); bf16: "
         f"{','.join(s.bf16_methods)} at B={cfg.batch_size}; naive: {s.naive_problems} problem(s); "
         f"Ray: {','.join(s.ray_methods)} on {s.ray_problems} at B={s.ray_batch_size}; "
+        f"native vs vLLM: {','.join(s.vllm_methods)} on {s.vllm_problems} (K=3); "
         f"max_new_tokens={cfg.max_new_tokens}, K={cfg.max_iters}, verifier_max_new_tokens="
         f"{cfg.verifier_max_new_tokens}, lr={cfg.lr}, rho={cfg.rho}, tau={cfg.reward_threshold}, "
         f"prompt={cfg.prompt}, model={cfg.model} ({cfg.dtype}), threads={cfg.threads or 'default'}, "

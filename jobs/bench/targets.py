@@ -17,6 +17,7 @@ TARGET_BF16 = 1.5  # bfloat16 / float32 tokens/s, same engine, same problems
 TARGET_CEILING_FRACTION = 0.6  # engine tokens/s at its best batch / plain generate()
 TARGET_WORKER_SCALING = 1.6  # Ray 2 workers / 1 worker, problems/h
 TARGET_RAY_PROBLEMS = 16
+TARGET_VLLM_CPU = 1.0  # backend=vllm / native tokens/s, CoT, on CPU (make gpu-check: 3x on a GPU)
 
 
 def find(rows: list[dict], **fields: Any) -> list[dict]:
@@ -157,6 +158,10 @@ def compute_ratios(rows: list[dict]) -> dict[str, dict]:
         res["ray1_over_best"] = _ratio(_pph(ray1), _pph(best))
         res["ray2_over_best"] = _ratio(_pph(ray2), _pph(best))
         res["ray2_over_ray1"] = _ratio(_pph(ray2), _pph(ray1))
+        native = get(row="vllm", backend="native")
+        served = get(row="vllm", backend="vllm")
+        res["vllm_over_native_tokens"] = _ratio(_tps(served), _tps(native))
+        res["vllm_over_native_problems"] = _ratio(_pph(served), _pph(native))
         if ray1 and ray2:
             res["ray2_over_ray1_until_last_batch"] = _ratio(
                 ray1.get("until_last_batch_s"), ray2.get("until_last_batch_s")
@@ -284,4 +289,24 @@ def evaluate_targets(
                 ok=n >= TARGET_RAY_PROBLEMS,
             )
         )
+    for method, res in ratios.items():
+        native = _get(rows, row="vllm", method=method, backend="native")
+        served = _get(rows, row="vllm", method=method, backend="vllm")
+        if native is None and served is None:
+            continue
+        start = (served or {}).get("engine_start_s")
+        note = f"vLLM engine start-up {start:.1f} s, not timed" if start is not None else ""
+        if served and "error" in served:
+            note = served["error"][:200]
+        if method == "cot":
+            n = (native or {}).get("problems", 0)
+            targets.append(
+                _target(
+                    f"cot: backend=vllm tokens/s >= {TARGET_VLLM_CPU:g}x the native engine "
+                    f"(CPU, {n} problems)",
+                    res.get("vllm_over_native_tokens"),
+                    TARGET_VLLM_CPU,
+                    note,
+                )
+            )
     return targets

@@ -36,6 +36,13 @@ def backend_class(name: str) -> type:
     return backends[name]
 
 
+def check_installed(name: str) -> str:
+    """'' when backend `name` can start here, else what to install (a backend module may define
+    `requirement() -> str`, asked before anything starts)."""
+    check = getattr(importlib.import_module(backend_class(name).__module__), "requirement", None)
+    return check() if check is not None else ""
+
+
 def make_backend(name: str, loaded: Any, cfg: Any = None) -> Backend:
     """The backend `name` on an already loaded model."""
     return backend_class(name)(loaded, cfg)

@@ -67,6 +67,7 @@ class Capabilities:
     exact_reference: bool  # token for token the official code's outputs (compat=reference)
     prompt_state: bool  # continuations reuse the prompt's cache through `prompt_state`
     static_batching: bool  # can run `batching=static` (rounds that wait for their longest row)
+    shards: bool = False  # runs on a tensor-parallel shard or a device_map'd model
 
 
 class Backend(Protocol):

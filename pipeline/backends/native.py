@@ -16,7 +16,9 @@ from pipeline.generation import Generator
 
 class NativeBackend:
     name = "native"
-    capabilities = Capabilities(exact_reference=True, prompt_state=True, static_batching=True)
+    capabilities = Capabilities(
+        exact_reference=True, prompt_state=True, static_batching=True, shards=True
+    )
 
     def __init__(self, loaded: Any, cfg: Any = None) -> None:
         self.generator = Generator(loaded.model, loaded.tokenizer)

