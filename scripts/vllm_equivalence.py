@@ -11,7 +11,11 @@ Prints, for GSM8K rows 0..n-1 with greedy CoT of `--tokens` new tokens:
     middle one) replaced by its runner-up under the LM head, then greedy to the same budget;
     share identical;
 (d) tokens/s of both engines for the CoT batch (vLLM's start-up reported separately, its capture
-    prefill timed on its own).
+    prefill timed on its own);
+(e) verifier generations: the paper's four verifier prompts for each native CoT answer, greedy,
+    `--verifier-tokens` tokens; share identical;
+(f) the LatentSeek PSRM trajectory (K = `--iters`) per problem through `Solver` on each backend:
+    share of problems with the same answers after every iteration and the same rewards.
 `--json FILE` writes the numbers too. `--native-cache FILE` keeps the native results between runs.
 """
 
@@ -28,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pipeline.benchmarks import prompt_suffix  # noqa: E402
 from pipeline.config import Config  # noqa: E402
 from pipeline.data import load_dataset  # noqa: E402
 from pipeline.generation import GenerationRequest, Generator  # noqa: E402
@@ -65,6 +70,8 @@ def main() -> None:
     ap.add_argument("--json", default="", help="write the numbers here")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--block-size", type=int, default=0, help="vLLM KV block size (0: default)")
+    ap.add_argument("--verifier-tokens", type=int, default=64, help="(e) tokens per verifier")
+    ap.add_argument("--iters", type=int, default=3, help="(f) LatentSeek's K (0: skip (f))")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -75,7 +82,10 @@ def main() -> None:
     template = load_solver_template("boxed")
     problems = load_dataset(cfg).problems
     prompts = [
-        render_chat(loaded.tokenizer, template.messages(p.question, p.dataset)) for p in problems
+        render_chat(
+            loaded.tokenizer, template.messages(p.question, prompt_suffix(p.dataset, "boxed"))
+        )
+        for p in problems
     ]
     T = a.tokens
     report: dict = {
@@ -195,6 +205,46 @@ def main() -> None:
         "native_continuation_tokens_per_s": nc_count / nc_seconds,
         "vllm_continuation_tokens_per_s": vc_count / vc_seconds,
     }
+    # (e) verifier generations for each native CoT answer.
+    from pipeline.prompts import load_verifiers
+    from pipeline.rewards import SelfReward
+
+    verifiers = SelfReward(
+        loaded.tokenizer, load_verifiers("verifiers"), a.verifier_tokens, "boxed"
+    )
+    texts = [loaded.tokenizer.decode(t, skip_special_tokens=True) for t in n_tokens]
+    asks = [q for p, t in zip(problems, texts) for q in verifiers.requests(p, t)]
+    nv = [
+        r.tokens
+        for s in range(0, len(asks), a.batch)
+        for r in native.generate(asks[s : s + a.batch])
+    ]
+    vv = [
+        r.tokens
+        for s in range(0, len(asks), a.batch)
+        for r in backend.generate(asks[s : s + a.batch])
+    ]
+    report["e_verifiers"] = compare(f"e: verifier generations ({a.verifier_tokens} tokens)", vv, nv)
+
+    # (f) the LatentSeek PSRM trajectory through the Solver on each backend.
+    if a.iters:
+        from pipeline.solver import Solver
+
+        ls = cfg.replace(method=["latentseek"], reward="psrm", max_iters=a.iters, rho=0.2,
+                         lr=0.05, max_new_tokens=T)  # fmt: skip
+        mine = Solver(ls, loaded).run("latentseek", problems)
+        theirs = Solver(ls, loaded, backend=backend).run("latentseek", problems)
+        same = [
+            (x.cot_answer, x.answers, x.rewards, x.final_answer)
+            == (y.cot_answer, y.answers, y.rewards, y.final_answer)
+            for x, y in zip(mine, theirs)
+        ]
+        differ = [p.problem_id for p, ok in zip(problems, same) if not ok]
+        print(f"(f) LatentSeek PSRM K={a.iters}: same trajectory on {sum(same)}/{len(same)}"
+              + (f"; differ: {differ}" if differ else ""))  # fmt: skip
+        report["f_latentseek"] = {"identical": sum(same), "total": len(same), "differ": differ,
+                                  "iterations": sum(x.iterations for x in mine)}  # fmt: skip
+
     report["load_average_after"] = os.getloadavg()
     print(
         f"(d) tokens/s: native {n_count / n_seconds:.1f}, vLLM {v_count / v_seconds:.1f} "

@@ -46,12 +46,15 @@ def native_generator(vllm_loaded):
 @pytest.fixture(scope="session")
 def boxed_prompts(vllm_loaded) -> list[list[int]]:
     """The boxed prompts of GSM8K rows 0..3, as the Solver renders them."""
+    from pipeline.benchmarks import prompt_suffix
     from pipeline.data import load_dataset
     from pipeline.prompts import load_solver_template, render_chat
 
     cfg = Config(dataset="gsm8k", limit=4)
     template = load_solver_template("boxed")
     return [
-        render_chat(vllm_loaded.tokenizer, template.messages(p.question, p.dataset))
+        render_chat(
+            vllm_loaded.tokenizer, template.messages(p.question, prompt_suffix(p.dataset, "boxed"))
+        )
         for p in load_dataset(cfg).problems
     ]
