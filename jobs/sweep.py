@@ -75,6 +75,8 @@ def run_sweep(
     log(f"sweep {spec.name}: {len(points)} points, {len(executed)} to run, "
         f"{len(points) - len(executed)} derived; records under {sweep_dir}")  # fmt: skip
     with hold_run_dir(sweep_dir):
+        for p in executed:  # no point logs into another directory's MLflow run
+            tracking.check_run_dir(p.cfg)
         parent = tracking.open_sweep_run(
             points[0].cfg,
             spec.name,
