@@ -119,19 +119,28 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             return bench.main(args.config, args.overrides)
     except ConfigError as exc:  # also a bad prompt template (pipeline.prompts)
-        print(f"config error: {exc}", file=sys.stderr)
+        print(f"config error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - user errors get one message, bugs a traceback
         from jobs.run import RunError
         from pipeline.data import DataError
         from pipeline.model import ModelError
-        from pipeline.records import DuplicateRecordError
+        from pipeline.records import DuplicateRecordError, RunDirError
+        from pipeline.tracking import ForeignRunError
 
-        if isinstance(exc, (DataError, ModelError, RunError, DuplicateRecordError)):
-            print(f"error: {exc}", file=sys.stderr)
+        user_errors = (
+            DataError, ModelError, RunError, DuplicateRecordError, RunDirError, ForeignRunError
+        )  # fmt: skip
+        if isinstance(exc, user_errors):
+            print(f"error: {_one_line(exc)}", file=sys.stderr)
             return 2
         raise
     return 1
+
+
+def _one_line(exc: Exception) -> str:
+    """The message on one line (a path or a library's message may hold line breaks)."""
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
 if __name__ == "__main__":

@@ -52,9 +52,34 @@ def finish_run(
     counts: Counts,
     start: float,
     tags: dict[str, str] | None = None,
+    mlflow_run: str = "",
 ) -> RunSummary:
     """Compact the records, write the summary files and the report, log the run to MLflow
-    (the report's Table 1 also as an MLflow table)."""
+    (the report's Table 1 also as an MLflow table). If a step fails, the evaluation's MLflow
+    run `mlflow_run` (open while it ran; "" if none) ends FAILED (KILLED on an interrupt) and
+    the error goes on."""
+    from pipeline import tracking
+
+    try:
+        return _finish(cfg, directory, store, dataset, total, skipped, counts, start, tags)
+    except BaseException as exc:
+        if mlflow_run:
+            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+            tracking.end_run(cfg, mlflow_run, status)
+        raise
+
+
+def _finish(
+    cfg: Config,
+    directory: Path,
+    store: RecordStore,
+    dataset: Dataset,
+    total: int,
+    skipped: int,
+    counts: Counts,
+    start: float,
+    tags: dict[str, str] | None,
+) -> RunSummary:
     import pandas as pd
 
     from analysis.tables import CURVE_COLUMNS, iteration_curves, summary_table, write_summary

@@ -1,27 +1,101 @@
 """Preflight: everything a user can get wrong, checked before anything starts or is written.
 
-`latentseek run` (and each point of a sweep) checks, in order: the device settings agree with
-each other and with the local Ray (`check_devices`), the generation backend is installed
-(`check_backend`), an existing run directory may be resumed
-with these settings (`check_resume`), the prompt templates load (`check_prompts`) and the
-dataset selection loads and is usable (`load_selection`). Each failure is one message (a
-`RunError`, `ConfigError` or `DataError`) that the command line prints without a traceback.
+`latentseek run` (and each point of a sweep) checks, in order (`preflight`): the device settings
+agree with each other and with the local Ray (`check_devices`), the generation backend is
+installed (`check_backend`), an existing run directory may be
+resumed with these settings (`check_resume`), the prompt templates load (`check_prompts`), a
+`module:function` reward imports (`check_reward`), the dataset selection loads and is usable
+(`load_selection`) and, if any of it is left to run, the model source exists. Then, holding the
+run directory (`pipeline.records.hold_run_dir`), the driver checks the resume again and compares
+what the inputs hold with the first invocation's (`plan_work`: a prompt, verifier, data or reward
+file edited under the same name, or another model behind the same path, would mix results). Each
+failure is one message (a `RunError`, `ConfigError` or `DataError`) that the command line prints
+without a traceback.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import hashlib
+import json
 import math
+import re
+import sys
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from pipeline.config import BATCHING, RESULT, Config, keys_with
-from pipeline.data import Dataset, load_dataset
+from pipeline.config import BATCHING, BUILTIN_REWARDS, RESULT, Config, ConfigError, keys_with
+from pipeline.data import Dataset, Problem, load_dataset
 from pipeline.pool import RunError
-from pipeline.records import CONFIG_FILE, RecordStore
+from pipeline.records import CONFIG_FILE, INPUTS_FILE, RecordStore, read_inputs
+
+
+def preflight(cfg: Config, directory: Path, log: Callable[[str], None]) -> Dataset:
+    """The checks made before the run directory is held or anything is written: devices, the
+    backend, resume, prompt templates, the reward, the dataset selection (which it returns) and, if any
+    of it is left to run, the model source."""
+    from pipeline.model import check_model_source
+
+    check_devices(cfg)
+    check_backend(cfg)
+    check_resume(cfg, directory)
+    check_prompts(cfg)
+    check_reward(cfg)
+    dataset = load_selection(cfg, log)
+    if any(_todo(cfg, RecordStore(directory), dataset).values()):
+        check_model_source(cfg)
+    return dataset
+
+
+def _todo(cfg: Config, store: RecordStore, dataset: Dataset) -> dict[str, list[Problem]]:
+    """Per method, the problems without a row that counts as done (`retry_errors`)."""
+    done = store.completed(include_errors=not cfg.retry_errors)
+    return {m: [p for p in dataset.problems if (p.problem_id, m) not in done] for m in cfg.method}
+
+
+@dataclass
+class Work:
+    """What an invocation has to do, decided holding the run directory (`plan_work`)."""
+
+    todo: dict[str, list[Problem]]  # per method, the problems left to run
+    total: int  # (problem, method) pairs in the selection
+    skipped: int  # of them, already recorded (a failed row counts unless it is retried)
+    inputs: dict[str, dict[str, str]]  # `input_digests`
+
+
+def plan_work(cfg: Config, directory: Path, dataset: Dataset, log: Callable[[str], None]) -> Work:
+    """Holding the run directory: the resume checked again (a driver that held it before may
+    have written it since `preflight`), what is left to do (a row recorded with an error is
+    run again unless `retry_errors` is off; how many is logged), the model source (if there is
+    work), the inputs against the first invocation's, and that the MLflow run of this run_id
+    belongs to this directory (`pipeline.tracking.check_run_dir`)."""
+    from pipeline import tracking
+    from pipeline.model import check_model_source
+
+    check_resume(cfg, directory)
+    store = RecordStore(directory)
+    todo = _todo(cfg, store, dataset)
+    total = len(dataset.problems) * len(cfg.method)
+    skipped = total - sum(len(v) for v in todo.values())
+    failed = store.failed() if cfg.retry_errors else set()
+    retried = sum((p.problem_id, m) in failed for m, ps in todo.items() for p in ps)
+    if skipped or retried:
+        again = f"; retrying {retried} recorded with an error" if retried else ""
+        log(f"resuming {cfg.run_id}: {skipped} of {total} records already there{again}")
+    work = any(todo.values())
+    if work:
+        check_model_source(cfg)  # again: `preflight` may have found nothing to do
+    # The model is compared only when it is to be loaded: a finished run can be reported again
+    # without it.
+    inputs = input_digests(cfg, dataset, model=work)
+    check_inputs(cfg, directory, inputs)
+    tracking.check_run_dir(cfg)
+    return Work(todo, total, skipped, inputs)
 
 
 def resolve_run_id(cfg: Config) -> Config:
@@ -131,7 +205,6 @@ def check_backend(cfg: Config) -> None:
 def check_prompts(cfg: Config) -> None:
     """The solver and verifier templates load; a ConfigError names the key, the file and the
     problem."""
-    from pipeline.config import ConfigError
     from pipeline.prompts import load_solver_template, load_verifiers
 
     for key, load in (("prompt", load_solver_template), ("verifier_prompts", load_verifiers)):
@@ -139,6 +212,86 @@ def check_prompts(cfg: Config) -> None:
             load(getattr(cfg, key))
         except ConfigError as exc:
             raise ConfigError(f"{key}={getattr(cfg, key)!r}: {exc}") from None
+
+
+def check_reward(cfg: Config) -> None:
+    """A `module:function` reward imports and names a callable. The driver imports the module
+    here (running its top-level code) as every worker will."""
+    if cfg.reward in BUILTIN_REWARDS:
+        return
+    from pipeline.rewards import import_callable
+
+    try:
+        import_callable(cfg.reward)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def input_digests(cfg: Config, dataset: Dataset, model: bool = True) -> dict[str, dict[str, str]]:
+    """What each input the config names holds, by config key: the dataset file, the prompt
+    template, the verifier templates (with the self-reward), the reward's module file (its own
+    file only, not what it imports) and, with `model`, the model (`pipeline.model.model_digest`:
+    weight files by size and time). Each is {"source": the file, <field>: <value>}; a Hugging
+    Face dataset and a hub model not yet downloaded have nothing to compare."""
+    from pipeline.model import file_sha256, model_digest
+    from pipeline.prompts import load_verifiers, template_path
+
+    def of_file(path: Path) -> dict[str, str]:
+        return {"source": str(path.resolve()), "sha256": file_sha256(path)}
+
+    inputs: dict[str, dict[str, str]] = {}
+    if dataset.digest:
+        inputs["dataset"] = {"source": dataset.source, "sha256": dataset.digest}
+    inputs["prompt"] = of_file(template_path(cfg.prompt))
+    if cfg.reward == "self":
+        # what the verifiers say, resolved: a file that includes another changes with it
+        verifiers = load_verifiers(cfg.verifier_prompts)
+        text = json.dumps(dataclasses.asdict(verifiers), sort_keys=True).encode()
+        inputs["verifier_prompts"] = {
+            "source": str(template_path(cfg.verifier_prompts).resolve()),
+            "sha256": hashlib.sha256(text).hexdigest(),
+        }
+    if "reflect" in cfg.method:
+        inputs["reflect_prompts"] = of_file(template_path(cfg.reflect_prompts))
+    if cfg.reward not in BUILTIN_REWARDS:
+        module = sys.modules.get(cfg.reward.partition(":")[0])  # imported by check_reward
+        if getattr(module, "__file__", None):
+            inputs["reward"] = of_file(Path(module.__file__))
+    if model and (digest := model_digest(cfg)):
+        inputs["model"] = digest
+    return inputs
+
+
+def check_inputs(cfg: Config, directory: Path, inputs: dict[str, dict[str, str]]) -> None:
+    """Refuse a resume whose inputs hold something else than the first invocation's
+    (inputs.yaml), naming each input and what changed; an input's `source` may move."""
+    saved = read_inputs(directory)
+    if not saved:
+        return
+    changed = []
+    for name, now in inputs.items():
+        before = saved.get(name)
+        if not before:
+            continue
+        fields = sorted((set(before) | set(now)) - {"source"})
+        diffs = [
+            f"{field} {_short(before.get(field, 'absent'))} -> {_short(now.get(field, 'absent'))}"
+            for field in fields
+            if before.get(field) != now.get(field)
+        ]
+        if diffs:
+            changed.append(f"{name} {now.get('source', '')}: {', '.join(diffs)}")
+    if changed:
+        raise RunError(
+            f"run_id={cfg.run_id!r}: inputs changed since the run started "
+            f"({directory / INPUTS_FILE}): {'; '.join(changed)}; resuming would mix results. "
+            "Use a new run_id (run_id=<new>) for these inputs, or restore them to resume."
+        )
+
+
+def _short(value: str) -> str:
+    """A value with each sha256 cut to 12 hex digits (enough to tell two apart)."""
+    return re.sub(r"\b([0-9a-f]{12})[0-9a-f]{52}\b", r"\1…", str(value))
 
 
 def load_selection(cfg: Config, log: Callable[[str], None]) -> Dataset:

@@ -2,7 +2,11 @@
 
 The driver, in rooms:
 1. preflight (`jobs.preflight`), before anything is started or written: devices, resume,
-   prompt templates, the dataset selection, and the model source;
+   prompt templates, the reward, the dataset selection; then, holding the run directory's lock
+   (`pipeline.records.hold_run_dir`: one driver per run directory, for the whole run), the
+   resume again, what is left to do (failed rows included, `retry_errors`), the model source,
+   the inputs' contents against the first invocation's, and that the MLflow run of this run_id
+   belongs to this directory;
 2. the worker pool (`pipeline.pool`): Ray (local in-process, or `ray_address`) and `workers`
    actors, a worker that cannot start reported as one line;
 3. the batch loop (here): config.yaml (the first invocation's) and invocations.jsonl, the
@@ -24,19 +28,19 @@ from typing import Any
 import yaml
 
 from jobs.finish import Counts, RunSummary, finish_run, format_summary, model_name
-from jobs.preflight import (
-    RunError,
-    check_backend,
-    check_devices,
-    check_prompts,
-    check_resume,
-    load_selection,
-    resolve_run_id,
-)
+from jobs.preflight import RunError, Work, check_resume, plan_work, preflight, resolve_run_id
 from pipeline.config import Config
 from pipeline.data import Problem
 from pipeline.pool import WorkerPool, start_ray, start_workers, stop_workers
-from pipeline.records import CONFIG_FILE, RecordStore, append_invocation, run_dir, write_config
+from pipeline.records import (
+    CONFIG_FILE,
+    RecordStore,
+    append_invocation,
+    hold_run_dir,
+    run_dir,
+    write_config,
+    write_inputs,
+)
 
 __all__ = ["RunError", "RunSummary", "check_resume", "main", "run_evaluation"]
 
@@ -61,53 +65,51 @@ def run_evaluation(
     `start_worker` starts each worker instead of `EvalWorker` (`start_workers`; not with
     `pool`, which starts its own)."""
     from pipeline import tracking
-    from pipeline.model import check_model_source, prepare_model
+    from pipeline.model import prepare_model
 
     start = time.perf_counter()
     cfg = resolve_run_id(cfg)
     directory = run_dir(cfg)
-    check_devices(cfg)
-    check_backend(cfg)
-    check_resume(cfg, directory)
-    check_prompts(cfg)
-    dataset = load_selection(cfg, log)
-    store = RecordStore(directory)
-    done = store.completed()
-    todo = {m: [p for p in dataset.problems if (p.problem_id, m) not in done] for m in cfg.method}
-    total = len(dataset.problems) * len(cfg.method)
-    skipped = total - sum(len(v) for v in todo.values())
-    if skipped:
-        log(f"resuming {cfg.run_id}: {skipped} of {total} records already there")
-
-    counts = Counts()
-    if any(todo.values()):
-        check_model_source(cfg)
-        prepare_model(cfg)
-        start_ray(cfg)
-        workers, infos = pool.acquire(cfg) if pool is not None else start_workers(cfg, start_worker)
-        try:
-            open_run(cfg, directory, argv, skipped)
-            mlflow_run = tracking.start_run(
-                cfg, {"run_dir": str(directory.resolve()), **(tags or {})}
+    dataset = preflight(cfg, directory, log)
+    with hold_run_dir(directory):
+        work = plan_work(cfg, directory, dataset, log)
+        store = RecordStore(directory)
+        counts = Counts()
+        mlflow_run = ""
+        if any(work.todo.values()):
+            prepare_model(cfg)
+            start_ray(cfg)
+            workers, infos = (
+                pool.acquire(cfg) if pool is not None else start_workers(cfg, start_worker)
             )
-            loop = BatchLoop(cfg, workers, infos, store, counts, total, skipped, log, mlflow_run)
             try:
-                loop.run(todo, dataset.problems, progress, on_batch)
-            except BaseException as exc:
-                failed = not isinstance(exc, KeyboardInterrupt)
-                tracking.end_run(cfg, mlflow_run, "FAILED" if failed else "KILLED")
-                raise
-        finally:
-            if pool is None:
-                stop_workers(workers)
-    else:
-        open_run(cfg, directory, argv, skipped)
-    return finish_run(cfg, directory, store, dataset, total, skipped, counts, start, tags)
+                open_run(cfg, directory, argv, work)
+                mlflow_run = tracking.start_run(
+                    cfg, {"run_dir": str(directory.resolve()), **(tags or {})}
+                )
+                loop = BatchLoop(
+                    cfg, workers, infos, store, counts, work.total, work.skipped, log, mlflow_run
+                )
+                try:
+                    loop.run(work.todo, dataset.problems, progress, on_batch)
+                except BaseException as exc:
+                    failed = not isinstance(exc, KeyboardInterrupt)
+                    tracking.end_run(cfg, mlflow_run, "FAILED" if failed else "KILLED")
+                    raise
+            finally:
+                if pool is None:
+                    stop_workers(workers)
+        else:
+            open_run(cfg, directory, argv, work)
+        return finish_run(
+            cfg, directory, store, dataset, work.total, work.skipped, counts, start, tags,
+            mlflow_run,
+        )  # fmt: skip
 
 
-def open_run(cfg: Config, directory: Path, argv: Sequence[str] | None, skipped: int) -> None:
-    """Keep config.yaml (the first invocation's), log this invocation, and clean up what a
-    killed driver left (temporary files, orphan iteration shards)."""
+def open_run(cfg: Config, directory: Path, argv: Sequence[str] | None, work: Work) -> None:
+    """Keep config.yaml and inputs.yaml (the first invocation's), log this invocation, and clean
+    up what a killed driver left (temporary files, orphan iteration shards)."""
     from pipeline.tracking import git_commit
 
     saved_path = directory / CONFIG_FILE
@@ -115,14 +117,16 @@ def open_run(cfg: Config, directory: Path, argv: Sequence[str] | None, skipped: 
     now = cfg.to_dict()
     changed = {k: [saved.get(k), v] for k, v in now.items() if saved and saved.get(k) != v}
     write_config(cfg, directory, keep_existing=True)
+    write_inputs(directory, work.inputs)
     append_invocation(
         directory,
         {
             "time": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "argv": list(argv) if argv is not None else None,
             "git_commit": git_commit(),
-            "already_recorded": skipped,
+            "already_recorded": work.skipped,
             "changed_from_config_yaml": changed,
+            "inputs": work.inputs,
             "config": now,
         },
     )

@@ -12,6 +12,11 @@ so re-running the same command finishes what a crash left and redoes nothing. De
 computed from their executed point's records (`analysis.derive`) after every executed point.
 At the end the sweep's report (`analysis.report`) is written to `<sweep dir>/report/` and logged to
 the parent run, and `<sweep dir>/sweep.yaml` lists every point with its status and wall time.
+
+Before anything starts, every executed point passes the run's preflight (`jobs.preflight`); the
+sweep then holds its directory's lock (`pipeline.records.hold_run_dir`; each point's evaluation
+holds its own run directory's too), and a sweep that fails or is interrupted ends its parent MLflow
+run FAILED (KILLED) before the error goes on.
 """
 
 from __future__ import annotations
@@ -51,13 +56,9 @@ def run_sweep(
     reuse_workers: bool = True,
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
 ) -> SweepSummary:
-    import pandas as pd
-
-    from analysis.derive import derived_curves, derived_metrics
-    from analysis.report import write_report
-    from jobs.run import run_evaluation
+    from jobs.preflight import preflight
     from pipeline import tracking
-    from pipeline.pool import WorkerPool
+    from pipeline.records import hold_run_dir, run_dir
 
     start = time.perf_counter()
     spec = load_sweep(path)
@@ -69,25 +70,64 @@ def run_sweep(
     uri = tracking.resolve_tracking_uri(base)  # every point logs to the store of output_dir
     points = [_placed(p, sweep_dir, uri) for p in points]
     executed = [p for p in points if p.executed]
+    for p in executed:  # every point's settings and inputs, before anything starts
+        preflight(p.cfg, run_dir(p.cfg), lambda msg: None)
     log(f"sweep {spec.name}: {len(points)} points, {len(executed)} to run, "
         f"{len(points) - len(executed)} derived; records under {sweep_dir}")  # fmt: skip
-    parent = tracking.open_sweep_run(
-        points[0].cfg, spec.name, {"sweep_file": str(spec.source), "points": len(points)}
-    )
+    with hold_run_dir(sweep_dir):
+        for p in executed:  # no point logs into another directory's MLflow run
+            tracking.check_run_dir(p.cfg)
+        parent = tracking.open_sweep_run(
+            points[0].cfg,
+            spec.name,
+            {"sweep_file": str(spec.source), "points": len(points)},
+            sweep_dir,
+        )
+        try:
+            return _run_points(
+                spec.name, sweep_dir, points, parent, progress, reuse_workers, log, start
+            )
+        except BaseException as exc:
+            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+            tracking.end_run(points[0].cfg, parent, status)
+            raise
+
+
+def _run_points(
+    name: str,
+    sweep_dir: Path,
+    points: list[SweepPoint],
+    parent: str,
+    progress: bool,
+    reuse_workers: bool,
+    log: Callable[[str], None],
+    start: float,
+) -> SweepSummary:
+    """Evaluate the executed points one after another, then log the derived ones and the
+    sweep's report; the sweep's MLflow run `parent` is open."""
+    import pandas as pd
+
+    from analysis.derive import derived_curves, derived_metrics
+    from analysis.report import write_report
+    from jobs.run import run_evaluation
+    from pipeline import tracking
+    from pipeline.pool import WorkerPool
+
+    executed = [p for p in points if p.executed]
     seconds: dict[str, float] = {}
     pool = WorkerPool() if reuse_workers else None
-    _write_manifest(sweep_dir, spec.name, points, seconds, done=set())
+    _write_manifest(sweep_dir, name, points, seconds, done=set())
     done: set[str] = set()
     try:
         for i, p in enumerate(executed, start=1):
             log(f"[{i}/{len(executed)}] {p.run_id}")
             t = time.perf_counter()
             run_evaluation(
-                p.cfg, progress=progress, pool=pool, log=log, tags=_tags(spec.name, parent, p)
+                p.cfg, progress=progress, pool=pool, log=log, tags=_tags(name, parent, p)
             )
             seconds[p.run_id] = time.perf_counter() - t
             done.add(p.run_id)
-            _write_manifest(sweep_dir, spec.name, points, seconds, done)
+            _write_manifest(sweep_dir, name, points, seconds, done)
     finally:
         if pool is not None:
             pool.close()
@@ -96,10 +136,10 @@ def run_sweep(
             source = sweep_dir / p.derived_from
             metrics = derived_metrics(source, p.cfg, p.derived)
             curves = derived_curves(source, p.derived)
-            tags = {**_tags(spec.name, parent, p), "latentseek.derived_from": p.derived_from}
+            tags = {**_tags(name, parent, p), "latentseek.derived_from": p.derived_from}
             tracking.log_derived_run(p.cfg, parent, metrics, tags, curves)
             done.add(p.run_id)
-    _write_manifest(sweep_dir, spec.name, points, seconds, done)
+    _write_manifest(sweep_dir, name, points, seconds, done)
     report = write_report(sweep_dir, sweep_dir / "report")
     files = [*report.paths(), sweep_dir / MANIFEST]
     wall = time.perf_counter() - start
@@ -108,6 +148,7 @@ def run_sweep(
         points[0].cfg, parent, files, {"sweep_wall_seconds": wall, "worker_starts": starts},
         tables={"report/table.json": pd.read_csv(report.table_csv)},
     )  # fmt: skip
+    uri = points[0].cfg.mlflow_tracking_uri  # every point's (`_placed`)
     return SweepSummary(sweep_dir, points, seconds, starts, parent, uri, files, wall)
 
 

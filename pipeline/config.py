@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import types
 import typing
@@ -262,6 +263,12 @@ class Config:
         "task's token budget, generously (README 'A Ray cluster'); 0: no deadline",
         roles=(RUN,),
     )
+    retry_errors: bool = _f(
+        True,
+        "on resume, run again the problems recorded with an error (the new row supersedes the "
+        "failed one); false keeps failed rows as results",
+        roles=(RUN,),
+    )
 
     # --- outputs ---------------------------------------------------------------------------
     output_dir: str = _f("outputs", "records go to <output_dir>/<run_id>/", roles=(RUN,))
@@ -305,6 +312,9 @@ class Config:
             "reward",
             "allowed: 'self', 'psrm', or 'module:function'",
         )
+        for key in ("lr", "rho", "reward_threshold", "grad_clip", "temperature", "top_p"):
+            need(math.isfinite(getattr(self, key)), key, "must be a finite number")
+        need(math.isfinite(self.gpus_per_worker), "gpus_per_worker", "must be a finite number")
         need(self.lr > 0, "lr", "must be > 0")
         need(0 <= self.rho <= 1, "rho", "must be in [0, 1]")
         need(self.max_update_length >= 0, "max_update_length", "must be >= 0")
@@ -376,6 +386,11 @@ class Config:
             self.run_id == "" or all(c.isalnum() or c in "-_." for c in self.run_id),
             "run_id",
             "use letters, digits, '-', '_' and '.' only",
+        )
+        need(
+            not self.run_id.startswith("."),
+            "run_id",
+            "must not start with '.' ('.' and '..' would name output_dir or its parent)",
         )
 
     @property
@@ -467,7 +482,12 @@ def _coerce(name: str, raw: str, tp: Any) -> Any:
     try:
         if origin is list:
             if text.startswith("["):
-                items = yaml.safe_load(text)
+                try:
+                    items = yaml.safe_load(text)
+                except yaml.YAMLError:
+                    raise ValueError from None
+                if not isinstance(items, list):
+                    raise ValueError
             else:
                 items = [t for t in (s.strip() for s in text.split(",")) if t]
             return [_coerce(name, str(i), get_args(tp)[0]) for i in items]
@@ -495,18 +515,35 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"{path}: include cycle")
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of config keys")
+    data = read_yaml_file(path, "config keys")
     merged: dict[str, Any] = {}
     includes = data.pop("include", [])
-    for inc in [includes] if isinstance(includes, str) else includes:
+    includes = [includes] if isinstance(includes, str) else includes
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise ConfigError(f"{path}: include must be a file name or a list of file names")
+    for inc in includes:
         merged.update(_read_yaml(path.parent / inc, seen + (path,)))
     merged.update(data)
     return merged
+
+
+def read_yaml_file(path: Path, what: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping (of `what`), or one ConfigError naming the file:
+    unreadable, not UTF-8, not YAML, or not a mapping."""
+    try:
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except yaml.YAMLError as exc:
+        problem = " ".join(str(exc).split())  # one line: PyYAML's messages span several
+        raise ConfigError(f"{path}: not valid YAML: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of {what}, got {type(data).__name__}")
+    return data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -517,7 +554,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         source = Path(path)
         for key, val in _read_yaml(source).items():
             if key not in types_:
-                raise ConfigError(f"{source}: unknown key {key!r}; {_suggest(key)}")
+                raise ConfigError(f"{source}: unknown key {key!r}; {_suggest(str(key))}")
             if get_origin(types_[key]) is list and isinstance(val, str):
                 val = _coerce(key, val, types_[key])
             if types_[key] is str and val is None:

@@ -18,7 +18,8 @@ ones included, so skipping a bad row never renumbers the others.
 Malformed input raises `DataError` naming the file, the place (`line N` for JSON Lines and
 CSV, where the CSV header is line 1; `row N`, the 0-based row index, for Parquet, JSON
 arrays and Hugging Face datasets) and the field. With `skip_bad_rows` a bad row (duplicate
-ids included: the first is kept) is skipped and counted instead; problems with the whole
+ids and a question or answer over `MAX_TEXT_CHARS` included; of duplicates the first is kept) is
+skipped and counted instead; problems with the whole
 source (missing or empty file, missing column, no usable row) always raise.
 
 Selection (`load_dataset`): `ids` first (if any, in file order), then `offset`, then
@@ -48,6 +49,9 @@ HF_PREFIX = "hf:"
 DEFAULT_QUESTION_FIELD = "question"
 DEFAULT_ANSWER_FIELD = "answer"
 META_MAX_CHARS = 200  # longer strings (solutions, passages) are left out of Problem.meta
+# A question or answer longer than this (about 250k tokens) fits no context a worker could decode
+# in: refused with the row's place instead of failing every worker that tries it.
+MAX_TEXT_CHARS = 1_000_000
 
 
 class DataError(ValueError):
@@ -133,6 +137,9 @@ def _read_jsonl(data: bytes, label: str) -> list[_Record]:
             msg = f"not valid JSON: {exc.msg} (column {exc.colno})"
             records.append(_Record(where, len(records), None, msg))
             continue
+        except RecursionError:
+            records.append(_Record(where, len(records), None, "not valid JSON: nested too deep"))
+            continue
         if isinstance(obj, dict):
             records.append(_Record(where, len(records), obj))
         else:
@@ -148,6 +155,8 @@ def _read_json_array(data: bytes, label: str) -> list[_Record]:
         raise _error(label, "", f"not valid UTF-8: {exc.reason}") from None
     except json.JSONDecodeError as exc:
         raise _error(label, f"line {exc.lineno}", f"not valid JSON: {exc.msg}") from None
+    except RecursionError:
+        raise _error(label, "", "not valid JSON: nested too deep") from None
     records = []
     for i, obj in enumerate(items):
         if isinstance(obj, dict):
@@ -212,7 +221,13 @@ def _question(row: dict[str, Any], name: str) -> str:
         raise ValueError(f"must be a string, got {_type_name(value)}")
     if not value.strip():
         raise ValueError("is empty")
+    _check_length(value)
     return value
+
+
+def _check_length(text: str) -> None:
+    if len(text) > MAX_TEXT_CHARS:
+        raise ValueError(f"is {len(text)} characters long; at most {MAX_TEXT_CHARS}")
 
 
 def _answer(row: dict[str, Any], name: str, gold: Callable[[str], str]) -> str:
@@ -224,6 +239,7 @@ def _answer(row: dict[str, Any], name: str, gold: Callable[[str], str]) -> str:
         raise ValueError(f"must be a string or a number, got {_type_name(value)}")
     if isinstance(value, float) and value.is_integer():
         value = int(value)  # 18.0 -> "18"
+    _check_length(str(value))
     text = gold(str(value))
     if not text.strip():
         raise ValueError("is empty")

@@ -35,9 +35,15 @@ Decisions:
   so it is disabled (`parse(..., parsing_timeout=None)` and `verify(..., timeout_seconds=None)`
   in math-verify 0.9) and the work runs in a fresh daemon thread per call that we wait on
   for `timeout_s`.
-  On timeout (or any error inside math-verify) the answer is "not equivalent". A timed
-  out thread cannot be killed; it keeps running in the background until it finishes and
-  never blocks interpreter exit. No signals, no module-level mutable state.
+  On timeout the answer is "not equivalent". A timed out thread cannot be killed; it keeps
+  running in the background until it finishes and never blocks interpreter exit. No
+  signals, no module-level mutable state.
+- Failures: math-verify returns "no parse" (then "not equivalent") and catches the errors of
+  parsing and comparing itself (`raise_on_error=False`), so an exception that reaches us is
+  either an expression sympy cannot evaluate (`EXPECTED_ERRORS`: "not equivalent") or a
+  broken call, e.g. an API that changed between math-verify versions (TypeError,
+  AttributeError, ...): that raises `GradingError` in the caller, so the problem is recorded
+  with an error instead of every symbolic comparison silently counting as wrong.
 - A thread timeout cannot interrupt C code that holds the GIL, and sympy evaluates integer
   powers eagerly (`10^{10^{10}}` would block the whole process). So strings with a power
   tower, an exponent above `MAX_EXPONENT` or more than `MAX_SYMBOLIC_CHARS` characters
@@ -55,7 +61,15 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 
-__all__ = ["Grade", "extract_answer", "grade", "is_equivalent", "normalize_answer", "same_answer"]
+__all__ = [
+    "Grade",
+    "GradingError",
+    "extract_answer",
+    "grade",
+    "is_equivalent",
+    "normalize_answer",
+    "same_answer",
+]
 
 STYLES = ("boxed", "json")
 
@@ -321,24 +335,43 @@ def _math_verify_equal(gold: str, pred: str) -> bool:
     return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
 
 
+class GradingError(RuntimeError):
+    """math-verify failed in a way that is not an answer's fault (see the module docstring)."""
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """What an expression sympy cannot evaluate raises (a pathological answer, not a bug)."""
+    from sympy import SympifyError
+
+    return (ArithmeticError, RecursionError, SympifyError)
+
+
 def _run_with_timeout(gold: str, pred: str, timeout_s: float) -> bool:
-    """Run `_math_verify_equal` in a daemon thread; False on timeout or error."""
+    """Run `_math_verify_equal` in a daemon thread; False on timeout or on an expression that
+    cannot be evaluated; GradingError on any other exception."""
     result: list[bool] = []
+    failed: list[BaseException] = []
 
     def work() -> None:
         try:
             result.append(_math_verify_equal(gold, pred))
-        except Exception:  # math-verify or sympy failure: not equivalent
-            result.append(False)
+        except Exception as exc:  # noqa: BLE001 - sorted below, in the caller's thread
+            failed.append(exc)
 
     worker = threading.Thread(target=work, name="grading-verify", daemon=True)
     worker.start()
     worker.join(timeout_s)
+    if failed and not isinstance(failed[0], _expected_errors()):
+        exc = failed[0]
+        raise GradingError(
+            f"math-verify failed comparing {pred!r} with {gold!r}: {type(exc).__name__}: {exc}"
+        ) from exc
     return bool(result and result[0])
 
 
 def is_equivalent(pred: str | None, gold: str, timeout_s: float = 5.0) -> bool:
-    """True when `pred` equals `gold` numerically or symbolically; safe off the main thread."""
+    """True when `pred` equals `gold` numerically or symbolically; safe off the main thread.
+    Raises GradingError when math-verify itself fails (not on an answer it cannot parse)."""
     if pred is None or not gold or not gold.strip():
         return False
     norm_pred, norm_gold = normalize_answer(pred), normalize_answer(gold)

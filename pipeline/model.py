@@ -297,6 +297,47 @@ def _check_model_directory(spec: str) -> None:
         raise ModelError(f"model={spec!r}: the directory {path} has no {' and no '.join(missing)}")
 
 
+# Files of a model directory at least this large (the weights) are compared by size and time
+# of modification, not content: hashing gigabytes at every start would take minutes.
+WEIGHT_FILE_BYTES = 64 * 2**20
+
+
+def model_digest(cfg: Any) -> dict[str, str]:
+    """What the model's files hold, for a resume to compare with the first invocation's
+    (`jobs.preflight.check_inputs`); call after `check_model_source`.
+
+    - 'embedded' or a .gguf file: the file's sha256 (the key of its dequantised cache too);
+    - a local directory: the sha256 of each top-level file under `WEIGHT_FILE_BYTES` (config,
+      tokenizer, chat template, generation config) and the size and modification time of each
+      larger one (the weights): weights rewritten with the same size and time are not seen;
+    - a hub id: the revision of the local Hugging Face cache's snapshot, if it holds one
+      (nothing if the workers are to download it)."""
+    import datetime as dt
+
+    gguf, _ = _gguf_file(cfg.model)
+    if gguf is not None:
+        return {"source": str(gguf), "sha256": file_sha256(gguf)}
+    if not _looks_local(cfg.model):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(cfg.model, "config.json")
+        if not isinstance(cached, str):
+            return {}
+        return {"source": cfg.model, "revision": Path(cached).parent.name}
+    directory = Path(cfg.model).expanduser().resolve()
+    digest = {"source": str(directory)}
+    for path in sorted(directory.iterdir()):
+        if not path.is_file() or path.name.startswith(".") or path.suffix == ".md":
+            continue
+        st = path.stat()
+        if st.st_size < WEIGHT_FILE_BYTES:
+            digest[path.name] = "sha256 " + file_sha256(path)
+        else:
+            when = dt.datetime.fromtimestamp(st.st_mtime, dt.timezone.utc)
+            digest[path.name] = f"{st.st_size} bytes, modified {when:%Y-%m-%dT%H:%M:%SZ}"
+    return digest
+
+
 def prepare_model(cfg: Any) -> None:
     """Before workers start: do the one-off work of a GGUF model (dequantise and cache), so they
     do not all dequantise it at once, and check that `tensor_parallel` can split the model (a

@@ -6,21 +6,22 @@ format rule checks), an optional `system` message (taken literally), a `user` me
 given name (`Benchmark.prompt_suffix`: the paper's json prompt adds a note for some). The
 shipped `boxed` and `json` templates are the paper's prompts verbatim, with their roles (SPEC.md
 §3); a template without a system message lets the model's chat template inject its default one. A verifier file has a `marker`, a `format_penalty` and a list of verifiers, each
-with `name`, `weight` and a `user` message with `{question}` and `{answer}`. Users add a template
+with `name`, `weight` and a `user` message with `{question}` and `{answer}` (a message without
+the placeholder it exists for, `{question}` in a solver's, `{answer}` or `{solution}` in a
+verifier's, is refused: every prompt would be the same). Users add a template
 by dropping a YAML file in `configs/prompts/` (refer to it by name) or anywhere (refer to it by
 path). Messages go through the model's own chat template with a generation prompt.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pipeline.config import CONFIG_DIR, ConfigError
+from pipeline.config import CONFIG_DIR, ConfigError, read_yaml_file
 
 PROMPT_DIR = CONFIG_DIR / "prompts"
 STYLES = ("boxed", "json")
@@ -70,7 +71,9 @@ class VerifierSet:
         return None if not found else found[-1].lower() == "true"
 
 
-def _template_path(ref: str) -> Path:
+def template_path(ref: str) -> Path:
+    """The file a `prompt` or `verifier_prompts` value names (a path, or a name in
+    configs/prompts)."""
     path = Path(ref).expanduser()
     if path.suffix in (".yaml", ".yml"):
         if not path.exists():
@@ -86,43 +89,58 @@ def _template_path(ref: str) -> Path:
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:
-    data = yaml.safe_load(path.read_text())
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping")
-    return data
+    return read_yaml_file(path, "template keys")
 
 
-def _check_placeholders(path: Path, text: str, allowed: set[str]) -> None:
+def _text(path: Path, data: dict[str, Any], key: str, where: str = "") -> str:
+    value = data.get(key)
+    if not isinstance(value, str):
+        raise ConfigError(f"{path}: {where}{key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _check_placeholders(
+    path: Path, text: str, allowed: set[str], needed: set[str], where: str = ""
+) -> None:
+    """`text` formats with the `allowed` names and holds at least one of `needed`."""
     try:
         names = {m.group(1) for m in re.finditer(r"(?<!\{)\{(\w*)\}(?!\})", text)}
         text.format(**{k: "" for k in allowed})
     except (KeyError, IndexError, ValueError) as exc:
-        raise ConfigError(f"{path}: bad placeholder {exc}; allowed: {sorted(allowed)}") from None
+        raise ConfigError(
+            f"{path}: {where}bad placeholder {exc}; allowed: {sorted(allowed)}"
+        ) from None
     if not names <= allowed:
-        raise ConfigError(f"{path}: unknown placeholders {sorted(names - allowed)}")
+        raise ConfigError(f"{path}: {where}unknown placeholders {sorted(names - allowed)}")
+    if not names & needed:
+        wanted = " or ".join("{" + n + "}" for n in sorted(needed))
+        raise ConfigError(
+            f"{path}: {where}the message has no {wanted}: every prompt would be the same"
+        )
 
 
 def load_solver_template(ref: str) -> SolverTemplate:
-    path = _template_path(ref)
+    path = template_path(ref)
     data = _load_yaml(path)
     for key in ("style", "user"):
         if key not in data:
             raise ConfigError(f"{path}: missing key {key!r}")
     if data["style"] not in STYLES:
         raise ConfigError(f"{path}: style={data['style']!r}; allowed: {', '.join(STYLES)}")
-    _check_placeholders(path, data["user"], {"question"})
+    user = _text(path, data, "user")
+    _check_placeholders(path, user, {"question"}, {"question"})
+    system = data.get("system") or ""
+    if not isinstance(system, str):
+        raise ConfigError(f"{path}: 'system' must be a string, got {type(system).__name__}")
     return SolverTemplate(
-        name=str(data.get("name", path.stem)),
-        style=data["style"],
-        user=data["user"],
-        system=data.get("system") or "",
+        name=str(data.get("name", path.stem)), style=data["style"], user=user, system=system
     )
 
 
 def load_verifiers(ref: str, _seen: tuple[Path, ...] = ()) -> VerifierSet:
     """A verifier file: a list of verifiers, or `include:` another verifier file and change its
     `weights:` (name -> weight), `format_penalty` or `marker` (the paper reweights some cells)."""
-    path = _template_path(ref)
+    path = template_path(ref)
     if path.resolve() in _seen:
         raise ConfigError(f"{path}: include cycle")
     data = _load_yaml(path)
@@ -135,15 +153,25 @@ def load_verifiers(ref: str, _seen: tuple[Path, ...] = ()) -> VerifierSet:
     for i, item in enumerate(items):
         if not isinstance(item, dict) or "user" not in item or "weight" not in item:
             raise ConfigError(f"{path}: verifier {i} needs 'user' and 'weight'")
-        if float(item["weight"]) < 0:
+        weight = item["weight"]
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise ConfigError(f"{path}: verifier {i}: 'weight' must be a number, got {weight!r}")
+        if not math.isfinite(weight):
+            raise ConfigError(f"{path}: verifier {i}: 'weight' must be finite, got {weight}")
+        if weight < 0:
             raise ConfigError(f"{path}: verifier {i} has a negative weight")
-        _check_placeholders(path, item["user"], {"question", "answer", "solution"})
-        verifiers.append(
-            Verifier(str(item.get("name", f"v{i}")), float(item["weight"]), item["user"])
+        where = f"verifier {i}: "
+        user = _text(path, item, "user", where)
+        _check_placeholders(
+            path, user, {"question", "answer", "solution"}, {"answer", "solution"}, where
         )
+        verifiers.append(Verifier(str(item.get("name", f"v{i}")), float(weight), user))
+    penalty = data.get("format_penalty", 2)
+    if isinstance(penalty, bool) or not isinstance(penalty, (int, float)):
+        raise ConfigError(f"{path}: 'format_penalty' must be a number, got {penalty!r}")
     vset = VerifierSet(
         marker=str(data.get("marker", "Verdict:")),
-        format_penalty=float(data.get("format_penalty", 2)),
+        format_penalty=float(penalty),
         verifiers=tuple(verifiers),
     )
     if vset.total_weight <= 0:
@@ -189,7 +217,7 @@ class ReflectPrompts:
 
 
 def load_reflect_prompts(ref: str) -> ReflectPrompts:
-    path = _template_path(ref)
+    path = template_path(ref)
     data = _load_yaml(path)
     for key in ("critique", "revise"):
         if not isinstance(data.get(key), str) or not data[key].strip():

@@ -4,6 +4,9 @@ A run directory `<output_dir>/<run_id>/` holds
 
     config.yaml                     the first invocation's resolved config (`write_config`),
                                     never rewritten
+    inputs.yaml                     what the inputs held when the run started: a digest of each
+                                    file the config names (`write_inputs`, `jobs.preflight`)
+    driver.lock                     locked by the running driver (`hold_run_dir`)
     invocations.jsonl               one JSON line per invocation (`append_invocation`): UTC
                                     time, argv, git commit, keys changed from config.yaml,
                                     the resolved config
@@ -19,6 +22,13 @@ without its problem shard (a crash between the two writes) is an orphan that rea
 (`.part-<shard>.parquet.<uuid>.tmp`, which Parquet readers skip) and then `os.replace`d, so
 no reader ever sees half a file.
 
+A (problem, method) has one row, with one exception: a row recorded with an error may be
+superseded by a later row of the same key (a resume retries it, `Config.retry_errors`). Shard
+names sort in the order they were written (`RecordStore.write` names each new shard after every
+shard present, whatever the clock says), and readers keep the row of the newest shard and the
+iteration rows of that shard only; `compact` drops the superseded rows. Any other repeat (a key
+whose superseded row has no error) is a `DuplicateRecordError`.
+
 `compact` merges every committed shard into one shard pair per dataset. The new problem files
 carry, in their Parquet metadata, the compaction they belong to, how many files it has and
 which shards it supersedes; readers honour a compaction only once all of its problem files
@@ -26,17 +36,22 @@ exist (the last one to land is the commit point) and then skip the superseded sh
 crash at any moment of a compaction leaves a readable, duplicate-free store.
 
 Writers never run concurrently with `cleanup` or `compact`: call those from the driver when
-no worker is writing (on resume, and at the end of a run).
+no worker is writing (on resume, and at the end of a run). One driver at a time: the driver
+holds `hold_run_dir` (an OS lock on `<run_dir>/driver.lock`) for its whole run, so that a
+second driver of the same run directory stops before it cleans up what the first is writing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
+import socket
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,6 +59,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 
 from pipeline.results import ProblemResult
 
@@ -55,7 +71,9 @@ Key = tuple[str, str]  # (problem_id, method)
 PROBLEMS = "problems"
 ITERATIONS = "iterations"
 CONFIG_FILE = "config.yaml"
+INPUTS_FILE = "inputs.yaml"
 INVOCATIONS_FILE = "invocations.jsonl"
+LOCK_FILE = "driver.lock"
 _SHARD_RE = re.compile(r"^part-[0-9A-Za-z_.-]+\.parquet$")
 _META_KEY = b"latentseek.compaction"
 
@@ -139,10 +157,17 @@ ITERATION_SCHEMA = pa.schema(
 
 PROBLEM_KEY = ["problem_id", "method"]
 ITERATION_KEY = ["problem_id", "method", "iteration"]
+_KEY_ERROR = [*PROBLEM_KEY, "error"]
+_SHARD = "__shard"  # a read's column: the shard file each row came from
 
 
 class DuplicateRecordError(RuntimeError):
-    """The same (problem_id, method) is committed more than once; the store needs a look."""
+    """The same (problem_id, method) is committed more than once (other than a row with an
+    error superseded by a later one); the store needs a look."""
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used: another driver holds it, or it cannot be created."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -301,6 +326,73 @@ def read_invocations(directory: Path | str) -> list[dict]:
     return entries
 
 
+def write_inputs(directory: Path | str, inputs: dict[str, dict[str, str]]) -> Path:
+    """Save `inputs` (input name -> what its content was, `jobs.preflight.input_digests`) as
+    `<run_dir>/inputs.yaml`, atomically, unless the file is there already (the first
+    invocation's inputs are what a resume is compared with)."""
+    path = Path(directory) / INPUTS_FILE
+    if path.exists():
+        return path
+    tmp = _tmp_name(path)
+    try:
+        tmp.write_text(yaml.safe_dump(inputs, sort_keys=False))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_inputs(directory: Path | str) -> dict[str, dict[str, str]] | None:
+    """The inputs recorded by `write_inputs`, or None (a run from before inputs.yaml existed)."""
+    path = Path(directory) / INPUTS_FILE
+    if not path.exists():
+        return None
+    return yaml.safe_load(path.read_text()) or {}
+
+
+@contextlib.contextmanager
+def hold_run_dir(directory: Path | str) -> Iterator[Path]:
+    """Hold an exclusive lock on the run directory (created if needed) for the block.
+
+    The lock is the kernel's (`fcntl.flock` on `<directory>/driver.lock`, kept open): it is
+    released when the holder's process ends, however it ends, so a SIGKILLed driver never leaves
+    a stale lock; the file stays and means nothing unless locked. The holder writes its pid and
+    host into the file, and a second driver's `RunDirError` names them. The descriptor is not
+    inherited across exec (Python's default), so processes the driver starts (Ray's) never hold
+    it. Raises RunDirError at once if another process holds the lock (it does not wait)."""
+    directory = Path(directory)
+    path = directory / LOCK_FILE
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise RunDirError(f"cannot create the run directory {directory}: {exc}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunDirError(
+                f"{directory} is in use by another driver ({_holder(fd)}); wait for it to end, "
+                "or use another run_id (run_id=<new>)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _holder(fd: int, wait_s: float = 1.0) -> str:
+    """What the lock's holder wrote ("pid N on HOST"), waiting up to `wait_s` for a holder that
+    has locked but not yet written."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        text = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        if text or time.monotonic() > deadline:
+            return text or "pid and host not written"
+        time.sleep(0.05)
+
+
 def new_shard_id() -> str:
     """A sortable, unique shard id: nanoseconds since the epoch, then random hex."""
     return f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}"
@@ -345,12 +437,8 @@ def _table(rows: list[dict], schema: pa.Schema) -> pa.Table:
     return table
 
 
-def _to_pandas(files: list[Path], schema: pa.Schema) -> pd.DataFrame:
-    if files:
-        df = pd.read_parquet([str(p) for p in files], schema=schema)
-    else:
-        df = schema.empty_table().to_pandas()
-    # Nullable integer columns keep one dtype whether or not this read holds a null.
+def _typed(df: pd.DataFrame, schema: pa.Schema) -> pd.DataFrame:
+    """Nullable integer columns keep one dtype whether or not this read holds a null."""
     for f in schema:
         if f.nullable and pa.types.is_integer(f.type):
             df[f.name] = df[f.name].astype("Int64")
@@ -412,7 +500,17 @@ class RecordStore:
         iterations = _table(
             [row for r in results for row in iteration_rows(r, run_id)], ITERATION_SCHEMA
         )
-        self._write_pair(f"part-{new_shard_id()}.parquet", problems, iterations)
+        self._write_pair(self._next_name(), problems, iterations)
+
+    def _next_name(self) -> str:
+        """A new shard's name, sorting after every shard present: the newest row of a key is
+        the one that counts, so a clock set back must not file a retry before what it retries."""
+        sid = new_shard_id()
+        last = max((p.name for p in self._shards(self.problems_dir)), default="")
+        if f"part-{sid}.parquet" <= last:
+            ns = int(last.removeprefix("part-").split("-", 1)[0]) + 1
+            sid = f"{ns:020d}-{uuid.uuid4().hex[:12]}"
+        return f"part-{sid}.parquet"
 
     def _write_pair(
         self, name: str, problems: pa.Table, iterations: pa.Table, metadata: dict | None = None
@@ -460,33 +558,33 @@ class RecordStore:
         return problems, iterations
 
     # --- reading ---------------------------------------------------------------------------
-    def completed(self) -> set[Key]:
-        """(problem_id, method) pairs with a committed problem row."""
-        files = self.committed_files()[0]
-        if not files:
-            return set()
-        df = pd.read_parquet([str(p) for p in files], columns=PROBLEM_KEY)
-        return set(zip(df["problem_id"], df["method"], strict=True))
+    def completed(self, include_errors: bool = False) -> set[Key]:
+        """(problem_id, method) pairs whose committed row counts as done: ran without an error
+        (`include_errors=True`: any row, failed ones too)."""
+        rows = self._newest(self._read(self.committed_files()[0], PROBLEM_SCHEMA, _KEY_ERROR))
+        if not include_errors:
+            rows = rows[rows["error"] == ""]
+        return set(zip(rows["problem_id"], rows["method"], strict=True))
+
+    def failed(self) -> set[Key]:
+        """(problem_id, method) pairs whose committed row records an error (a resume with
+        `retry_errors` runs them again)."""
+        rows = self._newest(self._read(self.committed_files()[0], PROBLEM_SCHEMA, _KEY_ERROR))
+        rows = rows[rows["error"] != ""]
+        return set(zip(rows["problem_id"], rows["method"], strict=True))
 
     def read_problems(self) -> pd.DataFrame:
-        """Every committed problem row (PROBLEM_SCHEMA dtypes, also when empty).
+        """Every committed problem row that counts (PROBLEM_SCHEMA dtypes, also when empty): per
+        (problem_id, method) the newest, which supersedes an older row with an error.
 
-        Raises DuplicateRecordError if a (problem_id, method) is committed more than once.
-        """
-        files = self.committed_files()[0]
-        df = _to_pandas(files, PROBLEM_SCHEMA)
-        dup = df.duplicated(PROBLEM_KEY, keep=False)
-        if dup.any():
-            keys = sorted(set(zip(df.loc[dup, "problem_id"], df.loc[dup, "method"], strict=True)))
-            raise DuplicateRecordError(
-                f"{self.problems_dir}: {len(keys)} (problem_id, method) pair(s) are committed "
-                f"more than once, e.g. {keys[:5]} in {self._files_holding(files, keys[:5])}; "
-                "remove the extra shard(s) by hand before reading or compacting"
-            )
-        return df
+        Raises DuplicateRecordError if a (problem_id, method) is committed more than once
+        otherwise."""
+        df = self._newest(self._read(self.committed_files()[0], PROBLEM_SCHEMA))
+        return _typed(df.drop(columns=_SHARD), PROBLEM_SCHEMA)
 
     def distinct(self, column: str) -> set:
-        """The distinct non-null values of a problem column over the committed rows."""
+        """The distinct non-null values of a problem column over the committed rows (superseded
+        rows included)."""
         files = self.committed_files()[0]
         if not files:
             return set()
@@ -495,18 +593,44 @@ class RecordStore:
         return set(df[column].dropna().unique())
 
     def read_iterations(self) -> pd.DataFrame:
-        """Iteration rows of committed shards only (orphans of a crash are skipped)."""
-        return _to_pandas(self.committed_files()[1], ITERATION_SCHEMA)
+        """Iteration rows of the problem rows that count (`read_problems`): orphans of a crash
+        and the iterations of a superseded row are skipped."""
+        problems, iterations = self.committed_files()
+        winners = self._newest(self._read(problems, PROBLEM_SCHEMA, _KEY_ERROR))
+        rows = self._read(iterations, ITERATION_SCHEMA)
+        rows = rows.merge(winners[[*PROBLEM_KEY, _SHARD]], on=[*PROBLEM_KEY, _SHARD])
+        return _typed(rows.drop(columns=_SHARD), ITERATION_SCHEMA)
 
     @staticmethod
-    def _files_holding(files: Iterable[Path], keys: list[Key]) -> list[str]:
-        wanted = set(keys)
-        out = []
-        for p in files:
-            df = pd.read_parquet(p, columns=PROBLEM_KEY)
-            if wanted & set(zip(df["problem_id"], df["method"], strict=True)):
-                out.append(p.name)
-        return out
+    def _read(files: list[Path], schema: pa.Schema, columns: list[str] | None = None):
+        """The rows of `files` in shard order, with each row's shard name in column `_SHARD`."""
+        names = columns or schema.names
+        tables = []
+        for path in sorted(files, key=lambda p: p.name):
+            table = pq.read_table(path, schema=schema, columns=names)
+            shard = pa.array([path.name] * table.num_rows, pa.string())
+            tables.append(table.append_column(_SHARD, shard))
+        if not tables:
+            empty = pa.schema([schema.field(n) for n in names]).empty_table()
+            tables.append(empty.append_column(_SHARD, pa.array([], pa.string())))
+        return pa.concat_tables(tables).to_pandas()
+
+    def _newest(self, rows: pd.DataFrame) -> pd.DataFrame:
+        """The newest row of each key (`rows` in shard order); DuplicateRecordError if a row
+        that is superseded has no error (only a failed row is ever recorded again)."""
+        superseded = rows.duplicated(PROBLEM_KEY, keep="last")
+        bad = superseded & (rows["error"] == "")
+        if bad.any():
+            keys = sorted(
+                set(zip(rows.loc[bad, "problem_id"], rows.loc[bad, "method"], strict=True))
+            )
+            files = sorted(set(rows.loc[rows.set_index(PROBLEM_KEY).index.isin(keys), _SHARD]))
+            raise DuplicateRecordError(
+                f"{self.problems_dir}: {len(keys)} (problem_id, method) pair(s) are committed "
+                f"more than once, e.g. {keys[:5]} in {files[:10]}; remove the extra shard(s) by "
+                "hand before reading or compacting"
+            )
+        return rows[~superseded].reset_index(drop=True)
 
     # --- maintenance -----------------------------------------------------------------------
     def cleanup(self) -> list[Path]:
@@ -578,16 +702,22 @@ def read_records(path: Path | str) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 __all__ = [
     "CONFIG_FILE",
+    "INPUTS_FILE",
     "INVOCATIONS_FILE",
+    "LOCK_FILE",
     "ITERATION_SCHEMA",
     "PROBLEM_SCHEMA",
     "DuplicateRecordError",
     "RecordStore",
+    "RunDirError",
     "append_invocation",
+    "hold_run_dir",
     "iteration_rows",
     "problem_row",
+    "read_inputs",
     "read_invocations",
     "read_records",
     "run_dir",
     "write_config",
+    "write_inputs",
 ]

@@ -278,12 +278,18 @@ class CallableReward(Reward):
 
 
 def import_callable(path: str) -> Callable[..., Any]:
-    """'package.module:function' -> the function, with an error that names what is missing."""
+    """'package.module:function' -> the function, with an error that names what is missing.
+
+    Importing runs the module's code, whatever it raises: any exception of the import is the
+    user's module failing to import, reported as one ValueError."""
     module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"reward={path!r}: expected 'module:function'")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"reward={path!r}: cannot import module {module_name!r}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - a user module may raise anything on import
+        why = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise ValueError(f"reward={path!r}: cannot import module {module_name!r}: {why}") from exc
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ValueError(f"reward={path!r}: {module_name} has no callable {attr!r}")

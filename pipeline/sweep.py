@@ -31,9 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pipeline.config import DERIVABLE, Config, ConfigError, keys_with, load_config
+from pipeline.config import (
+    DERIVABLE,
+    Config,
+    ConfigError,
+    keys_with,
+    load_config,
+    read_yaml_file,
+)
 
 _SPEC_KEYS = {"name", "config", "set", "grid", "points", "derive", "description"}
 
@@ -67,13 +72,8 @@ def load_sweep(path: str | Path) -> SweepSpec:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping with name, set, grid and/or points")
-    unknown = sorted(set(data) - _SPEC_KEYS)
+    data = read_yaml_file(path, "sweep keys (name, set, grid and/or points)")
+    unknown = sorted(set(map(str, data)) - _SPEC_KEYS)
     if unknown:
         raise ConfigError(f"{path}: unknown sweep keys {unknown}; allowed: {sorted(_SPEC_KEYS)}")
     name = str(data.get("name") or path.stem)
@@ -85,6 +85,8 @@ def load_sweep(path: str | Path) -> SweepSpec:
     points = data.get("points") or []
     if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
         raise ConfigError(f"{path}: points must be a list of mappings of config keys")
+    if not grid and not points:
+        raise ConfigError(f"{path}: nothing to sweep: give a grid and/or points")
     fixed = data.get("set") or {}
     if not isinstance(fixed, dict):
         raise ConfigError(f"{path}: set must be a mapping of config keys")

@@ -3,7 +3,10 @@
 What the store holds (one experiment, tagged as a model-training experiment):
 
 - An evaluation (`latentseek run`, or one point of a sweep) is one MLflow run, found again by
-  the tag `latentseek.run_id` on resume. It is opened when the evaluation starts (`start_run`)
+  the tag `latentseek.run_id` on resume, and tagged with its resolved run directory
+  (`latentseek.run_dir`): a run_id whose run belongs to another directory (two output_dirs, two
+  sweeps of the same name, on one store) is refused (`ForeignRunError`, `check_run_dir`), never
+  logged into. It is opened when the evaluation starts (`start_run`)
   and spans it: live `progress/*` metrics (step = records done) while it runs, then the
   run-level totals (`run_problems_per_hour`, `run_failures`, `worker_failures`), the config as
   params, the dataset as an input, and the artifacts: problems/, iterations/, config.yaml,
@@ -19,7 +22,10 @@ What the store holds (one experiment, tagged as a model-training experiment):
   filter by. Found again by its parent and method on resume, never created twice.
 - A sweep is a parent run named after the sweep with its points nested under it, executed
   (`log_run`) and derived (`log_derived_run`, metrics read off an executed point's records)
-  alike, each with its method runs.
+  alike, each with its method runs; found again by the sweep's name and directory.
+
+A run that does not finish is marked: a failure (or interrupt) while evaluating, finishing or
+sweeping ends its runs FAILED (KILLED) before the error goes on (`end_run`).
 
 Every run carries `latentseek.kind`: evaluation, method or sweep. An evaluation is named after
 the run_id its user chose, else after what it evaluates (`gsm8k cot+latentseek embedded`); a
@@ -66,9 +72,17 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import PROJECT_ROOT, Config
-from pipeline.records import CONFIG_FILE, INVOCATIONS_FILE, ITERATIONS, PROBLEMS, RecordStore
+from pipeline.records import (
+    CONFIG_FILE,
+    INVOCATIONS_FILE,
+    ITERATIONS,
+    PROBLEMS,
+    RecordStore,
+    run_dir,
+)
 
 RUN_ID_TAG = "latentseek.run_id"
+RUN_DIR_TAG = "latentseek.run_dir"  # an evaluation's resolved run directory (a sweep's: its dir)
 SWEEP_TAG = "latentseek.sweep"  # on a sweep's parent run: the sweep's name
 KIND_TAG = "latentseek.kind"  # what a run is: one of the three below
 EVALUATION, METHOD, SWEEP = "evaluation", "method", "sweep"
@@ -86,6 +100,10 @@ UI_PORT = 5000
 
 _BATCH = 100  # MLflow's per-request limit for params and tags (metrics allow 1000)
 _NOISY_LOGGERS = ("mlflow", "alembic", "sqlalchemy")
+
+
+class ForeignRunError(RuntimeError):
+    """The MLflow run of this run_id belongs to another run directory; the message names both."""
 
 
 def _default_uri(cfg: Config) -> str:
@@ -190,10 +208,18 @@ def _experiment_id(client: MlflowClient, cfg: Config, uri: str) -> str:
 
 
 def find_run(
-    client: MlflowClient, experiment_id: str, run_id: str, tag: str = RUN_ID_TAG
+    client: MlflowClient,
+    experiment_id: str,
+    run_id: str,
+    tag: str = RUN_ID_TAG,
+    directory: Path | str | None = None,
 ) -> str | None:
     """The MLflow run id of the newest active run whose `tag` is `run_id` (by default: the
-    evaluation run of this LatentSeek run_id, not one of its method runs), if any."""
+    evaluation run of this LatentSeek run_id, not one of its method runs), if any.
+
+    With `directory`, only a run of that directory (tag `latentseek.run_dir`) is found; a run
+    without the tag (logged before it existed) is taken as this directory's. Raises
+    ForeignRunError if the only such runs belong to other directories."""
     runs = client.search_runs(
         [experiment_id],
         filter_string=f"tags.`{tag}` = '{run_id}'",
@@ -202,7 +228,20 @@ def find_run(
         order_by=["attributes.start_time DESC"],
     )
     runs = [r for r in runs if r.data.tags.get(KIND_TAG) != METHOD]
-    return runs[0].info.run_id if runs else None
+    if directory is None or not runs:
+        return runs[0].info.run_id if runs else None
+    here = str(Path(directory).resolve())
+    for wanted in (here, None):
+        for r in runs:
+            if r.data.tags.get(RUN_DIR_TAG) == wanted:
+                return r.info.run_id
+    there = runs[0].data.tags[RUN_DIR_TAG]
+    raise ForeignRunError(
+        f"MLflow run {runs[0].info.run_id} ({tag.removeprefix('latentseek.')}={run_id!r}) in "
+        f"experiment {client.get_experiment(experiment_id).name!r} belongs to {there}, not to "
+        f"{here}; use another run_id (or sweep name), or mlflow_experiment=<another name>, so that "
+        "the two are not logged as one"
+    )
 
 
 # jobs.run.resolve_run_id's ids when the user gives none: a timestamp, which names nothing.
@@ -218,12 +257,13 @@ def run_name(cfg: Config) -> str:
     return f"{cfg.dataset} {'+'.join(cfg.method)} {model}"
 
 
-def _open(client: MlflowClient, experiment_id: str, run_id: str, name: str) -> str:
-    """The evaluation run of this LatentSeek run_id, found again or created (as `name`), set
-    RUNNING."""
-    mlflow_run = find_run(client, experiment_id, run_id)
+def _open(client: MlflowClient, experiment_id: str, cfg: Config, name: str) -> str:
+    """The evaluation run of this LatentSeek run_id and run directory, found again or created
+    (as `name`), set RUNNING."""
+    run_id, directory = str(cfg.run_id), _run_dir(cfg)
+    mlflow_run = find_run(client, experiment_id, run_id, directory=directory)
     if mlflow_run is None:
-        tags = {RUN_ID_TAG: run_id, KIND_TAG: EVALUATION}
+        tags = {RUN_ID_TAG: run_id, KIND_TAG: EVALUATION, RUN_DIR_TAG: directory}
         return client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
     client.update_run(mlflow_run, status=RunStatus.to_string(RunStatus.RUNNING))
     return mlflow_run
@@ -403,6 +443,10 @@ def _terminate(client: MlflowClient, runs: Sequence[str], status: RunStatus | in
 # An evaluation and its method runs
 
 
+def _run_dir(cfg: Config) -> str:
+    return str(run_dir(cfg).resolve())
+
+
 def _evaluation_tags(cfg: Config, tags: Mapping[str, str]) -> dict[str, str]:
     commit = git_commit()
     return {
@@ -414,6 +458,7 @@ def _evaluation_tags(cfg: Config, tags: Mapping[str, str]) -> dict[str, str]:
         "mlflow.source.git.commit": commit,
         **{str(k): str(v) for k, v in tags.items()},
         RUN_ID_TAG: str(cfg.run_id),
+        RUN_DIR_TAG: _run_dir(cfg),
         KIND_TAG: EVALUATION,
     }
 
@@ -428,7 +473,7 @@ def _prepare(
     """The evaluation run and its method runs, found again or created, RUNNING, with their
     tags and params: (evaluation run, {method: method run})."""
     tags = {str(k): str(v) for k, v in tags.items()}
-    run = _open(client, experiment_id, str(cfg.run_id), tags.get(RUN_NAME_TAG) or run_name(cfg))
+    run = _open(client, experiment_id, cfg, tags.get(RUN_NAME_TAG) or run_name(cfg))
     evaluation_tags = _evaluation_tags(cfg, tags)
     _log_tags(client, run, evaluation_tags)
     _log_params(client, run, flatten_params(cfg.to_dict()))
@@ -438,6 +483,14 @@ def _prepare(
         _log_tags(client, method_run, {**evaluation_tags, **own})
         _log_params(client, method_run, flatten_params({**cfg.to_dict(), "method": [method]}))
     return run, runs
+
+
+def check_run_dir(cfg: Config) -> None:
+    """Before any work: raise ForeignRunError if the MLflow run of cfg.run_id belongs to another
+    run directory (creates nothing but the store)."""
+    with _quiet():
+        client, experiment_id = _client_and_experiment(cfg)
+        find_run(client, experiment_id, str(cfg.run_id), directory=_run_dir(cfg))
 
 
 def start_run(cfg: Config, tags: Mapping[str, str] | None = None) -> str:
@@ -564,15 +617,18 @@ def _client_and_experiment(cfg: Config) -> tuple[MlflowClient, str]:
     return client, _experiment_id(client, cfg, uri)
 
 
-def open_sweep_run(cfg: Config, name: str, params: Mapping[str, Any]) -> str:
-    """The sweep's parent run (found again by its name on resume), set RUNNING."""
+def open_sweep_run(cfg: Config, name: str, params: Mapping[str, Any], directory: Path | str) -> str:
+    """The sweep's parent run (found again by its name and `directory`, the sweep's, on resume;
+    ForeignRunError if it belongs to another directory), set RUNNING."""
+    directory = str(Path(directory).resolve())
     with _quiet():
         client, experiment_id = _client_and_experiment(cfg)
-        parent = find_run(client, experiment_id, name, tag=SWEEP_TAG)
+        parent = find_run(client, experiment_id, name, tag=SWEEP_TAG, directory=directory)
         if parent is not None:
             client.update_run(parent, status=RunStatus.to_string(RunStatus.RUNNING))
+            client.set_tag(parent, RUN_DIR_TAG, directory)  # a parent logged before the tag
         else:
-            tags = {SWEEP_TAG: name, KIND_TAG: SWEEP}
+            tags = {SWEEP_TAG: name, KIND_TAG: SWEEP, RUN_DIR_TAG: directory}
             parent = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
         _log_params(client, parent, flatten_params(dict(params)))
     return parent

@@ -5,6 +5,8 @@ byte-level tokenizer stand-in (milliseconds, no downloads), and a scripted rewar
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -246,3 +248,27 @@ def wait_healthy(proc, url: str, log_path, opener, timeout_s: float) -> None:
                 f"mlflow server not healthy in {timeout_s:.0f} s: {log_path.read_text()[-2000:]}"
             )
         time.sleep(0.5)
+
+
+# --- a driver holding its run directory ---------------------------------------------------------
+
+_HOLDER = """
+import sys, time
+from pipeline.records import hold_run_dir
+with hold_run_dir(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(300)
+"""
+
+
+def hold_in_child(directory: Path) -> subprocess.Popen:
+    """A child process holding `directory` through `hold_run_dir`, as a running driver does
+    (it sleeps until the test kills it; at most 5 minutes)."""
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(directory)],
+        cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout.readline().strip() == "held", "the child did not take the lock"
+    return proc

@@ -29,3 +29,12 @@ def slow(problem, answer: str) -> float:
     """A second per answer scored, so that the problems of one task finish seconds apart."""
     time.sleep(1.0)
     return -1.0
+
+
+def fails_while_marked(problem, answer: str) -> float:
+    """Raises on gsm8k-1 while the file named by $LATENTSEEK_TEST_FAIL_MARK exists: a transient
+    failure, for the resume test (the workers inherit the variable from the driver's Ray)."""
+    mark = os.environ.get("LATENTSEEK_TEST_FAIL_MARK", "")
+    if problem.problem_id == "gsm8k-1" and mark and os.path.exists(mark):
+        raise ValueError("transient failure for gsm8k-1")
+    return -1.0

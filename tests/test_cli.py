@@ -5,8 +5,11 @@ started is read from its session directory (`RAY_TMPDIR`), which any Ray start c
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -14,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
+from conftest import hold_in_child
 
 from pipeline import model as model_mod
 from pipeline.config import Config
@@ -81,6 +86,74 @@ def test_a_worker_that_cannot_load_its_model_is_one_line(tmp_path, ray_tmp):
     assert str(broken) in errors[0]
     assert len(done.stderr.strip().splitlines()) <= 3, done.stderr[-3000:]
     assert ray_tmp.exists()  # the control: this one did start Ray
+
+
+def test_a_second_driver_of_the_same_run_stops_at_once(tmp_path, ray_tmp):
+    """Driver 1 holds out/r1 (the real lock, in a child process) while it writes: a temporary
+    file and an iteration shard whose problem shard is not written yet. Driver 2, the real CLI
+    with the same run_id, stops with one line naming driver 1, before its cleanup (which would
+    delete both files) and before Ray."""
+    run = tmp_path / "out" / "r1"
+    first = hold_in_child(run)
+    try:
+        (run / "problems").mkdir(parents=True)
+        (run / "iterations").mkdir()
+        writing = run / "problems" / ".part-1.parquet.0a1b2c3d.tmp"
+        writing.write_bytes(b"PAR1 half a file")
+        uncommitted = run / "iterations" / "part-00000000000000000001-0a1b2c3d4e5f.parquet"
+        uncommitted.write_bytes(b"PAR1 an iteration shard")
+
+        done = run_cli(tmp_path, ray_tmp, "run_id=r1")
+
+        assert done.returncode == 2, done.stderr[-3000:]
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+        assert lines[0].startswith(f"error: {run} is in use by another driver")
+        assert f"(pid {first.pid} on {socket.gethostname()})" in lines[0]
+        assert writing.read_bytes() == b"PAR1 half a file"
+        assert uncommitted.read_bytes() == b"PAR1 an iteration shard"
+        assert not ray_tmp.exists(), "Ray was started"
+        assert sorted(p.name for p in run.iterdir()) == ["driver.lock", "iterations", "problems"]
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+
+
+def test_every_entry_point_works_from_another_directory(tmp_path, ray_tmp):
+    """Each command, run from a directory outside the project with relative paths: a tiny run,
+    its summary, a sweep whose one point is that run (resumed: nothing to compute), the sweep's
+    report, the config, reference --help, and a tiny bench (its children once got spec paths
+    relative to the caller's directory while running in the project's, and all failed)."""
+    here = tmp_path / "elsewhere"
+    here.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(PYTHONPATH=str(ROOT), RAY_TMPDIR=str(ray_tmp))
+
+    def cli(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "jobs.cli", *args],
+            cwd=here, env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert done.returncode == 0, f"{args}: {done.stderr[-3000:]}"
+        return done.stdout
+
+    assert yaml.safe_load(cli("config", "limit=3"))["limit"] == 3
+    assert "--compare" in cli("reference", "--help")
+    tiny = ["limit=1", "method=cot", "max_new_tokens=4", "workers=1"]
+    cli("run", "output_dir=out/sw", "run_id=sw", *tiny)
+    assert (here / "out" / "sw" / "sw" / "config.yaml").is_file()
+    assert "| cot |" in cli("summary", "out/sw/sw")
+    (here / "sw.yaml").write_text(
+        f"name: sw\nconfig: {ROOT / 'configs' / 'default.yaml'}\n"
+        "set: {limit: 1, method: [cot], workers: 1}\ngrid: {max_new_tokens: [4]}\n"
+    )
+    assert "sw: " in cli("sweep", "sw.yaml", "output_dir=out")
+    cli("report", "out/sw", "--out", "rep")
+    assert (here / "rep" / "report.md").is_file()
+    cli("bench", "out=bench", "skip=batching,bf16,naive,ray,profile,ceiling", "methods=cot",
+        "batch_sizes=1", *tiny[:3], "profile=never")  # fmt: skip
+    report = json.loads((here / "bench" / "bench.json").read_text())
+    assert report["rows"] and not [r for r in report["rows"] if "error" in r]
 
 
 # --- check_model_source, in process ----------------------------------------------------------

@@ -7,6 +7,7 @@ import dataclasses
 import textwrap
 
 import pytest
+import yaml
 
 from pipeline.config import CONFIG_DIR, Config, ConfigError, describe_keys, load_config
 
@@ -164,6 +165,10 @@ def test_wrong_types_in_yaml(tmp_path, yaml_text, match):
         ({"n_samples": 0}, r"n_samples=0"),
         ({"device": "tpu"}, r"device='tpu': allowed: auto, cpu, cuda, cuda:N"),
         ({"run_id": "a/b"}, r"run_id='a/b'"),
+        ({"run_id": ".."}, r"run_id='..': must not start with '.'"),
+        ({"lr": float("inf")}, r"lr=inf: must be a finite number"),
+        ({"reward_threshold": float("nan")}, r"reward_threshold=nan: must be a finite number"),
+        ({"gpus_per_worker": float("inf")}, r"gpus_per_worker=inf: must be a finite number"),
     ],
 )
 def test_out_of_range_values_name_the_key(change, match):
@@ -215,6 +220,19 @@ def test_describe_keys_lists_every_key():
 SHIPPED = sorted(p for p in CONFIG_DIR.glob("*.yaml"))
 
 
+def _written(path) -> dict:
+    """What a config file says, its includes first (read here with PyYAML, not the loader)."""
+    data = yaml.safe_load(path.read_text())
+    includes = data.pop("include", [])
+    merged: dict = {}
+    for name in [includes] if isinstance(includes, str) else includes:
+        merged.update(_written(path.parent / name))
+    return {**merged, **data}
+
+
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
 def test_shipped_configs_load(path):
-    load_config(path)
+    # Every key the file (or what it includes) sets has that value, every other key its default.
+    written = _written(path)
+    assert written, f"{path.name} sets nothing"
+    assert load_config(path).to_dict() == {**Config().to_dict(), **written}

@@ -29,14 +29,46 @@ def test_latentseek_runs_a_batch_on_cuda(gpu_solver):
     assert all(not r.error for r in results)
     assert all(r.cot_length > 0 for r in results)
     assert all(len(r.rewards) == r.iterations for r in results)
+    # The latent step did something: on some problem a step changed prefix tokens. (The same
+    # setting in float32 on CPU changes 2 to 7 tokens in every step of all four problems.)
+    changed = [s.tokens_changed for r in results for s in r.iteration_stats]
+    assert changed and max(changed) > 0, changed
+
+
+# bf16 on CUDA: a batch pads its prompts and runs other matrix shapes than one row alone, so the
+# kernels accumulate in another order and the bf16 logits differ in their last bits (bf16 keeps 8
+# significant bits: at |logit| < 32 its spacing is at most 0.25). Greedy decoding then picks
+# differently only where the two best tokens were (nearly) tied, and the texts differ from there
+# on. So the check is exact where it can be: the same tokens up to a row's first difference, and
+# there the one-at-a-time run's two best tokens are the two choices, within NEAR_TIE of each
+# other. NEAR_TIE is that spacing doubled for the rounding the layers accumulate: a bound from
+# bf16's resolution, not yet measured on a device (written without a GPU); the test prints the
+# gaps it sees, for `make test-gpu` to measure it.
+NEAR_TIE = 0.5
 
 
 def test_batched_cot_matches_one_at_a_time_on_cuda(gpu_solver):
+    from pipeline.generation import GenerationRequest
+
     problems = load_dataset(gpu_solver.cfg).problems
-    together = gpu_solver.run("cot", problems)
-    alone = [gpu_solver.run("cot", [p])[0] for p in problems]
-    same = sum(a.final_answer == b.final_answer for a, b in zip(together, alone))
-    assert same >= len(problems) - 1  # bf16 rounding may flip a near-tie once
+    prompts = [gpu_solver.prompt(p)[0] for p in problems]
+    budget = gpu_solver.cfg.max_new_tokens
+    together = gpu_solver.backend.generate([GenerationRequest(p, budget) for p in prompts])
+    alone = [gpu_solver.backend.generate([GenerationRequest(p, budget)])[0] for p in prompts]
+    gaps = []
+    for prompt, a, b in zip(prompts, alone, together, strict=True):
+        first = next((i for i, (x, y) in enumerate(zip(a.tokens, b.tokens)) if x != y), None)
+        if first is None:
+            assert len(a.tokens) == len(b.tokens)  # the same tokens, and the same stop
+            continue
+        ids = torch.tensor([list(prompt) + a.tokens[:first]], device=gpu_solver.loaded.device)
+        with torch.no_grad():
+            logits = gpu_solver.loaded.model(input_ids=ids).logits[0, -1].float()
+        top = logits.topk(2)
+        gaps.append(float(top.values[0] - top.values[1]))
+        assert {a.tokens[first], b.tokens[first]} == set(top.indices.tolist())
+        assert gaps[-1] <= NEAR_TIE
+    print(f"batched vs one at a time: {len(gaps)} of {len(prompts)} rows differ, gaps {gaps}")
 
 
 def test_captured_states_give_back_the_decoded_tokens_on_cuda(gpu_solver):

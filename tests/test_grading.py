@@ -253,9 +253,29 @@ def test_ordinary_powers_still_reach_math_verify() -> None:
     assert is_equivalent("2^{11}", "1024") is False
 
 
-def test_error_inside_math_verify_is_not_equivalent(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("error", [ZeroDivisionError, OverflowError, RecursionError])
+def test_an_expression_sympy_cannot_evaluate_is_not_equivalent(
+    error: type[Exception], monkeypatch: pytest.MonkeyPatch
+) -> None:
     def boom(gold: str, pred: str) -> bool:
-        raise RuntimeError("sympy failed")
+        raise error("cannot evaluate")
 
     monkeypatch.setattr(grading, "_math_verify_equal", boom)
     assert is_equivalent("\\sqrt{2}/2", "\\frac{\\sqrt2}{2}") is False
+
+
+@pytest.mark.parametrize("error", [TypeError, AttributeError])
+def test_a_broken_math_verify_call_is_reported_not_graded_wrong(
+    error: type[Exception], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An API mismatch (math-verify's verify no longer takes our arguments) must not turn every
+    # symbolic comparison into "not equivalent": the caller gets a GradingError naming it.
+    import math_verify
+
+    def verify(*args, **kwargs):
+        raise error("verify() got an unexpected keyword argument 'timeout_seconds'")
+
+    monkeypatch.setattr(math_verify, "verify", verify)
+    with pytest.raises(grading.GradingError, match=f"{error.__name__}: verify\\(\\) got"):
+        is_equivalent("\\sqrt{2}/2", "\\frac{\\sqrt2}{2}")
+    assert is_equivalent("18.0", "18") is True  # the numeric fast path needs no math-verify

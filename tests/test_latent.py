@@ -222,11 +222,22 @@ def test_no_gradient_reaches_model_weights(tiny_model, z0, frozen):
 
 
 def test_bias_is_added():
-    # V = 2, D = 1, W = [[1], [-1]], bias [0, 2], z = 0.5: logits [0.5, 1.5] -> token 1.
+    # V = 2, D = 1, W = [[1], [-1]], bias [0, 2], z = 0.5: logits [0.5, 1.5] -> a = token 1,
+    # p1 = sigmoid(1) = 0.7310586, logp = log p1 = -0.3132617.
+    # d logp / dz = w1 - (p0 w0 + p1 w1) = -1 - (0.2689414 - 0.7310586) = -0.5378828.
+    # r = -1: loss = -r * logp = -0.3132617, gradient = d logp / dz = -0.5378828, and Adam's
+    # first step moves z by -lr * sign(grad) = +0.1 -> 0.6 (logits [0.6, 1.4]: still token 1,
+    # logp drops to log sigmoid(0.8) = -0.3711007). Without the bias the same z would pick
+    # token 0 and move the other way, to 0.4 (test_hand_worked_single_position).
     w, bias = torch.tensor([[1.0], [-1.0]]), torch.tensor([0.0, 2.0])
     z = leaf(torch.tensor([[[0.5]]]))
-    step = latent_step(z, None, torch.tensor([0.0]), linear(w, bias), adam(z, 0.1))
-    assert step.tokens.tolist() == [[1]]
+    step = latent_step(z, None, torch.tensor([-1.0]), linear(w, bias), adam(z, 0.1))
+    assert step.loss.item() == pytest.approx(-0.3132617, abs=1e-6)
+    assert step.grad_norm.item() == pytest.approx(0.5378828, abs=1e-6)
+    assert z.item() == pytest.approx(0.6, abs=1e-6)
+    assert step.tokens.tolist() == [[1]] and step.tokens_changed.tolist() == [0]
+    logp = torch.log_softmax(linear(w, bias)(z.detach()), dim=-1)[0, 0, 1]
+    assert logp.item() == pytest.approx(-0.3711007, abs=1e-6)
 
 
 def test_z_must_require_grad(head, z0):
@@ -234,22 +245,31 @@ def test_z_must_require_grad(head, z0):
         latent_step(z0, None, torch.zeros(2), linear(head), torch.optim.Adam([leaf(z0)]))
 
 
+def _sampled(z0: torch.Tensor, head: torch.Tensor, seed: int | None):
+    """One step from z0 with r = -1: sampled tokens (`seed`), or argmax (`seed=None`)."""
+    z = leaf(z0)
+    gen = None if seed is None else torch.Generator().manual_seed(seed)
+    r = torch.tensor([-1.0, -1.0])
+    step = latent_step(
+        z, None, r, linear(head), adam(z, 0.1), sample=seed is not None, generator=gen
+    )
+    return step.tokens, z.detach()
+
+
 def test_sampled_update_reproducible_per_generator(head, z0):
-    runs = []
-    for _ in range(2):
-        z = leaf(z0)
-        gen = torch.Generator().manual_seed(7)
-        step = latent_step(
-            z,
-            None,
-            torch.tensor([-1.0, -1.0]),
-            linear(head),
-            adam(z, 0.1),
-            sample=True,
-            generator=gen,
-        )
-        runs.append((step.tokens, z.detach()))
-    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    # The tiny model's head gives small logits (|W z| ~ 0.1 over 128 tokens): softmax(W z_t) is
+    # nearly uniform, so 12 sampled positions all equal to the argmax ones has odds ~ 128^-12.
+    tokens, z = _sampled(z0, head, seed=7)
+    again_tokens, again_z = _sampled(z0, head, seed=7)
+    assert torch.equal(tokens, again_tokens) and torch.equal(z, again_z)
+    argmax_tokens, argmax_z = _sampled(z0, head, seed=None)
+    # Sampling had an effect: both a_t (which the gradient follows, so Z moves elsewhere) and
+    # the returned x'_t differ from the argmax step's.
+    assert (tokens != argmax_tokens).sum() > tokens.numel() // 2
+    assert not torch.allclose(z, argmax_z)
+    assert torch.equal(argmax_tokens, prefix_logits(argmax_z, head).argmax(-1))
+    other_tokens, _ = _sampled(z0, head, seed=8)
+    assert not torch.equal(tokens, other_tokens)  # and it follows the generator
 
 
 def test_hidden_rms():

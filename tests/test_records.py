@@ -12,11 +12,16 @@ The hand-built run used throughout (method latentseek unless noted):
 from __future__ import annotations
 
 import math
+import os
+import re
+import signal
+import socket
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import hold_in_child
 
 from analysis.tables import accuracy_by_iteration, load_run, markdown, summary_table
 from pipeline import records
@@ -27,7 +32,9 @@ from pipeline.records import (
     PROBLEM_SCHEMA,
     DuplicateRecordError,
     RecordStore,
+    RunDirError,
     append_invocation,
+    hold_run_dir,
     iteration_rows,
     problem_row,
     read_invocations,
@@ -171,10 +178,11 @@ def test_null_in_a_required_column_is_refused(tmp_path):
 
 
 def test_completed_keys(store):
-    assert store.completed() == {
-        ("p1", "latentseek"), ("p2", "latentseek"), ("p3", "latentseek"),
-        ("p4", "latentseek"), ("p1", "cot"),
-    }  # fmt: skip
+    # p4 was recorded with an error: not done (a resume retries it) unless errors count
+    done = {("p1", "latentseek"), ("p2", "latentseek"), ("p3", "latentseek"), ("p1", "cot")}
+    assert store.completed() == done
+    assert store.completed(include_errors=True) == done | {("p4", "latentseek")}
+    assert store.failed() == {("p4", "latentseek")}
 
 
 def test_shard_names_sort_by_write_time(store):
@@ -227,6 +235,66 @@ def test_same_key_in_two_shards_raises(store):
         store.read_problems()
     with pytest.raises(DuplicateRecordError):
         store.compact()
+
+
+def _retry_of_p4(error: str = "") -> ProblemResult:
+    return ProblemResult(
+        problem_id="p4", dataset="gsm8k", method="latentseek", question="?", gold="0",
+        cot_answer="0", final_answer="0", final_extracted="0", cot_correct=True,
+        final_correct=True, initial_reward=-0.2, rewards=[-0.1], iterations=1,
+        iteration_stats=[_stats(1, -0.1, True)], error=error,
+    )  # fmt: skip
+
+
+def test_a_retried_error_row_is_superseded_exactly_once(store):
+    # p4 failed in the second shard; a resume retries it and commits the new row in a third.
+    before = store.read_iterations()
+    store.write([_retry_of_p4()], RUN, MODEL, "w2", attempts={("p4", "latentseek"): 1})
+    problems, iterations = store.read_problems(), store.read_iterations()
+    assert len(problems) == 5 and not problems.duplicated(["problem_id", "method"]).any()
+    p4 = problems.set_index(["problem_id", "method"]).loc[("p4", "latentseek")]
+    assert p4["error"] == "" and p4["final_correct"] and p4["worker"] == "w2"
+    # the failed row's iteration row (its iteration 0) is gone, the retry's two are there
+    p4_its = iterations[iterations["problem_id"] == "p4"]
+    assert list(p4_its["iteration"]) == [0, 1] and list(p4_its["answer"]) == ["0", "answer 1"]
+    assert len(iterations) == len(before) - 1 + 2
+    assert ("p4", "latentseek") in store.completed() and store.failed() == set()
+    # compaction keeps the same rows and drops the superseded one from the files
+    store.compact()
+    pd.testing.assert_frame_equal(store.read_problems(), problems.sort_values(
+        ["problem_id", "method"], ignore_index=True), check_like=True)  # fmt: skip
+    assert len(pq.read_table(next((store.run_dir / "problems").iterdir()))) == 5
+    assert len(store.read_iterations()) == len(iterations)
+
+
+def test_a_retry_that_fails_again_keeps_the_newest_error(store):
+    store.write([_retry_of_p4("RuntimeError: again")], RUN, MODEL, "w2")
+    (row,) = store.read_problems().query("problem_id == 'p4'").itertuples()
+    assert row.error == "RuntimeError: again" and store.failed() == {("p4", "latentseek")}
+    # and a later success still supersedes both, also across a compaction
+    store.compact()
+    store.write([_retry_of_p4()], RUN, MODEL, "w3")
+    assert store.failed() == set() and len(store.read_problems()) == 5
+    store.compact()
+    assert store.read_problems().query("problem_id == 'p4'")["worker"].tolist() == ["w3"]
+
+
+def test_a_row_without_error_is_never_superseded(store):
+    # p4 succeeded on retry; recording it once more is a duplicate, not a newer version
+    store.write([_retry_of_p4()], RUN, MODEL, "w2")
+    store.write([_retry_of_p4()], RUN, MODEL, "w3")
+    for read in (store.read_problems, store.read_iterations, store.completed, store.compact):
+        with pytest.raises(DuplicateRecordError, match=r"p4.*latentseek"):
+            read()
+
+
+def test_a_new_shard_sorts_after_every_shard_present(store, monkeypatch):
+    # a clock set back (or another host's) must not file a retry before the row it retries
+    monkeypatch.setattr(records, "new_shard_id", lambda: f"{1:020d}-{'0' * 12}")
+    store.write([_retry_of_p4()], RUN, MODEL, "w2")
+    names = sorted(p.name for p in (store.run_dir / "problems").iterdir())
+    assert pq.read_table(store.run_dir / "problems" / names[-1]).column("worker")[0].as_py() == "w2"
+    assert store.failed() == set()
 
 
 def test_same_key_twice_in_one_batch_is_refused(tmp_path):
@@ -410,3 +478,23 @@ def test_plot_scaling_curve(store, tmp_path):
     curve = accuracy_by_iteration(store.read_problems(), store.read_iterations())
     out = plot_scaling_curve(curve, tmp_path / "plots" / "curve.png", title="t")
     assert out.stat().st_size > 1000
+
+
+# --- one driver per run directory --------------------------------------------------------------
+
+
+def test_a_held_run_directory_refuses_a_second_holder_and_a_sigkill_frees_it(tmp_path):
+    directory = tmp_path / "out" / "r1"
+    holder = hold_in_child(directory)
+    try:
+        who = f"pid {holder.pid} on {socket.gethostname()}"
+        with pytest.raises(RunDirError, match=rf"in use by another driver \({re.escape(who)}\)"):
+            with hold_run_dir(directory):
+                pytest.fail("two holders at once")
+    finally:
+        holder.send_signal(signal.SIGKILL)  # a driver killed outright: no cleanup of its own
+        holder.wait(timeout=30)
+    with hold_run_dir(directory) as lock:  # the kernel released it: no stale lock
+        assert lock.read_text() == f"pid {os.getpid()} on {socket.gethostname()}\n"
+    with hold_run_dir(directory):  # and released at the end of the block
+        pass

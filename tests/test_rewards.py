@@ -332,8 +332,11 @@ def test_import_callable():
         import_callable("math:no_such_fn")
     with pytest.raises(ValueError, match="no callable 'pi'"):
         import_callable("math:pi")  # exists, but is not callable
-    with pytest.raises(ValueError, match="no callable ''"):
-        import_callable("math")
+    for bad in ("math", "math:", ":sqrt"):
+        with pytest.raises(ValueError, match="expected 'module:function'"):
+            import_callable(bad)
+    with pytest.raises(ValueError, match="cannot import module 'tests.no_such': ModuleNotFound"):
+        import_callable("tests.no_such:fn")
 
 
 # --- template loaders -------------------------------------------------------------------------

@@ -26,10 +26,13 @@ from pipeline.results import Compute, IterationStats, ProblemResult
 from pipeline.tracking import (
     KIND_TAG,
     PARENT_TAG,
+    RUN_DIR_TAG,
     RUN_ID_TAG,
+    ForeignRunError,
     end_run,
     flatten_params,
     log_run,
+    open_sweep_run,
     resolve_tracking_uri,
     run_name,
     start_run,
@@ -336,6 +339,104 @@ def test_log_run_to_a_real_mlflow_server(tmp_path, mlflow_server, no_env_uri):
     assert len(stored) == 2  # problems/ and iterations/
     assert not (tmp_path / "out" / "mlartifacts").exists()
     assert run.inputs.dataset_inputs[0].dataset.digest == "d1g35t"
+
+
+def _statuses(client: MlflowClient, run_id: str) -> set[str]:
+    """The statuses of an evaluation run and its method runs."""
+    children = _method_runs(client, run_id).values()
+    return {client.get_run(run_id).info.status} | {c.info.status for c in children}
+
+
+def test_a_run_id_of_another_output_directory_is_refused_before_any_work(
+    tmp_path, mlflow_server, no_env_uri, monkeypatch
+):
+    """Two output directories (two sweeps with the same point ids) on one tracking server: the
+    second is refused, naming both directories, before Ray starts; the first still resumes."""
+    import ray
+
+    from jobs.run import run_evaluation
+
+    a = Config(
+        output_dir=str(tmp_path / "a"), run_id="point-1", method=["cot"], limit=1,
+        mlflow_tracking_uri=mlflow_server, mlflow_experiment="shared",
+    )  # fmt: skip
+    b = a.replace(output_dir=str(tmp_path / "b"))
+    first = start_run(a)
+    client = MlflowClient(mlflow_server)
+    assert client.get_run(first).data.tags[RUN_DIR_TAG] == str(tmp_path / "a" / "point-1")
+    both = rf"belongs to {tmp_path / 'a' / 'point-1'}, not to {tmp_path / 'b' / 'point-1'}"
+    with pytest.raises(ForeignRunError, match=both):
+        start_run(b)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    with pytest.raises(ForeignRunError, match=both):
+        run_evaluation(b, progress=False, log=lambda m: None)
+    assert [p.name for p in (tmp_path / "b" / "point-1").iterdir()] == ["driver.lock"]
+    rd = _record_run(b)
+    with pytest.raises(ForeignRunError, match=both):
+        _log(b, rd)
+    experiment = client.get_experiment_by_name("shared").experiment_id
+    assert len(client.search_runs([experiment])) == 2  # a's evaluation and method run only
+    assert start_run(a) == first  # its own directory finds it again
+
+
+def test_a_failure_while_finishing_ends_the_mlflow_run_failed(tmp_path, mlflow_server, no_env_uri,
+                                                             monkeypatch):  # fmt: skip
+    import time
+
+    from jobs import finish
+    from pipeline.data import Dataset, Problem
+
+    cfg = Config(
+        output_dir=str(tmp_path / "out"), run_id="fin", method=["cot", "latentseek"],
+        mlflow_tracking_uri=mlflow_server,
+    )  # fmt: skip
+    rd = _record_run(cfg)
+    run = start_run(cfg)  # open while the evaluation ran
+    client = MlflowClient(mlflow_server)
+    assert _statuses(client, run) == {"RUNNING"}
+
+    def broken_report(directory):
+        raise RuntimeError("the report could not be written")
+
+    monkeypatch.setattr(finish, "report_files", broken_report)
+    problems = [Problem(pid, "gsm8k", "?", "0") for pid in ("a", "b")]
+    dataset = Dataset("gsm8k", "gsm8k", problems, 0, 2, "")
+    with pytest.raises(RuntimeError, match="the report could not be written"):
+        finish.finish_run(
+            cfg, rd, RecordStore(rd), dataset, 4, 0, finish.Counts(), time.perf_counter(),
+            mlflow_run=run,
+        )  # fmt: skip
+    assert _statuses(client, run) == {"FAILED"}
+
+
+def test_a_failed_sweep_ends_its_parent_run_failed(tmp_path, mlflow_server, no_env_uri,
+                                                   monkeypatch):  # fmt: skip
+    import jobs.run
+    from jobs.run import RunError
+    from jobs.sweep import run_sweep
+
+    path = tmp_path / "sw.yaml"
+    path.write_text("name: sw\nset: {method: [cot], limit: 1}\ngrid: {max_new_tokens: [4, 8]}\n")
+
+    def fails(cfg, **kwargs):
+        raise RunError(f"{cfg.run_id}: no worker left")
+
+    monkeypatch.setattr(jobs.run, "run_evaluation", fails)
+    overrides = [f"output_dir={tmp_path / 'out'}", f"mlflow_tracking_uri={mlflow_server}"]
+    with pytest.raises(RunError, match="no worker left"):
+        run_sweep(path, overrides, progress=False, log=lambda m: None)
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("latentseek").experiment_id
+    (parent,) = client.search_runs([experiment], "tags.`latentseek.sweep` = 'sw'")
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags[RUN_DIR_TAG] == str(tmp_path / "out" / "sw")
+    cfg = Config(mlflow_tracking_uri=mlflow_server)  # the same sweep name in another directory
+    with pytest.raises(ForeignRunError, match=rf"belongs to {tmp_path / 'out' / 'sw'}, not to"):
+        open_sweep_run(cfg, "sw", {}, tmp_path / "elsewhere" / "sw")
 
 
 def test_tracking_imports_no_analysis_code():

@@ -246,6 +246,40 @@ def test_progress_moves_per_problem_before_the_task_returns(tmp_path, local_ray,
     assert done[-1].value == 4
 
 
+@pytest.fixture
+def fail_mark(tmp_path, monkeypatch) -> Path:
+    """While this file exists, tests.faulty_reward:fails_while_marked fails on gsm8k-1 (set
+    before `local_ray` starts Ray, whose workers inherit the variable: the session's Ray, if one
+    runs, is shut down so that the next one starts with it)."""
+    mark = tmp_path / "fail-while-this-exists"
+    mark.touch()
+    monkeypatch.setenv("LATENTSEEK_TEST_FAIL_MARK", str(mark))
+    if ray.is_initialized():
+        ray.shutdown()
+    return mark
+
+
+def test_a_failed_row_is_retried_on_resume_and_superseded_once(tmp_path, fail_mark, local_ray):
+    cfg = small_cfg(
+        tmp_path, limit=3, method=["latentseek"], workers=1, max_retries=0,
+        reward="tests.faulty_reward:fails_while_marked",
+    )  # fmt: skip
+    first = run_evaluation(cfg, progress=False, log=lambda m: None)
+    assert first.failures == 1 and first.recorded == 3
+    fail_mark.unlink()  # the failure was transient
+
+    logged: list[str] = []
+    again = run_evaluation(cfg, progress=False, log=logged.append)
+    assert "resuming r1: 2 of 3 records already there; retrying 1 recorded with an error" in logged
+    assert (again.recorded, again.skipped, again.failures) == (1, 2, 0)
+    problems = assert_exactly_once(again.run_dir, 3, ["latentseek"])
+    assert (problems["error"] == "").all()
+    iterations = RecordStore(again.run_dir).read_iterations()
+    assert not iterations.duplicated(["problem_id", "method", "iteration"]).any()
+    retried = iterations[iterations["problem_id"] == "gsm8k-1"]
+    assert list(retried["iteration"]) == list(range(len(retried)))  # the new row's, once
+
+
 def test_resume_with_different_settings_is_refused(tmp_path, local_ray):
     cfg = small_cfg(tmp_path, limit=2, method=["cot"])
     run_evaluation(cfg, progress=False, log=lambda m: None)
@@ -405,7 +439,8 @@ def test_a_worker_that_cannot_load_its_model_stops_the_run_with_one_line(tmp_pat
     msg = str(err.value)
     assert msg.startswith("a worker could not start: ModelError: ")
     assert str(model_dir) in msg and "\n" not in msg and "Traceback" not in msg
-    assert not (tmp_path / "out" / "r1").exists()  # nothing written for a run that never started
+    # nothing written for a run that never started, but the lock its driver held
+    assert [p.name for p in (tmp_path / "out" / "r1").iterdir()] == ["driver.lock"]
 
 
 def test_killed_driver_resumes_without_loss_or_duplicates(tmp_path):

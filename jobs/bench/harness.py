@@ -1,8 +1,9 @@
 """How a row is measured: one fresh child process per configuration, its clock and its memory.
 
 `Runner.child(label, spec)` writes the spec (a JSON file: the row kind, the resolved config and
-the row's own fields) to `logs/`, runs `python -m jobs.bench.harness SPEC RESULT` and reads back
-the result; the child's output goes to `logs/NN-label.log`. A child that fails returns
+the row's own fields) to `logs/`, runs `python -m jobs.bench.harness SPEC RESULT` (absolute paths;
+the child runs in the caller's working directory, so that relative paths in the config mean what
+they meant to the caller, and finds this project through PYTHONPATH) and reads back the result; the child's output goes to `logs/NN-label.log`. A child that fails returns
 `{"error": ...}` (its exit code and the log's last lines) and the bench goes on with the next row.
 
 In the child, the row's function (`jobs.bench.rows.CHILDREN[kind]`) times only its own work with
@@ -89,7 +90,7 @@ class Runner:
 
     def __init__(self, out: Path, env: dict[str, str]) -> None:
         self.env = {**env, "PYTHONPATH": _pythonpath(env)}
-        self.logs = out / "logs"
+        self.logs = (out / "logs").resolve()
         self.logs.mkdir(parents=True, exist_ok=True)
         self.t0 = time.perf_counter()
         self.count = 0
@@ -124,7 +125,6 @@ class Runner:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self.env,
-                cwd=PROJECT_ROOT,
             )
         took = time.perf_counter() - start
         if proc.returncode != 0 or not out_path.exists():
