@@ -40,6 +40,7 @@ SUMMARY_COLUMNS = [
     "mean_wall_seconds",
     "flops_per_problem",
     "problems_per_hour",
+    "grade_timeouts",
 ]
 CURVE_COLUMNS = ["method", "iteration", "accuracy"]
 REWARD_CURVE_COLUMNS = ["method", "iteration", "mean_reward"]
@@ -70,6 +71,8 @@ def summary_table(problems: pd.DataFrame) -> pd.DataFrame:
     element of `rewards`, the best with `return_best`, BoN's pick; `initial_reward` when a
     problem ran no iteration); reward means skip problems without a reward (NaN if none has one).
     `problems_per_hour` is 3600 / mean_wall_seconds: one worker's throughput on that method.
+    `grade_timeouts`: problems one of whose answers math-verify did not grade in time (counted
+    wrong; `grade_status`).
     """
     rows = []
     for method, g in problems.groupby("method", sort=False):
@@ -88,6 +91,9 @@ def summary_table(problems: pd.DataFrame) -> pd.DataFrame:
                 "mean_wall_seconds": wall,
                 "flops_per_problem": float(g["flops"].mean()),
                 "problems_per_hour": 3600.0 / wall if wall > 0 else float("nan"),
+                "grade_timeouts": int(
+                    (g.get("grade_status", pd.Series(dtype=object)) == "timeout").sum()
+                ),
             }
         )
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)

@@ -203,11 +203,15 @@ def check_backend(cfg: Config) -> None:
 
 
 def check_prompts(cfg: Config) -> None:
-    """The solver and verifier templates load; a ConfigError names the key, the file and the
-    problem."""
+    """The solver and verifier templates load, and the prompt files the methods read (reflect's);
+    a ConfigError names the key, the file and the problem."""
+    from pipeline.methods import get_method
     from pipeline.prompts import load_solver_template, load_verifiers
 
-    for key, load in (("prompt", load_solver_template), ("verifier_prompts", load_verifiers)):
+    checks = {"prompt": load_solver_template, "verifier_prompts": load_verifiers}
+    for m in cfg.method:
+        checks.update(get_method(m).files)
+    for key, load in checks.items():
         try:
             load(getattr(cfg, key))
         except ConfigError as exc:
@@ -233,6 +237,7 @@ def input_digests(cfg: Config, dataset: Dataset, model: bool = True) -> dict[str
     file only, not what it imports) and, with `model`, the model (`pipeline.model.model_digest`:
     weight files by size and time). Each is {"source": the file, <field>: <value>}; a Hugging
     Face dataset and a hub model not yet downloaded have nothing to compare."""
+    from pipeline.methods import get_method
     from pipeline.model import file_sha256, model_digest
     from pipeline.prompts import load_verifiers, template_path
 
@@ -251,8 +256,8 @@ def input_digests(cfg: Config, dataset: Dataset, model: bool = True) -> dict[str
             "source": str(template_path(cfg.verifier_prompts).resolve()),
             "sha256": hashlib.sha256(text).hexdigest(),
         }
-    if "reflect" in cfg.method:
-        inputs["reflect_prompts"] = of_file(template_path(cfg.reflect_prompts))
+    for key in dict.fromkeys(k for m in cfg.method for k in get_method(m).files):
+        inputs[key] = of_file(template_path(getattr(cfg, key)))
     if cfg.reward not in BUILTIN_REWARDS:
         module = sys.modules.get(cfg.reward.partition(":")[0])  # imported by check_reward
         if getattr(module, "__file__", None):

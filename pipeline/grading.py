@@ -62,7 +62,9 @@ from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 
 __all__ = [
+    "equivalence",
     "Grade",
+    "GRADE_STATUSES",
     "GradingError",
     "extract_answer",
     "grade",
@@ -346,9 +348,9 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     return (ArithmeticError, RecursionError, SympifyError)
 
 
-def _run_with_timeout(gold: str, pred: str, timeout_s: float) -> bool:
-    """Run `_math_verify_equal` in a daemon thread; False on timeout or on an expression that
-    cannot be evaluated; GradingError on any other exception."""
+def _run_with_timeout(gold: str, pred: str, timeout_s: float) -> tuple[bool, str]:
+    """Run `_math_verify_equal` in a daemon thread: (equal, "ok"), (False, "timeout"), or (False,
+    "ok") for an expression that cannot be evaluated; GradingError on any other exception."""
     result: list[bool] = []
     failed: list[BaseException] = []
 
@@ -366,39 +368,54 @@ def _run_with_timeout(gold: str, pred: str, timeout_s: float) -> bool:
         raise GradingError(
             f"math-verify failed comparing {pred!r} with {gold!r}: {type(exc).__name__}: {exc}"
         ) from exc
-    return bool(result and result[0])
+    if worker.is_alive():
+        return False, "timeout"
+    return bool(result and result[0]), "ok"
+
+
+def equivalence(pred: str | None, gold: str, timeout_s: float = 5.0) -> tuple[bool, str]:
+    """(whether `pred` equals `gold` numerically or symbolically, "ok"), or (False, "timeout")
+    when math-verify did not decide within `timeout_s`; safe off the main thread. Raises
+    GradingError when math-verify itself fails (not on an answer it cannot parse)."""
+    if pred is None or not gold or not gold.strip():
+        return False, "ok"
+    norm_pred, norm_gold = normalize_answer(pred), normalize_answer(gold)
+    if not norm_pred or not norm_gold:
+        return False, "ok"
+    if norm_pred == norm_gold:
+        return True, "ok"
+    num_pred, num_gold = _as_fraction(norm_pred), _as_fraction(norm_gold)
+    if num_pred is not None and num_gold is not None:
+        return num_pred == num_gold, "ok"
+    if _too_costly(norm_pred) or _too_costly(norm_gold):
+        return False, "ok"
+    return _run_with_timeout(norm_gold, norm_pred, timeout_s)
 
 
 def is_equivalent(pred: str | None, gold: str, timeout_s: float = 5.0) -> bool:
-    """True when `pred` equals `gold` numerically or symbolically; safe off the main thread.
-    Raises GradingError when math-verify itself fails (not on an answer it cannot parse)."""
-    if pred is None or not gold or not gold.strip():
-        return False
-    norm_pred, norm_gold = normalize_answer(pred), normalize_answer(gold)
-    if not norm_pred or not norm_gold:
-        return False
-    if norm_pred == norm_gold:
-        return True
-    num_pred, num_gold = _as_fraction(norm_pred), _as_fraction(norm_gold)
-    if num_pred is not None and num_gold is not None:
-        return num_pred == num_gold
-    if _too_costly(norm_pred) or _too_costly(norm_gold):
-        return False
-    return _run_with_timeout(norm_gold, norm_pred, timeout_s)
+    """`equivalence` without its status (a timeout is "not equivalent")."""
+    return equivalence(pred, gold, timeout_s)[0]
+
+
+GRADE_STATUSES = ("ok", "timeout", "error")  # worst last
 
 
 @dataclass(frozen=True)
 class Grade:
-    """One graded completion: the extracted answer (None if none) and its correctness."""
+    """One graded completion: the extracted answer (None if none), its correctness, and whether
+    the grade was decided ("ok"), timed out ("timeout": counted as incorrect) or failed
+    ("error": math-verify itself failed; the problem records the error)."""
 
     extracted: str | None
     correct: bool
+    status: str = "ok"
 
 
 def grade(text: str, gold: str, style: str = "boxed", timeout_s: float = 5.0) -> Grade:
     """Extract the answer from `text` and compare it with `gold`."""
     extracted = extract_answer(text, style)
-    return Grade(extracted=extracted, correct=is_equivalent(extracted, gold, timeout_s))
+    correct, status = equivalence(extracted, gold, timeout_s)
+    return Grade(extracted=extracted, correct=correct, status=status)
 
 
 def same_answer(a: str | None, b: str | None, timeout_s: float = 5.0) -> bool:

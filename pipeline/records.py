@@ -124,6 +124,9 @@ PROBLEM_SCHEMA = pa.schema(
         _req("flops", pa.float64()),
         _req("wall_seconds", pa.float64()),
         _req("unparsed_verdicts", pa.int64()),
+        # The worst of the problem's grades: ok, timeout (math-verify did not decide in time: the
+        # answer counts as wrong) or error; null in records written before this column existed.
+        _opt("grade_status", pa.string()),
         _req("worker", pa.string()),
         _req("attempts", pa.int64()),
         _req("error", pa.string()),  # "" when the problem ran to completion
@@ -210,6 +213,7 @@ def problem_row(result: ProblemResult, run_id: str, model: str, worker: str, att
         "flops": float(c.flops),
         "wall_seconds": float(c.wall_seconds),
         "unparsed_verdicts": int(result.unparsed_verdicts),
+        "grade_status": result.grade_status,
         "worker": worker,
         "attempts": int(attempts),
         "error": result.error,

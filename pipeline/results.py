@@ -77,6 +77,7 @@ class ProblemResult:
     sample_correct: list[bool] = field(default_factory=list)  # bon / sc: each sample graded
     sample_groups: list[int] = field(default_factory=list)  # sc: equivalent-answer group, -1 none
     unparsed_verdicts: int = 0  # self-reward verifier outputs without a verdict
+    grade_status: str = "ok"  # the worst of its grades: ok | timeout (counted wrong) | error
     compute: Compute = field(default_factory=Compute)
     device: str = ""  # the resolved device the problem ran on ("cpu", "cuda:0")
     dtype: str = ""  # the resolved weights dtype ("float32", "bfloat16")

@@ -27,6 +27,7 @@ from pipeline.backends.base import Backend, GenerationRequest, GenerationResult,
 from pipeline.benchmarks import prompt_suffix
 from pipeline.compat import decode_rules, make_grader
 from pipeline.data import Problem
+from pipeline.grading import GRADE_STATUSES, Grade, GradingError
 from pipeline.methods import get_method
 from pipeline.model import LoadedModel, load_model
 from pipeline.prompts import load_solver_template, load_verifiers, render_chat
@@ -70,12 +71,16 @@ class Solver:
             self.style,
             cfg.verifier_budget,
             cfg.format_rule,
-            grader=self.grader,
+            grader=self.grade,
             reference=self.rules.reference,
             generation_config=getattr(loaded.model, "generation_config", None),
             seed=cfg.seed,
         )
         self._on_iteration: Callable[[str, int], None] | None = None  # during `run` only
+        # A grade is a fact, decided once: (problem id, text) -> its grade, during `run` only,
+        # so the reward, an iteration's correctness and the final row read the same decision.
+        self._grades: dict[tuple[str, str], Grade] = {}
+        self._grading_errors: dict[str, str] = {}
 
     @property
     def head(self) -> Any:
@@ -115,15 +120,21 @@ class Solver:
                 t = task(self, p, prompt, r)
                 tasks.append(_reporting(t, r, on_problem_done) if on_problem_done else t)
         self._on_iteration = on_iteration
+        self._grades, self._grading_errors = {}, {}
         try:
             if tasks:
                 self.backend.run(tasks, self.cfg.batch_size, self.cfg.batching)
+            statuses = self._grade_statuses()
         finally:
             self._on_iteration = None
+            self._grades, self._grading_errors = {}, {}
         elapsed = time.perf_counter() - start
         device, dtype = str(self.loaded.device), str(self.loaded.dtype).removeprefix("torch.")
         for r in results:
             r.device, r.dtype = device, dtype
+            r.grade_status, failure = statuses.get(r.problem_id, ("ok", ""))
+            if failure and not r.error:
+                r.error, r.stop_reason = failure, "error"
             r.compute.wall_seconds = elapsed / len(results)
             r.compute.flops = 2.0 * self.loaded.num_parameters * r.compute.flops
         return results
@@ -196,12 +207,34 @@ class Solver:
         if self._on_iteration is not None:
             self._on_iteration(p.problem_id, k)
 
+    def grade(self, p: Problem, text: str) -> Grade:
+        """`text` graded against `p`'s answer, once per run whatever asks (the reward, an
+        iteration, the final row): a grade that timed out stays a timeout, so a loaded worker
+        cannot record reward 0 beside correct=False for the same text. A math-verify failure is
+        an "error" grade (incorrect), and its problem records the error."""
+        key = (p.problem_id, text)
+        if key not in self._grades:
+            try:
+                self._grades[key] = self.grader(p, text)
+            except GradingError as exc:
+                self._grades[key] = Grade(None, False, "error")
+                self._grading_errors.setdefault(p.problem_id, f"GradingError: {exc}")
+        return self._grades[key]
+
+    def _grade_statuses(self) -> dict[str, tuple[str, str]]:
+        """problem id -> (the worst status of its grades, its grading error or '')."""
+        worst: dict[str, str] = {}
+        for (pid, _), g in self._grades.items():
+            if GRADE_STATUSES.index(g.status) > GRADE_STATUSES.index(worst.get(pid, "ok")):
+                worst[pid] = g.status
+        return {pid: (s, self._grading_errors.get(pid, "")) for pid, s in worst.items()}
+
     def correct(self, p: Problem, text: str) -> bool:
-        return self.grader(p, text).correct
+        return self.grade(p, text).correct
 
     def finish(self, p: Problem, r: ProblemResult, text: str, length: int) -> None:
         """Record `text` (of `length` tokens) as the problem's returned answer."""
-        g = self.grader(p, text)
+        g = self.grade(p, text)
         r.final_answer, r.final_extracted, r.final_correct = text, g.extracted, g.correct
         r.final_length = length
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections import defaultdict
 
 import pytest
 import torch
@@ -339,3 +340,40 @@ def test_select_best(rewards, expected):
 )
 def test_majority_vote(extracted, expected):
     assert majority_vote(extracted) == expected
+
+
+def test_a_grade_is_decided_once_per_text():
+    # A grader that times out on its first call for a text and answers "correct" on the next
+    # (a loaded worker): every use of that text in the problem (the PSRM reward of r0, and the
+    # final row) must read the one decision, and the timeout is recorded as such.
+    from pipeline.grading import Grade
+
+    cfg = make_cfg(max_iters=0)
+    solver = Solver(cfg, tiny_loaded())  # reward=psrm: it grades through the solver
+    calls = defaultdict(int)
+
+    def flaky(p, text):
+        calls[text] += 1
+        return Grade(None, False, "timeout") if calls[text] == 1 else Grade("2", True)
+
+    solver.grader = flaky
+    (r,) = solver.run("latentseek", [problem()])
+    assert calls[r.cot_answer] == 1  # graded once, read three times
+    assert (r.initial_reward, r.cot_correct, r.final_correct) == (-1.0, False, False)
+    assert r.grade_status == "timeout" and r.error == ""
+    (again,) = solver.run("latentseek", [problem()])  # a new run grades afresh
+    assert (again.initial_reward, again.final_correct, again.grade_status) == (0.0, True, "ok")
+
+
+def test_a_grading_failure_is_the_problems_error():
+    from pipeline.grading import GradingError
+
+    solver = Solver(make_cfg(max_iters=0), tiny_loaded())
+
+    def broken(p, text):
+        raise GradingError("math-verify failed: TypeError: API changed")
+
+    solver.grader = broken
+    (r,) = solver.run("cot", [problem()])
+    assert r.grade_status == "error" and r.error.startswith("GradingError: math-verify failed")
+    assert r.final_correct is False

@@ -9,8 +9,8 @@ sweep may read its points off a larger run, and how reports label it. The regist
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
@@ -59,6 +59,9 @@ class Method:
     reference: bool = False  # the greedy CoT every other method's gain is measured against
     cot_pass: bool = False  # its `cot_correct` is its own greedy CoT pass (a paired reference)
     default: bool = False  # run when the config names no method (`method` key's default)
+    # config key naming a prompt file it reads -> that file's loader (preflight loads it, resume
+    # compares its content)
+    files: Mapping[str, Callable[[str], Any]] = field(default_factory=dict)
     description: str = ""  # one line for the docs
     # answers one problem may decode at most, under a config (the driver's batch deadline)
     max_answers: Callable[[Any], int] = one_answer

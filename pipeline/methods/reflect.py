@@ -92,6 +92,7 @@ METHOD = Method(
     iterations=True,
     derive=Derivation("max_iters", "steps"),
     cot_pass=True,
+    files={"reflect_prompts": load_reflect_prompts},
     description="Self-Reflection: answer, review the answer, answer again (K rounds)",
     max_answers=lambda cfg: 1 + 2 * cfg.max_iters,  # the CoT, then a review and an answer a round
 )
