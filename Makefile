@@ -10,7 +10,7 @@ ARGS ?=
 # The venv's tools first: DeepSpeed compiles its CPU all-reduce with the ninja it installed.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help setup setup-vllm run test test-slow test-gpu test-vllm gpu-check test-ui bench lint format clean
+.PHONY: help setup setup-vllm run test test-slow test-long test-gpu test-vllm gpu-check test-ui bench lint format clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -60,8 +60,11 @@ run: $(STAMP)  ## run the embedded default job (local Ray, SmolLM2-135M, GSM8K s
 test: $(STAMP)  ## the default test suite (fast, CPU only; what CI runs)
 	$(PY) -m pytest -q $(ARGS)
 
-test-slow: $(STAMP)  ## the slow tests (longer fidelity runs)
+test-slow: $(STAMP)  ## the slow tests: whole-pipeline repeats, the bench end to end, every fuzz case (CI runs them)
 	$(PY) -m pytest -q -m slow $(ARGS)
+
+test-long: $(STAMP)  ## the fidelity checks at SPEC §6's settings (about an hour on 2 cores)
+	$(PY) -m pytest -q -m long $(ARGS)
 
 test-gpu: $(STAMP)  ## the GPU tests (need CUDA)
 	$(PY) -m pytest -q -m gpu $(ARGS)

@@ -42,7 +42,13 @@ def derived_metrics(
         method = row["method"]
         values = {
             key: float(row[key])
-            for key in ("problems", "failures", "cot_accuracy", "mean_initial_reward")
+            for key in (
+                "problems",
+                "failures",
+                "cot_accuracy",
+                "mean_initial_reward",
+                "grade_timeouts",
+            )
             if key in row and row[key] is not None and np.isfinite(row[key])
         }
         g = problems[problems["method"] == method].reset_index(drop=True)

@@ -254,6 +254,7 @@ def _report_markdown(records: Records, table: pd.DataFrame, files: ReportFiles) 
         "\nNumbers, with tokens and FLOPs per problem and the settings: `table.csv`.\n\n",
         "### Configurations\n\n",
         markdown(settings),
+        "\n" + files.paper_md.read_text(),
         "\n# Test-time scaling: accuracy after k latent steps\n\n",
         _image(files, "scaling_png", "accuracy against k"),
         "For each LatentSeek configuration and k = 0..K (K = the configured `max_iters`, or the "

@@ -176,8 +176,8 @@ def test_every_row_reported_and_a_failed_row_makes_the_exit_code_1(
 def test_bench_runs_every_row_end_to_end(tmp_path):
     """`make bench` shrunk (2 problems, 8 tokens, K=1): every row kind completes in its own
     process, the report has them all, and rows that should agree give the same answers. The
-    vLLM rows point at a Python that does not exist: they fail, saying what to install (the
-    vLLM rows run for real in tests/vllm)."""
+    vLLM rows point at a Python that does not exist: they are left out, saying what to install
+    (the vLLM rows run for real in tests/vllm)."""
     out = tmp_path / "bench"
     args = [
         str(Path(sys.executable).parent / "latentseek"), "bench", "limit=2", "batch_sizes=1,2",
@@ -187,12 +187,11 @@ def test_bench_runs_every_row_end_to_end(tmp_path):
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 1, done.stderr[-3000:]  # the vLLM row failed
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "vllm rows left out" in done.stderr and "make setup-vllm" in done.stderr
     report = json.loads((out / "bench.json").read_text())
-    (missing,) = [r for r in report["rows"] if "error" in r]
-    assert (missing["row"], missing["backend"]) == ("vllm", "vllm")
-    assert "make setup-vllm" in missing["error"]
-    assert {r["row"] for r in report["rows"]} == set(settings.ROW_KINDS)
+    assert not [r for r in report["rows"] if "error" in r]
+    assert {r["row"] for r in report["rows"]} == set(settings.ROW_KINDS) - {"vllm"}
     rows = {(r["row"], r["method"], r["config"]): r for r in report["rows"]}
     assert rows[("engine", "latentseek-psrm", "engine B=1 continuous")]["problems"] == 1
     assert rows[("batching", "latentseek-psrm", "static B=2, tasks of 2")]["problems"] == 2

@@ -150,7 +150,7 @@ def test_every_entry_point_works_from_another_directory(tmp_path, ray_tmp):
     assert "sw: " in cli("sweep", "sw.yaml", "output_dir=out")
     cli("report", "out/sw", "--out", "rep")
     assert (here / "rep" / "report.md").is_file()
-    cli("bench", "out=bench", "skip=batching,bf16,naive,ray,profile,ceiling", "methods=cot",
+    cli("bench", "out=bench", "skip=batching,bf16,naive,ray,profile,ceiling,vllm", "methods=cot",
         "batch_sizes=1", *tiny[:3], "profile=never")  # fmt: skip
     report = json.loads((here / "bench" / "bench.json").read_text())
     assert report["rows"] and not [r for r in report["rows"] if "error" in r]

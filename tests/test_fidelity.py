@@ -153,7 +153,7 @@ def test_continuous_batching_equals_static_batching(
         assert [x.problem_id for x, y in zip(reference_mode_b1, b) if not same_outputs(x, y)] == []
 
 
-@pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.timeout(3600)
 @pytest.mark.parametrize("compat", ["reference", "none"])
 def test_engine_matches_reference_loop_long(embedded, embedded_cfg, make_solver, compat):
@@ -211,7 +211,8 @@ def test_self_reward_matches_reference_loop(embedded, make_solver, embedded_cfg,
     _self_reward_matches(embedded, make_solver, embedded_cfg, compat, settings, VERIFIER_TOKENS, 1)
 
 
-@pytest.mark.slow
+@pytest.mark.long
+@pytest.mark.timeout(3600)
 @pytest.mark.parametrize("compat", ["none", "reference"])
 def test_self_reward_matches_reference_loop_long(embedded, make_solver, embedded_cfg, compat):
     # 12 verifier tokens, K 2, 2 problems: ~10 min per mode on 2 shared cores.

@@ -37,6 +37,7 @@ def no_ray(monkeypatch):
         raise RayStarted
 
     monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr("jobs.run.start_ray", refuse)  # also when another test's Ray runs
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 

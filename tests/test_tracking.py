@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -270,15 +271,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def mlflow_server(tmp_path, monkeypatch):
-    """A real `mlflow server` on 127.0.0.1 with its store and artifacts in tmp_path."""
-    for var in ("NO_PROXY", "no_proxy"):  # talk to 127.0.0.1 directly, never via a proxy
-        monkeypatch.setenv(var, "127.0.0.1,localhost")
+@dataclass(frozen=True)
+class Server:
+    """A served MLflow: its URL, and the folder its store and artifacts are in."""
+
+    url: str
+    folder: Path
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 with its store and artifacts in a temporary folder,
+    shared by this module's tests (a start costs 15-20 s here); each test logs to experiments or
+    run directories of its own."""
+    tmp_path = tmp_path_factory.mktemp("mlflow-server")
+    saved = {var: os.environ.get(var) for var in ("NO_PROXY", "no_proxy")}
+    for var in saved:  # talk to 127.0.0.1 directly, never via a proxy
+        os.environ[var] = "127.0.0.1,localhost"
     port = _free_port()
     exe = Path(sys.executable).parent / "mlflow"
-    if not exe.exists():
-        pytest.skip(f"no mlflow executable next to {sys.executable}")
+    assert exe.exists(), f"no mlflow executable next to {sys.executable}: make setup installs it"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     cmd = [
         str(exe), "server",
@@ -299,8 +311,13 @@ def mlflow_server(tmp_path, monkeypatch):
     direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         wait_healthy(proc, url, tmp_path / "server.log", direct, 60)
-        yield url
+        yield Server(url, tmp_path)
     finally:
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
             try:
@@ -314,14 +331,14 @@ def mlflow_server(tmp_path, monkeypatch):
 def test_log_run_to_a_real_mlflow_server(tmp_path, mlflow_server, no_env_uri):
     cfg = Config(
         output_dir=str(tmp_path / "out"), run_id="srv", method=["latentseek"],
-        mlflow_tracking_uri=mlflow_server, mlflow_experiment="served",
+        mlflow_tracking_uri=mlflow_server.url, mlflow_experiment="served",
     )  # fmt: skip
     rd = _record_run(cfg)
 
     run_id = _log(cfg, rd)
     assert _log(cfg, rd) == run_id
 
-    client = MlflowClient(mlflow_server)
+    client = MlflowClient(mlflow_server.url)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags[RUN_ID_TAG] == "srv"
     # One method: a method run all the same, its metrics named as in any other run.
@@ -335,7 +352,7 @@ def test_log_run_to_a_real_mlflow_server(tmp_path, mlflow_server, no_env_uri):
         "summary.md",
     }
     # the server stored the artifacts (proxied), not this process's working directory
-    stored = list((tmp_path / "server-artifacts").rglob("part-*.parquet"))
+    stored = list((mlflow_server.folder / "server-artifacts").glob(f"*/{run_id}/**/part-*.parquet"))
     assert len(stored) == 2  # problems/ and iterations/
     assert not (tmp_path / "out" / "mlartifacts").exists()
     assert run.inputs.dataset_inputs[0].dataset.digest == "d1g35t"
@@ -358,11 +375,11 @@ def test_a_run_id_of_another_output_directory_is_refused_before_any_work(
 
     a = Config(
         output_dir=str(tmp_path / "a"), run_id="point-1", method=["cot"], limit=1,
-        mlflow_tracking_uri=mlflow_server, mlflow_experiment="shared",
+        mlflow_tracking_uri=mlflow_server.url, mlflow_experiment="shared",
     )  # fmt: skip
     b = a.replace(output_dir=str(tmp_path / "b"))
     first = start_run(a)
-    client = MlflowClient(mlflow_server)
+    client = MlflowClient(mlflow_server.url)
     assert client.get_run(first).data.tags[RUN_DIR_TAG] == str(tmp_path / "a" / "point-1")
     both = rf"belongs to {tmp_path / 'a' / 'point-1'}, not to {tmp_path / 'b' / 'point-1'}"
     with pytest.raises(ForeignRunError, match=both):
@@ -392,11 +409,11 @@ def test_a_failure_while_finishing_ends_the_mlflow_run_failed(tmp_path, mlflow_s
 
     cfg = Config(
         output_dir=str(tmp_path / "out"), run_id="fin", method=["cot", "latentseek"],
-        mlflow_tracking_uri=mlflow_server,
+        mlflow_tracking_uri=mlflow_server.url,
     )  # fmt: skip
     rd = _record_run(cfg)
     run = start_run(cfg)  # open while the evaluation ran
-    client = MlflowClient(mlflow_server)
+    client = MlflowClient(mlflow_server.url)
     assert _statuses(client, run) == {"RUNNING"}
 
     def broken_report(directory):
@@ -426,15 +443,15 @@ def test_a_failed_sweep_ends_its_parent_run_failed(tmp_path, mlflow_server, no_e
         raise RunError(f"{cfg.run_id}: no worker left")
 
     monkeypatch.setattr(jobs.run, "run_evaluation", fails)
-    overrides = [f"output_dir={tmp_path / 'out'}", f"mlflow_tracking_uri={mlflow_server}"]
+    overrides = [f"output_dir={tmp_path / 'out'}", f"mlflow_tracking_uri={mlflow_server.url}"]
     with pytest.raises(RunError, match="no worker left"):
         run_sweep(path, overrides, progress=False, log=lambda m: None)
-    client = MlflowClient(mlflow_server)
+    client = MlflowClient(mlflow_server.url)
     experiment = client.get_experiment_by_name("latentseek").experiment_id
     (parent,) = client.search_runs([experiment], "tags.`latentseek.sweep` = 'sw'")
     assert parent.info.status == "FAILED"
     assert parent.data.tags[RUN_DIR_TAG] == str(tmp_path / "out" / "sw")
-    cfg = Config(mlflow_tracking_uri=mlflow_server)  # the same sweep name in another directory
+    cfg = Config(mlflow_tracking_uri=mlflow_server.url)  # the same sweep name in another directory
     with pytest.raises(ForeignRunError, match=rf"belongs to {tmp_path / 'out' / 'sw'}, not to"):
         open_sweep_run(cfg, "sw", {}, tmp_path / "elsewhere" / "sw")
 

@@ -114,8 +114,8 @@ class BenchSettings:
     )
     vllm_python: str = _f(
         ".venv-vllm/bin/python",
-        "the Python that has vLLM (make setup-vllm), relative to the project; its rows fail with "
-        "what to install when it is missing",
+        "the Python that has vLLM (make setup-vllm), relative to the project; when it is missing "
+        "the vllm rows are left out, saying what to install",
     )
     ceiling_tokens: int = _f(
         0, "tokens the generate() ceiling decodes (0: one batch of rows of max_new_tokens / 2)"
