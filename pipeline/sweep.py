@@ -142,7 +142,7 @@ def plan(spec: SweepSpec, overrides: list[str] | None = None) -> list[SweepPoint
             raise ConfigError(f"{spec.source}: two points are the same ({run_id})")
         seen.add(run_id)
         points.append(SweepPoint(run_id, varied, cfg.replace(run_id=run_id)))
-    return _derive(points) if spec.derive else points
+    return _derive(points, spec.name) if spec.derive else points
 
 
 def _as_override(value: Any) -> str:
@@ -169,7 +169,7 @@ def _group_key(cfg: Config) -> str:
     return repr(sorted(values.items()))
 
 
-def _derive(points: list[SweepPoint]) -> list[SweepPoint]:
+def _derive(points: list[SweepPoint], sweep: str) -> list[SweepPoint]:
     """Within each group of points equal but for their derivable keys, execute the one with the
     largest value of each (added to the plan if the sweep has no such point) and derive the
     others from it."""
@@ -187,7 +187,7 @@ def _derive(points: list[SweepPoint]) -> list[SweepPoint]:
         if source is None:  # no point has both maxima: run one that does
             first = members[0]
             varied = {**first.varied, **top}
-            run_id = point_name(first.run_id.split("-")[0], varied)
+            run_id = point_name(sweep, varied)
             source = SweepPoint(run_id, varied, first.cfg.replace(run_id=run_id, **top))
         executed.append(source)
         for p in members:

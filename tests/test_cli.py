@@ -119,6 +119,7 @@ def test_a_second_driver_of_the_same_run_stops_at_once(tmp_path, ray_tmp):
         first.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_every_entry_point_works_from_another_directory(tmp_path, ray_tmp):
     """Each command, run from a directory outside the project with relative paths: a tiny run,
     its summary, a sweep whose one point is that run (resumed: nothing to compute), the sweep's

@@ -92,7 +92,7 @@ def reference_mode_b1(make_solver, embedded_cfg, problems):
     return [solver.run("latentseek", [p])[0] for p in problems]
 
 
-@pytest.mark.parametrize("compat", ["none", "reference"])
+@pytest.mark.parametrize("compat", [pytest.param("none", marks=pytest.mark.slow), "reference"])
 def test_engine_matches_reference_loop(
     embedded, make_solver, embedded_cfg, problems, reference_mode_b1, compat
 ):
@@ -202,7 +202,7 @@ def _self_reward_matches(embedded, make_solver, embedded_cfg, compat, settings, 
         assert mine.iterations >= 1  # the loop ran: rewards after steps are compared too
 
 
-@pytest.mark.parametrize("compat", ["none", "reference"])
+@pytest.mark.parametrize("compat", [pytest.param("none", marks=pytest.mark.slow), "reference"])
 def test_self_reward_matches_reference_loop(embedded, make_solver, embedded_cfg, compat):
     # The paper's verifiers: the engine's batched self-reward (verifier prompts of all answers
     # decoded in the same batches as the solver's rows) against the reference's one-by-one
@@ -219,7 +219,7 @@ def test_self_reward_matches_reference_loop_long(embedded, make_solver, embedded
     _self_reward_matches(embedded, make_solver, embedded_cfg, compat, SETTINGS, 12, 2)
 
 
-@pytest.mark.parametrize("compat", ["none", "reference"])
+@pytest.mark.parametrize("compat", [pytest.param("none", marks=pytest.mark.slow), "reference"])
 def test_se_matches_reference_loop(embedded, make_solver, embedded_cfg, compat):
     from pipeline.methods import problem_seed
 

@@ -163,6 +163,7 @@ def test_a_model_without_a_paper_cell_is_not_compared(tmp_path):
 # --- a recipe end to end ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_recipe_runs_end_to_end_on_the_embedded_model(tmp_path, local_ray):
     from jobs.sweep import run_sweep
 

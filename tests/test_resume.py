@@ -158,6 +158,7 @@ def test_a_model_directory_that_changed_is_not_resumed(tmp_path, inputs, model_d
     refused(r"tokenizer_config.json sha256 [0-9a-f]{12}… -> sha256 [0-9a-f]{12}…")
 
 
+@pytest.mark.slow
 def test_rows_recorded_with_an_error_are_retried_unless_turned_off(tmp_path, inputs):
     cfg = make_cfg(tmp_path, inputs)
     record(cfg, error="RuntimeError: the GPU fell off the bus")

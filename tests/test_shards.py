@@ -39,8 +39,8 @@ GRAD_RTOL = 1e-3
 CASES = [
     ("tiny", "transformers", 2),
     ("tiny", "deepspeed", 2),
-    ("embedded", "transformers", 3),
-    ("embedded", "deepspeed", 2),
+    pytest.param("embedded", "transformers", 3, marks=pytest.mark.slow),
+    pytest.param("embedded", "deepspeed", 2, marks=pytest.mark.slow),
 ]
 
 
@@ -287,6 +287,7 @@ def test_device_map_auto_loads_the_same_model(embedded):
     assert a == b
 
 
+@pytest.mark.slow
 def test_gpu_check_measures_agreement_and_fails_beyond_its_tolerance():
     """`make gpu-check`'s steps on the CPU in float32 (G = 1 and a G = 2 replica): every
     variant agrees with the reference top-1 at 1.000, so a tolerance above 1 must fail both."""

@@ -155,6 +155,7 @@ def test_submit_follow_runs_the_job_and_its_records_land_in_output_dir(head, tmp
     assert (out / "mlflow.db").exists()
 
 
+@pytest.mark.slow
 def test_stop_ends_a_running_job_as_stopped(head, tmp_path, capsys):
     # A config outside the project travels as its resolved keys (its include: stays behind).
     config = tmp_path / "long.yaml"

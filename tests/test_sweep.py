@@ -136,3 +136,27 @@ def test_sweep_runs_derives_and_resumes(tmp_path, local_ray):
     assert sorted(_children(again.tracking_uri, again.mlflow_run_id)) == sorted(children)
     experiment = client.get_run(first.mlflow_run_id).info.experiment_id
     assert len(client.search_runs([experiment])) == 1 + 4 + 4  # sweep, points, method runs
+
+
+
+def test_a_point_the_plan_adds_gets_the_sweeps_name(tmp_path):
+    # No point has both maxima (max_iters 2 and n_samples 2), so the plan adds one to execute;
+    # it is named after the whole sweep, dashes and all, like the points the file lists.
+    text = (
+        "name: my-big-sweep\nset: {method: [bon, latentseek], limit: 1}\n"
+        "points:\n  - {max_iters: 2, n_samples: 1}\n  - {max_iters: 1, n_samples: 2}\n"
+    )
+    points = plan(load_sweep(write_sweep(tmp_path, text)), [f"output_dir={tmp_path}"])
+    (added,) = [p for p in points if p.executed]
+    assert added.run_id == "my-big-sweep-max_iters_2-n_samples_2" == added.cfg.run_id
+    assert {p.derived_from for p in points if not p.executed} == {added.run_id}
+
+
+def test_values_added_to_a_grid_keep_the_points_already_run(tmp_path):
+    grid = "name: grow\nset: {{limit: 1}}\ngrid: {{lr: {}, max_iters: [1, 2]}}\n"
+    before = plan(load_sweep(write_sweep(tmp_path, grid.format("[0.1, 0.2]"))))
+    after = plan(load_sweep(write_sweep(tmp_path, grid.format("[0.1, 0.2, 0.3]"))))
+    assert {p.run_id for p in before} < {p.run_id for p in after}
+    assert [p.run_id for p in after if p.run_id not in {q.run_id for q in before}] == [
+        "grow-lr_0.3-max_iters_2", "grow-lr_0.3-max_iters_1",
+    ]  # fmt: skip

@@ -174,6 +174,7 @@ def test_a_problem_that_kills_its_worker_is_recorded_and_the_run_goes_on(tmp_pat
     assert summary.worker_failures == 2
 
 
+@pytest.mark.slow
 def test_a_problem_that_hangs_times_out_and_the_run_goes_on(tmp_path, local_ray):
     """gsm8k-1 never returns from its reward. One worker, one task of 4 problems,
     batch_timeout_s=15 (a lone problem here takes a few seconds): the task times out (its worker
@@ -443,6 +444,7 @@ def test_a_worker_that_cannot_load_its_model_stops_the_run_with_one_line(tmp_pat
     assert [p.name for p in (tmp_path / "out" / "r1").iterdir()] == ["driver.lock"]
 
 
+@pytest.mark.slow
 def test_killed_driver_resumes_without_loss_or_duplicates(tmp_path):
     out = tmp_path / "out"
     args = [
