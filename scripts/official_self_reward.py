@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="also write the compared rewards here")
     args = ap.parse_args(argv)
     if not (args.official / "rewards" / "reward.py").is_file():
-        ap.error(f"--official {args.official}: no rewards/reward.py there (give the checkout's src/)")
+        ap.error(
+            f"--official {args.official}: no rewards/reward.py there (give the checkout's src/)"
+        )
 
     cfg = Config(
         model="embedded", device="cpu", dtype="float32", compat="reference", reward="self",

@@ -138,7 +138,6 @@ def test_sweep_runs_derives_and_resumes(tmp_path, local_ray):
     assert len(client.search_runs([experiment])) == 1 + 4 + 4  # sweep, points, method runs
 
 
-
 def test_a_point_the_plan_adds_gets_the_sweeps_name(tmp_path):
     # No point has both maxima (max_iters 2 and n_samples 2), so the plan adds one to execute;
     # it is named after the whole sweep, dashes and all, like the points the file lists.
