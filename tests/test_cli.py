@@ -73,6 +73,7 @@ def test_bad_input_is_one_message_before_ray_starts(tmp_path, ray_tmp, override,
     assert not (tmp_path / "out").exists(), "something was written"
 
 
+@pytest.mark.slow
 def test_a_worker_that_cannot_load_its_model_is_one_line(tmp_path, ray_tmp):
     broken = tmp_path / "broken-model"  # passes the driver's check, fails to load in the worker
     broken.mkdir()

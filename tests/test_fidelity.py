@@ -113,7 +113,7 @@ def test_engine_matches_reference_loop(
         assert all(e.cot_answer.endswith(("<|im_end|>", "<|endoftext|>")) for e in stopped)
 
 
-@pytest.mark.parametrize("compat", ["none", "reference"])
+@pytest.mark.parametrize("compat", [pytest.param("none", marks=pytest.mark.slow), "reference"])
 def test_threshold_path_matches_reference_loop(embedded, make_solver, embedded_cfg, compat):
     settings = {**SETTINGS, "max_iters": 3}
     cfg = engine_cfg(embedded_cfg, compat).replace(max_iters=3)
@@ -137,7 +137,7 @@ def test_reference_mode_batch_equals_batch_size_1(
     assert differ == [], f"batch size 3 differs from batch size 1 on {differ}"
 
 
-@pytest.mark.parametrize("compat", ["none", "reference"])
+@pytest.mark.parametrize("compat", [pytest.param("none", marks=pytest.mark.slow), "reference"])
 def test_continuous_batching_equals_static_batching(
     make_solver, embedded_cfg, problems, reference_mode_b1, compat
 ):
@@ -202,6 +202,7 @@ def _self_reward_matches(embedded, make_solver, embedded_cfg, compat, settings, 
         assert mine.iterations >= 1  # the loop ran: rewards after steps are compared too
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compat", [pytest.param("none", marks=pytest.mark.slow), "reference"])
 def test_self_reward_matches_reference_loop(embedded, make_solver, embedded_cfg, compat):
     # The paper's verifiers: the engine's batched self-reward (verifier prompts of all answers
@@ -219,6 +220,7 @@ def test_self_reward_matches_reference_loop_long(embedded, make_solver, embedded
     _self_reward_matches(embedded, make_solver, embedded_cfg, compat, SETTINGS, 12, 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compat", [pytest.param("none", marks=pytest.mark.slow), "reference"])
 def test_se_matches_reference_loop(embedded, make_solver, embedded_cfg, compat):
     from pipeline.methods import problem_seed

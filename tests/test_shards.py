@@ -38,7 +38,7 @@ GRAD_RTOL = 1e-3
 # (model, backend, G): every backend on both models, at a G that splits each model.
 CASES = [
     ("tiny", "transformers", 2),
-    ("tiny", "deepspeed", 2),
+    pytest.param("tiny", "deepspeed", 2, marks=pytest.mark.slow),
     pytest.param("embedded", "transformers", 3, marks=pytest.mark.slow),
     pytest.param("embedded", "deepspeed", 2, marks=pytest.mark.slow),
 ]
@@ -153,6 +153,7 @@ def run_cfg(tmp_path: Path, run_id: str, **kw: Any) -> Config:
 TRAJECTORY = ["problem_id", "cot_answer", "final_answer", "rewards", "stop_reason", "error"]
 
 
+@pytest.mark.slow  # the default suite: rank 1 with another reward follows rank 0 (below)
 @pytest.mark.parametrize("model,backend,world", CASES)
 def test_a_replica_runs_the_same_latentseek_trajectory(shard_ray, tmp_path, tiny_dir, model,
                                                        backend, world):  # fmt: skip
@@ -207,6 +208,7 @@ def test_a_rank_with_another_reward_follows_rank_0(shard_ray, tiny_dir):
     assert [(stop, k) for stop, k, _, _ in rank0] == [("max_iters", 2), ("max_iters", 2)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rank", [1, 0])
 def test_a_killed_rank_is_survived(shard_ray, tmp_path, tiny_dir, rank):
     """SIGKILL one rank of a replica between two batches. Rank 1: the next batch fails on the

@@ -123,6 +123,7 @@ def _cli(*argv: str) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@pytest.mark.slow
 def test_submit_follow_runs_the_job_and_its_records_land_in_output_dir(head, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(

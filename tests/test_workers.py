@@ -114,6 +114,7 @@ def test_run_records_every_problem_once_and_uses_both_workers(tmp_path, local_ra
     assert second["time"].endswith("Z") and second["git_commit"]
 
 
+@pytest.mark.slow
 def test_sigkilled_worker_is_replaced_and_nothing_is_lost(tmp_path, local_ray):
     cfg = small_cfg(tmp_path, limit=8, method=["cot"], batch_size=1, max_new_tokens=12)
     killed: list[int] = []
@@ -133,6 +134,7 @@ def test_sigkilled_worker_is_replaced_and_nothing_is_lost(tmp_path, local_ray):
     assert (problems["error"] == "").all()
 
 
+@pytest.mark.slow
 def test_a_problem_that_raises_is_retried_then_recorded_with_its_error(tmp_path, local_ray):
     cfg = small_cfg(
         tmp_path,
@@ -150,6 +152,7 @@ def test_a_problem_that_raises_is_retried_then_recorded_with_its_error(tmp_path,
     assert summary.failures == 1 and summary.retried == 1
 
 
+@pytest.mark.slow
 def test_a_problem_that_kills_its_worker_is_recorded_and_the_run_goes_on(tmp_path, local_ray):
     """gsm8k-1 ends its worker's process (os._exit) whenever it is scored. 9 problems in two
     tasks of 5 and 4 on 2 workers, max_retries=1: the task of 5 dies (death 1 of each of its
@@ -260,6 +263,7 @@ def fail_mark(tmp_path, monkeypatch) -> Path:
     return mark
 
 
+@pytest.mark.slow
 def test_a_failed_row_is_retried_on_resume_and_superseded_once(tmp_path, fail_mark, local_ray):
     cfg = small_cfg(
         tmp_path, limit=3, method=["latentseek"], workers=1, max_retries=0,
