@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from pipeline.backends.base import GenerationRequest, GenerationResult, Task
 from pipeline.generation import DecodeBatch, Generator, Row
@@ -55,8 +56,9 @@ def advance(task: Task, results: list[GenerationResult] | None) -> list[Generati
     return list(requests)
 
 
-def run_static(generator: Generator, tasks: Sequence[Task]) -> None:
-    """Rounds: all pending requests of all tasks in one `generate` call, then every task moves."""
+def run_static(generator: Generator | Any, tasks: Sequence[Task]) -> None:
+    """Rounds: all pending requests of all tasks in one `generate` call, then every task moves
+    (`generator`: anything with the engine's `generate`, e.g. the vLLM backend)."""
     pending = [(t, r) for t in tasks if (r := advance(t, None)) is not None]
     while pending:
         outputs = generator.generate([req for _, reqs in pending for req in reqs])

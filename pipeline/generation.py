@@ -36,7 +36,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from pipeline.backends.base import GenerationRequest, GenerationResult
+from pipeline.backends.base import GenerationRequest, GenerationResult, check_fits
 
 __all__ = [
     "DecodeBatch",
@@ -197,15 +197,7 @@ class Generator:
 
     def _row(self, handle: Any, r: GenerationRequest) -> Row:
         """A request as a row, after checking that it fits the model's context."""
-        if len(r.prompt_ids) == 0:
-            raise ValueError("empty prompt")
-        total = len(r.prompt_ids) + len(r.prefix_ids) + r.max_new_tokens
-        if self.max_positions and total > self.max_positions:
-            raise ValueError(
-                f"prompt ({len(r.prompt_ids)}) + prefix ({len(r.prefix_ids)}) + "
-                f"max_new_tokens ({r.max_new_tokens}) exceeds the model's context "
-                f"({self.max_positions})"
-            )
+        check_fits(r, self.max_positions)
         sampler = torch.Generator(device=self.device).manual_seed(r.seed) if r.sample else None
         result = GenerationResult(tokens=[], finish_reason="length")
         seen = None

@@ -93,3 +93,16 @@ class Backend(Protocol):
         """The LM head in its own dtype: [..., D] -> [..., V]; decoding and the latent step
         both use it, so that argmax(logits(z_t)) = x_t holds in every precision."""
         ...
+
+
+def check_fits(r: GenerationRequest, max_positions: int) -> None:
+    """Raise ValueError when `r` is empty or prompt + prefix + budget exceed the context
+    (`max_positions`; 0: unknown, not checked)."""
+    if len(r.prompt_ids) == 0:
+        raise ValueError("empty prompt")
+    total = len(r.prompt_ids) + len(r.prefix_ids) + r.max_new_tokens
+    if max_positions and total > max_positions:
+        raise ValueError(
+            f"prompt ({len(r.prompt_ids)}) + prefix ({len(r.prefix_ids)}) + "
+            f"max_new_tokens ({r.max_new_tokens}) exceeds the model's context ({max_positions})"
+        )

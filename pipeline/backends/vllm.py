@@ -46,8 +46,14 @@ from typing import Any
 
 import torch
 
-from pipeline.backends.base import Capabilities, GenerationRequest, GenerationResult, Task
-from pipeline.batching import Waiting, advance
+from pipeline.backends.base import (
+    Capabilities,
+    GenerationRequest,
+    GenerationResult,
+    Task,
+    check_fits,
+)
+from pipeline.batching import Waiting, advance, run_static
 from pipeline.generation import eos_token_ids, head_logits, kv_bytes_per_token
 
 # Tokens per capture prefill chunk (rows x longest row), bounding the attention buffers.
@@ -182,15 +188,7 @@ class VllmBackend:
         return head_logits(self.lm_head, hidden)
 
     def _check(self, r: GenerationRequest) -> None:
-        if len(r.prompt_ids) == 0:
-            raise ValueError("empty prompt")
-        total = len(r.prompt_ids) + len(r.prefix_ids) + r.max_new_tokens
-        if self.max_positions and total > self.max_positions:
-            raise ValueError(
-                f"prompt ({len(r.prompt_ids)}) + prefix ({len(r.prefix_ids)}) + "
-                f"max_new_tokens ({r.max_new_tokens}) exceeds the model's context "
-                f"({self.max_positions})"
-            )
+        check_fits(r, self.max_positions)
 
     def sampling_params(self, r: GenerationRequest) -> Any:
         from vllm.sampling_params import RequestOutputKind, SamplingParams
@@ -345,16 +343,7 @@ class VllmBackend:
             deliver(finished)
 
     def _run_static(self, tasks: Sequence[Task]) -> None:
-        pending = [(t, r) for t in tasks if (r := advance(t, None)) is not None]
-        while pending:
-            outputs = self.generate([req for _, reqs in pending for req in reqs])
-            following, start = [], 0
-            for task, reqs in pending:
-                mine = outputs[start : start + len(reqs)]
-                start += len(reqs)
-                if (more := advance(task, mine)) is not None:
-                    following.append((task, more))
-            pending = following
+        run_static(self, tasks)  # rounds of one `generate` each, as the native engine's
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """One static batch: every request to the engine at once; the results in order."""
