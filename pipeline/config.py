@@ -260,7 +260,7 @@ class Config:
         -1.0,
         "seconds a worker may spend on one task before it is taken for hung: killed (Ray "
         "restarts it) and the task re-queued as for a worker that died; -1: derived from the "
-        "task's token budget, generously (README 'A Ray cluster'); 0: no deadline",
+        "task's token budget, generously (docs/cluster.md); 0: no deadline",
         roles=(RUN,),
     )
     retry_errors: bool = _f(
