@@ -310,7 +310,7 @@ def mlflow_server(tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        wait_healthy(proc, url, tmp_path / "server.log", direct, 60)
+        wait_healthy(proc, url, tmp_path / "server.log", direct, 240)  # slow on a loaded machine
         yield Server(url, tmp_path)
     finally:
         for var, value in saved.items():

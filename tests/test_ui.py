@@ -280,7 +280,7 @@ def server(logged):
     url = f"http://127.0.0.1:{port}"
     direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        wait_healthy(proc, url, log_path, direct, 90)
+        wait_healthy(proc, url, log_path, direct, 240)
         yield url, log_path, direct
     finally:
         # The server, its uvicorn worker and its job consumers are one process group.
