@@ -49,6 +49,33 @@ def _config(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    _quiet_libraries()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    try:
+        return _dispatch(args, [parser.prog, *argv])
+    except ConfigError as exc:  # also a bad prompt template (pipeline.prompts)
+        print(f"config error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - user errors get one message, bugs a traceback
+        from jobs.run import RunError
+        from pipeline.data import DataError
+        from pipeline.model import ModelError
+        from pipeline.records import DuplicateRecordError, RunDirError
+        from pipeline.tracking import ForeignRunError
+
+        user_errors = (
+            DataError, ModelError, RunError, DuplicateRecordError, RunDirError, ForeignRunError
+        )  # fmt: skip
+        if isinstance(exc, user_errors):
+            print(f"error: {_one_line(exc)}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _parser() -> argparse.ArgumentParser:
+    """Every subcommand with its arguments."""
     parser = argparse.ArgumentParser(prog="latentseek", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in [
@@ -74,67 +101,53 @@ def main(argv: list[str] | None = None) -> int:
 
     report.add_arguments(sub.add_parser("report", help="tables and plots from a run's records"))
     submit.add_arguments(sub)
-    _quiet_libraries()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    return parser
 
-    try:
-        if args.command == "config":
-            if args.keys:
-                print(describe_keys())
-                return 0
-            import yaml
 
-            print(yaml.safe_dump(_config(args).to_dict(), sort_keys=False), end="")
+def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run the subcommand `args` names; its exit code."""
+    from analysis import report
+    from jobs import submit
+
+    if args.command == "config":
+        if args.keys:
+            print(describe_keys())
             return 0
-        if args.command == "run":
-            from jobs.run import main as run_main
+        import yaml
 
-            return run_main(_config(args), argv=[parser.prog, *argv])
-        if args.command == "summary":
-            from analysis.tables import accuracy_by_iteration, load_run, markdown, summary_table
+        print(yaml.safe_dump(_config(args).to_dict(), sort_keys=False), end="")
+        return 0
+    if args.command == "run":
+        from jobs.run import main as run_main
 
-            problems, iterations = load_run(args.run_dir)
-            print(markdown(summary_table(problems)))
-            print(markdown(accuracy_by_iteration(problems, iterations)))
+        return run_main(_config(args), argv=argv)
+    if args.command == "summary":
+        from analysis.tables import accuracy_by_iteration, load_run, markdown, summary_table
+
+        problems, iterations = load_run(args.run_dir)
+        print(markdown(summary_table(problems)))
+        print(markdown(accuracy_by_iteration(problems, iterations)))
+        return 0
+    if args.command == "sweep":
+        from jobs.sweep import main as sweep_main
+
+        return sweep_main(args.sweep_file, args.overrides)
+    if args.command == "report":
+        return report.main(args)
+    if args.command == "reference":
+        from jobs.reference import main as reference_main
+
+        return reference_main(_config(args), compare=args.compare)
+    if args.command in submit.COMMANDS:
+        return submit.main(args)
+    if args.command == "bench":
+        from jobs import bench
+        from jobs.bench.settings import BenchSettings
+
+        if args.keys:
+            print(describe_keys(BenchSettings) + "\n\n(and every `latentseek config --keys`)")
             return 0
-        if args.command == "sweep":
-            from jobs.sweep import main as sweep_main
-
-            return sweep_main(args.sweep_file, args.overrides)
-        if args.command == "report":
-            return report.main(args)
-        if args.command == "reference":
-            from jobs.reference import main as reference_main
-
-            return reference_main(_config(args), compare=args.compare)
-        if args.command in submit.COMMANDS:
-            return submit.main(args)
-        if args.command == "bench":
-            from jobs import bench
-            from jobs.bench.settings import BenchSettings
-
-            if args.keys:
-                print(describe_keys(BenchSettings) + "\n\n(and every `latentseek config --keys`)")
-                return 0
-            return bench.main(args.config, args.overrides)
-    except ConfigError as exc:  # also a bad prompt template (pipeline.prompts)
-        print(f"config error: {_one_line(exc)}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # noqa: BLE001 - user errors get one message, bugs a traceback
-        from jobs.run import RunError
-        from pipeline.data import DataError
-        from pipeline.model import ModelError
-        from pipeline.records import DuplicateRecordError, RunDirError
-        from pipeline.tracking import ForeignRunError
-
-        user_errors = (
-            DataError, ModelError, RunError, DuplicateRecordError, RunDirError, ForeignRunError
-        )  # fmt: skip
-        if isinstance(exc, user_errors):
-            print(f"error: {_one_line(exc)}", file=sys.stderr)
-            return 2
-        raise
+        return bench.main(args.config, args.overrides)
     return 1
 
 

@@ -294,13 +294,21 @@ class Config:
 
     # -------------------------------------------------------------------------------------
     def validate(self) -> None:
-        def need(ok: bool, key: str, msg: str) -> None:
-            if not ok:
-                raise ConfigError(f"{key}={getattr(self, key)!r}: {msg}")
+        """Raise ConfigError naming the first key whose value is wrong: types and choices,
+        numeric ranges, what the backend and sharding allow, then names."""
+        self._check_choices()
+        self._check_ranges()
+        self._check_backend()
+        self._check_names()
 
+    def _need(self, ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}={getattr(self, key)!r}: {msg}")
+
+    def _check_choices(self) -> None:
+        need = self._need
         for name, tp in _field_types().items():
             _check_type(name, getattr(self, name), tp)
-        from pipeline.backends import all_backends
         from pipeline.methods import all_methods
 
         methods = all_methods()
@@ -312,6 +320,9 @@ class Config:
             "reward",
             "allowed: 'self', 'psrm', or 'module:function'",
         )
+
+    def _check_ranges(self) -> None:
+        need = self._need
         for key in ("lr", "rho", "reward_threshold", "grad_clip", "temperature", "top_p"):
             need(math.isfinite(getattr(self, key)), key, "must be a finite number")
         need(math.isfinite(self.gpus_per_worker), "gpus_per_worker", "must be a finite number")
@@ -346,6 +357,11 @@ class Config:
         need(self.limit >= 0, "limit", "must be >= 0 (0 means all)")
         need(self.threads >= 0, "threads", "must be >= 0")
         need(self.tensor_parallel >= 1, "tensor_parallel", "must be >= 1 (1: no sharding)")
+
+    def _check_backend(self) -> None:
+        from pipeline.backends import all_backends
+
+        need = self._need
         need(
             self.tensor_parallel == 1 or self.gpus_per_worker in (0, 1),
             "gpus_per_worker",
@@ -377,6 +393,9 @@ class Config:
             "batching",
             f"backend={self.backend} batches continuously inside its engine; use batching=continuous",
         )
+
+    def _check_names(self) -> None:
+        need = self._need
         need(
             re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
             "device",
