@@ -258,9 +258,10 @@ class Config:
     )
     batch_timeout_s: float = _f(
         -1.0,
-        "seconds a worker may spend on one task before it is taken for hung: killed (Ray "
-        "restarts it) and the task re-queued as for a worker that died; -1: derived from the "
-        "task's token budget, generously (docs/cluster.md); 0: no deadline",
+        "seconds a worker may go on one task without progress (no problem finished, no "
+        "iteration done) before it is taken for hung: killed (Ray restarts it) and the task "
+        "re-queued as for a worker that died; -1: derived from the task's token budget, "
+        "generously (docs/cluster.md); 0: no deadline",
         roles=(RUN,),
     )
     retry_errors: bool = _f(

@@ -16,8 +16,10 @@ Faults:
   been in `max_retries + 1` batches that died: then it is recorded with an error that says so,
   and the run goes on. A worker death is never charged to a problem's raise retries, nor the
   reverse.
-- Nothing waits forever: a batch still out after its deadline (`batch_timeout`) has its worker
-  killed (Ray restarts it), which makes it a death as above; rank 0 of a replica waits for its
+- Nothing waits forever: a batch whose worker has reported no progress (no problem finished, no
+  iteration done) for its deadline (`batch_timeout`), counted from its dispatch or its last
+  report, has its worker killed (Ray restarts it), which makes it a death as above; a worker that
+  is slow (starved by other jobs) but moving keeps its batch. Rank 0 of a replica waits for its
   other ranks at most `RANK_WAIT_S` after its own part.
 - A problem that raises inside a worker is retried alone, up to `max_retries` times, then
   recorded with its error; the run goes on.
@@ -511,8 +513,10 @@ BATCH_TIMEOUT_FLOOR_S = 600.0
 
 
 def batch_timeout(cfg: Any, method: str, problems: int) -> float | None:
-    """Seconds a batch of `problems` problems of `method` may take before its worker is taken
-    for hung (`batch_timeout_s`: > 0 that many, 0 none (None), -1 derived as follows).
+    """Seconds a batch of `problems` problems of `method` may go without progress (from its
+    dispatch, or from its worker's last report of a problem finished or an iteration done)
+    before its worker is taken for hung (`batch_timeout_s`: > 0 that many, 0 none (None), -1
+    derived as follows).
 
     Derived: a floor plus decoding steps x seconds per step, the steps an upper bound for a
     worker that keeps `batch_size` rows decoding (Graham's bound for greedy scheduling: the
@@ -525,7 +529,8 @@ def batch_timeout(cfg: Any, method: str, problems: int) -> float | None:
         chain       L = A x (max_new_tokens + verifier_budget)  (one problem's answers in turn)
         deadline      = BATCH_TIMEOUT_FLOOR_S + SECONDS_PER_STEP x (W / batch_size + L)
 
-    Generous on purpose, since a deadline too short kills healthy batches again and again and
+    That bounds the whole batch, so it bounds every wait between two reports too. Generous on
+    purpose, since a deadline too short kills healthy batches again and again and
     records their problems as errors, while one too long costs only the wait for a hung worker:
     every answer and verification is taken at its token cap, prefill and the latent steps are
     left to the per-step time (0.25 s on GPU: several times a 7B model's decoding step there;
@@ -559,10 +564,11 @@ class InFlight:
     batch: Batch
     ticket: int  # this dispatch's number, which the worker's progress events carry
     started: float  # time.monotonic() when it was sent
-    timeout: float | None  # seconds it may take (`batch_timeout`); None: no deadline
+    timeout: float | None  # seconds it may go without progress (`batch_timeout`); None: none
     timed_out: bool = False  # its worker was killed for the deadline: its loss is that
     done: set[str] = field(default_factory=set)  # problems the worker reported finished
     steps: set[tuple[str, int]] = field(default_factory=set)  # (problem, k) iterations reported
+    moved: float = 0.0  # time.monotonic() of its dispatch or its last progress event taken in
 
 
 LOST_WORKER = "(lost)"  # the worker column of a problem recorded because its workers died
@@ -653,7 +659,7 @@ class Scheduler:
         self.worker_failures += 1
         batch = flight.batch
         if flight.timed_out:
-            why = f"timed out after {flight.timeout:g} s (batch_timeout_s)"
+            why = f"timed out after {flight.timeout:g} s without progress (batch_timeout_s)"
         else:
             why = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
         for p in batch.problems:
@@ -684,8 +690,9 @@ class Scheduler:
             ticket = next(self._tickets)
             progress = (self._board, ticket) if self._board is not None else None
             ref = worker.run.remote(batch.method, batch.problems, self.settings, progress)
+            now = time.monotonic()
             self.in_flight[ref] = InFlight(
-                worker, batch, ticket, time.monotonic(), self._timeout(batch)
+                worker, batch, ticket, now, self._timeout(batch), moved=now
             )
 
     def _timeout(self, batch: Batch) -> float | None:
@@ -697,11 +704,11 @@ class Scheduler:
         return self._timeouts[key]
 
     def _enforce_deadlines(self) -> None:
-        """Kill the worker of each batch out past its deadline; Ray restarts it, and the batch's
-        call fails as for any worker that died (`_lost`)."""
+        """Kill the worker of each batch that has gone its deadline without progress; Ray
+        restarts it, and the batch's call fails as for any worker that died (`_lost`)."""
         now = time.monotonic()
         for f in self.in_flight.values():
-            if f.timeout is not None and not f.timed_out and now - f.started > f.timeout:
+            if f.timeout is not None and not f.timed_out and now - f.moved > f.timeout:
                 f.timed_out = True
                 actor = f.worker.rank0 if isinstance(f.worker, Replica) else f.worker
                 ray.kill(actor, no_restart=False)
@@ -722,11 +729,12 @@ class Scheduler:
         except RayError:  # the board is gone: no more progress, the records go on
             self._board = self._take = None
             return
-        self._take = None
+        self._take, now = None, time.monotonic()
         flights = {f.ticket: f for f in self.in_flight.values()}
         for kind, ticket, problem_id, *k in events:
             if ticket not in flights:  # its batch has come back, or was lost, already
                 continue
+            flights[ticket].moved = now
             if kind == "done":
                 flights[ticket].done.add(problem_id)
             else:
@@ -775,8 +783,8 @@ class Scheduler:
                 done = ray.wait(refs, num_returns=1, timeout=TICK_S)[0] if refs else []
                 if not refs:
                     time.sleep(TICK_S)  # only restarting workers, to ping again
+                self._poll_progress()  # first: a report just in saves its batch
                 self._enforce_deadlines()
-                self._poll_progress()
                 if not done:
                     continue
                 if done[0] in self._pings:

@@ -31,6 +31,19 @@ def slow(problem, answer: str) -> float:
     return -1.0
 
 
+_scored: set[str] = set()  # problems this worker process has scored once (`slow_steps`)
+
+
+def slow_steps(problem, answer: str) -> float:
+    """Three seconds per answer after a problem's first (its CoT answer, scored at once): a worker
+    that is slow, as when starved by other jobs, but reports each iteration as it ends, for the
+    batch deadline test. (A task's CoT answers all come first, breadth-first.)"""
+    if problem.problem_id in _scored:
+        time.sleep(3.0)
+    _scored.add(problem.problem_id)
+    return -1.0
+
+
 def fails_while_marked(problem, answer: str) -> float:
     """Raises on gsm8k-1 while the file named by $LATENTSEEK_TEST_FAIL_MARK exists: a transient
     failure, for the resume test (the workers inherit the variable from the driver's Ray)."""

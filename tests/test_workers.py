@@ -204,6 +204,31 @@ def test_a_problem_that_hangs_times_out_and_the_run_goes_on(tmp_path, local_ray)
     assert sum("timed out" in line for line in lost) == 2
 
 
+@pytest.mark.slow
+def test_a_slow_worker_that_keeps_reporting_progress_keeps_its_batch(tmp_path, local_ray):
+    """The deadline counts from a batch's last progress report, not from its dispatch: one
+    worker, one task of 6 LatentSeek problems, 2 iterations each and 3 s of reward per iteration
+    answer, so the task takes over 36 s against batch_timeout_s=12, while the worker reports an
+    iteration every ~3 s. Nothing is killed: 6 results, no worker lost (a deadline counted from
+    dispatch killed this healthy worker at 12 s)."""
+    cfg = small_cfg(
+        tmp_path,
+        limit=6,
+        workers=1,
+        task_size=6,
+        max_iters=2,
+        method=["latentseek"],
+        reward="tests.faulty_reward:slow_steps",
+        batch_timeout_s=12.0,
+    )
+    lost: list[str] = []
+    summary = run_evaluation(cfg, progress=False, log=lost.append)
+    problems = assert_exactly_once(summary.run_dir, 6, ["latentseek"])
+    assert (problems["error"] == "").all() and (problems["iterations"] == 2).all()
+    assert summary.worker_failures == 0, lost
+    assert problems["wall_seconds"].sum() > 36.0  # the one task did outlast its deadline
+
+
 def test_rank_zero_stops_waiting_for_a_rank_that_hangs_or_dies(local_ray):
     """`gather_ranks`, rank 0's wait for its other ranks: their outcomes, or None (rank 0 then
     ends the replica) for a rank that is not done in time or whose process is gone."""
