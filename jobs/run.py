@@ -10,7 +10,7 @@ The driver, in rooms:
 2. the worker pool (`pipeline.pool`): Ray (local in-process, or `ray_address`) and `workers`
    actors, a worker that cannot start reported as one line;
 3. the batch loop (here): config.yaml (the first invocation's) and invocations.jsonl, the
-   workers fed batches (`pipeline.workers.Scheduler`), each returned batch written as one atomic
+   workers fed batches (`pipeline.scheduler.Scheduler`), each returned batch written as one atomic
    shard pair (`pipeline.records`), progress shown;
 4. finishing (`jobs.finish`): compaction, summary files, the report, MLflow, the summary.
 """
@@ -136,7 +136,7 @@ def open_run(cfg: Config, directory: Path, argv: Sequence[str] | None, work: Wor
 def plan_batches(cfg: Config, todo: dict[str, list[Problem]], problems: list[Problem]) -> list:
     """The batches of work: per method, tasks of `problems_per_task` problems (small runs: at
     least one task per worker, when there are enough), methods interleaved in problem order."""
-    from pipeline.workers import make_batches
+    from pipeline.scheduler import make_batches
 
     batches = []
     for method in cfg.method:
@@ -186,7 +186,8 @@ class BatchLoop:
         from tqdm import tqdm
 
         from pipeline.pool import row_memory
-        from pipeline.workers import NoWorkerLeftError, Scheduler
+        from pipeline.scheduler import Scheduler
+        from pipeline.workers import NoWorkerLeftError
 
         if memory := row_memory(self.cfg, self.infos):
             self.log(memory)

@@ -2,7 +2,7 @@
 by stand-in workers that sleep instead of loading a model.
 
 `simulate` runs `jobs.run.run_evaluation` exactly as `latentseek run` does (preflight, the
-`pipeline.workers.Scheduler`, the single writer `pipeline.records.RecordStore`, MLflow, the
+`pipeline.scheduler.Scheduler`, the single writer `pipeline.records.RecordStore`, MLflow, the
 summary and report) with one difference: each worker is a `StandInWorker` (EvalWorker's `info`
 and `run`, no model) started through run_evaluation's `start_worker`. It answers two questions:
 

@@ -1,6 +1,7 @@
 """The pool of Ray workers a run (or a sweep's points) evaluates on: starting Ray, starting and
 stopping workers, and reusing them from one evaluation to the next while the model stays the
-same. `pipeline.workers` holds the actor and the scheduler; this module their lifecycle.
+same. `pipeline.workers` holds the actor, `pipeline.scheduler` what feeds it; this module their
+lifecycle.
 """
 
 from __future__ import annotations
