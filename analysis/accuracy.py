@@ -25,7 +25,7 @@ from analysis.records import (
     short_model,
 )
 from analysis.tables import markdown
-from pipeline.methods import all_methods, reference_method
+from pipeline.method.methods import all_methods, reference_method
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 

@@ -5,7 +5,7 @@ iterations a method used and how many prefix tokens a step changed.
 After k steps a problem that ran more than k is scored by its answer at step k (with
 `return_best`, the best-rewarded of steps 0..k), one that ran at most k by the answer it
 returned. A sampling method with n < N samples returns the sample its `Derivation.pick` chooses
-from the records of the first n (`pipeline.methods`), graded by the recorded `sample_correct`.
+from the records of the first n (`pipeline.method.methods`), graded by the recorded `sample_correct`.
 Which method is which comes from the method registry; nothing here grades or decodes.
 """
 

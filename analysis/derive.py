@@ -1,5 +1,5 @@
 """A sweep point's metrics read off a larger run's records (derive instead of recompute), as
-each method declares (`Method.derive`, `pipeline.methods`):
+each method declares (`Method.derive`, `pipeline.method.methods`):
 
 - `steps` (LatentSeek's `max_iters`): with K = k from a run with K' >= k, each problem's answer
   after min(k, its iterations) steps (an early stop carried forward; the best so far with
@@ -23,8 +23,8 @@ import pandas as pd
 from analysis.curves import latent_curve, sample_curve
 from analysis.records import method_of
 from analysis.tables import iteration_curves, summary_table
-from pipeline.methods import all_methods
-from pipeline.records import read_records
+from pipeline.method.methods import all_methods
+from pipeline.run.records import read_records
 
 
 def derived_metrics(

@@ -20,8 +20,9 @@ import pandas as pd
 import yaml
 
 from pipeline.benchmarks import all_benchmarks
-from pipeline.methods import Method, all_methods
-from pipeline.records import CONFIG_FILE, PROBLEMS, read_records
+from pipeline.method.methods import Method, all_methods
+from pipeline.run.records import PROBLEMS, read_records
+from pipeline.run.rundir import CONFIG_FILE
 
 REWARD_NAMES = {"self": "self", "psrm": "PSRM"}
 REWARD_ORDER = ["self", "psrm"]

@@ -1,6 +1,6 @@
 """Tables from a run's records: the per-method summary and the test-time scaling curve.
 
-Everything here reads the Parquet records (`pipeline.records` schema) and nothing else from
+Everything here reads the Parquet records (`pipeline.run.records` schema) and nothing else from
 the engine, so it works on a run directory copied from a cluster or downloaded from MLflow.
 
 Conventions:
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.records import read_records
+from pipeline.run.records import read_records
 
 SUMMARY_COLUMNS = [
     "method",

@@ -19,9 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.config import CONFIG_DIR, ConfigError, describe_keys, load_config
-
-DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+from pipeline.config import DEFAULT_CONFIG, ConfigError, describe_keys, load_config
 
 
 def _quiet_libraries() -> None:
@@ -55,15 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return _dispatch(args, [parser.prog, *argv])
-    except ConfigError as exc:  # also a bad prompt template (pipeline.prompts)
+    except ConfigError as exc:  # also a bad prompt template (pipeline.method.prompts)
         print(f"config error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - user errors get one message, bugs a traceback
         from jobs.run import RunError
         from pipeline.data import DataError
-        from pipeline.model import ModelError
-        from pipeline.records import DuplicateRecordError, RunDirError
-        from pipeline.tracking import ForeignRunError
+        from pipeline.engine.model import ModelError
+        from pipeline.run.records import DuplicateRecordError
+        from pipeline.run.rundir import RunDirError
+        from pipeline.run.tracking import ForeignRunError
 
         user_errors = (
             DataError, ModelError, RunError, DuplicateRecordError, RunDirError, ForeignRunError

@@ -10,7 +10,8 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.data import Dataset
-from pipeline.records import CONFIG_FILE, RecordStore
+from pipeline.run.records import RecordStore
+from pipeline.run.rundir import CONFIG_FILE
 
 
 @dataclass
@@ -58,7 +59,7 @@ def finish_run(
     (the report's Table 1 also as an MLflow table). If a step fails, the evaluation's MLflow
     run `mlflow_run` (open while it ran; "" if none) ends FAILED (KILLED on an interrupt) and
     the error goes on."""
-    from pipeline import tracking
+    from pipeline.run import tracking
 
     try:
         return _finish(cfg, directory, store, dataset, total, skipped, counts, start, tags)
@@ -83,7 +84,7 @@ def _finish(
     import pandas as pd
 
     from analysis.tables import CURVE_COLUMNS, iteration_curves, summary_table, write_summary
-    from pipeline import tracking
+    from pipeline.run import tracking
 
     store.compact()
     ids = [p.problem_id for p in dataset.problems]
@@ -143,7 +144,7 @@ def report_files(directory: Path) -> list[Path]:
 
 def model_name(cfg: Config) -> str:
     """What the records call the configured model."""
-    from pipeline.model import EMBEDDED_NAME
+    from pipeline.engine.model import EMBEDDED_NAME
 
     return EMBEDDED_NAME if cfg.model == "embedded" else cfg.model
 

@@ -103,7 +103,7 @@ def _sync(device: torch.device) -> None:
 
 def engine_variant(name: str, cfg: Config, problems: list[Any], sequences: list[list[int]],
                    starts: list[int]) -> tuple[Variant, Any]:  # fmt: skip
-    from pipeline.solver import Solver
+    from pipeline.method.solver import Solver
 
     solver = Solver.from_config(cfg)
     solver.run("cot", problems[:1])  # warm-up
@@ -127,7 +127,7 @@ def _rank_predictions(
     cfg: Config, sequences: list[list[int]], starts: list[int]
 ) -> list[list[int]]:
     """`predictions` on this rank's shard (run on every rank by `run_on_ranks`)."""
-    from pipeline.model import load_model
+    from pipeline.engine.model import load_model
 
     loaded = load_model(cfg)
     return predictions(loaded.model, loaded.device, sequences, starts)
@@ -140,8 +140,8 @@ def replica_variant(cfg: Config, problems: list[Any], sequences: list[list[int]]
     import ray
 
     from jobs.run import run_evaluation
-    from pipeline.records import RecordStore
-    from pipeline.workers import run_on_ranks
+    from pipeline.run.records import RecordStore
+    from pipeline.run.workers import run_on_ranks
 
     gpu = cfg.device.startswith("cuda")
     world = cfg.tensor_parallel
@@ -171,7 +171,7 @@ def replica_variant(cfg: Config, problems: list[Any], sequences: list[list[int]]
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pipeline.data import load_dataset
-    from pipeline.solver import Solver
+    from pipeline.method.solver import Solver
 
     gpus = torch.cuda.device_count()
     if args.device == "cuda" and gpus == 0:

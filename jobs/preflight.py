@@ -6,7 +6,7 @@ installed (`check_backend`), an existing run directory may be
 resumed with these settings (`check_resume`), the prompt templates load (`check_prompts`), a
 `module:function` reward imports (`check_reward`), the dataset selection loads and is usable
 (`load_selection`) and, if any of it is left to run, the model source exists. Then, holding the
-run directory (`pipeline.records.hold_run_dir`), the driver checks the resume again and compares
+run directory (`pipeline.run.rundir.hold_run_dir`), the driver checks the resume again and compares
 what the inputs hold with the first invocation's (`plan_work`: a prompt, verifier, data or reward
 file edited under the same name, or another model behind the same path, would mix results). Each
 failure is one message (a `RunError`, `ConfigError` or `DataError`) that the command line prints
@@ -31,15 +31,16 @@ import yaml
 
 from pipeline.config import BATCHING, BUILTIN_REWARDS, RESULT, Config, ConfigError, keys_with
 from pipeline.data import Dataset, Problem, load_dataset
-from pipeline.pool import RunError
-from pipeline.records import CONFIG_FILE, INPUTS_FILE, RecordStore, read_inputs
+from pipeline.run.pool import RunError
+from pipeline.run.records import RecordStore
+from pipeline.run.rundir import CONFIG_FILE, INPUTS_FILE, read_inputs
 
 
 def preflight(cfg: Config, directory: Path, log: Callable[[str], None]) -> Dataset:
     """The checks made before the run directory is held or anything is written: devices, the
     backend, resume, prompt templates, the reward, the dataset selection (which it returns) and, if any
     of it is left to run, the model source."""
-    from pipeline.model import check_model_source
+    from pipeline.engine.model import check_model_source
 
     check_devices(cfg)
     check_backend(cfg)
@@ -73,9 +74,9 @@ def plan_work(cfg: Config, directory: Path, dataset: Dataset, log: Callable[[str
     have written it since `preflight`), what is left to do (a row recorded with an error is
     run again unless `retry_errors` is off; how many is logged), the model source (if there is
     work), the inputs against the first invocation's, and that the MLflow run of this run_id
-    belongs to this directory (`pipeline.tracking.check_run_dir`)."""
-    from pipeline import tracking
-    from pipeline.model import check_model_source
+    belongs to this directory (`pipeline.run.tracking.check_run_dir`)."""
+    from pipeline.engine.model import check_model_source
+    from pipeline.run import tracking
 
     check_resume(cfg, directory)
     store = RecordStore(directory)
@@ -110,7 +111,7 @@ def resolved_precision(device: str, gpus_per_worker: float, dtype: str) -> tuple
     the settings alone (no CUDA needed): GPU workers run on cuda, `dtype=auto` follows it."""
     import torch
 
-    from pipeline.model import resolve_dtype
+    from pipeline.engine.model import resolve_dtype
 
     device_type = "cuda" if gpus_per_worker > 0 or device.startswith("cuda") else "cpu"
     resolved = resolve_dtype(dtype, torch.device(device_type))
@@ -119,7 +120,7 @@ def resolved_precision(device: str, gpus_per_worker: float, dtype: str) -> tuple
 
 def check_devices(cfg: Config) -> None:
     """`device` and `gpus_per_worker` agree, and a local Ray has the GPUs the workers ask for."""
-    from pipeline.workers import worker_device
+    from pipeline.run.workers import worker_device
 
     try:
         worker_device(cfg.device, cfg.gpus_per_worker)
@@ -196,7 +197,7 @@ def _precision_changes(before: tuple[str, str], cfg: Config, where: str) -> list
 
 def check_backend(cfg: Config) -> None:
     """The generation backend can start here (`backend=vllm` needs vLLM installed)."""
-    from pipeline.backends import check_installed
+    from pipeline.engine.backends import check_installed
 
     if missing := check_installed(cfg.backend):
         raise RunError(missing)
@@ -205,8 +206,8 @@ def check_backend(cfg: Config) -> None:
 def check_prompts(cfg: Config) -> None:
     """The solver and verifier templates load, and the prompt files the methods read (reflect's);
     a ConfigError names the key, the file and the problem."""
-    from pipeline.methods import get_method
-    from pipeline.prompts import load_solver_template, load_verifiers
+    from pipeline.method.methods import get_method
+    from pipeline.method.prompts import load_solver_template, load_verifiers
 
     checks = {"prompt": load_solver_template, "verifier_prompts": load_verifiers}
     for m in cfg.method:
@@ -223,7 +224,7 @@ def check_reward(cfg: Config) -> None:
     here (running its top-level code) as every worker will."""
     if cfg.reward in BUILTIN_REWARDS:
         return
-    from pipeline.rewards import import_callable
+    from pipeline.method.rewards import import_callable
 
     try:
         import_callable(cfg.reward)
@@ -234,12 +235,12 @@ def check_reward(cfg: Config) -> None:
 def input_digests(cfg: Config, dataset: Dataset, model: bool = True) -> dict[str, dict[str, str]]:
     """What each input the config names holds, by config key: the dataset file, the prompt
     template, the verifier templates (with the self-reward), the reward's module file (its own
-    file only, not what it imports) and, with `model`, the model (`pipeline.model.model_digest`:
+    file only, not what it imports) and, with `model`, the model (`pipeline.engine.model.model_digest`:
     weight files by size and time). Each is {"source": the file, <field>: <value>}; a Hugging
     Face dataset and a hub model not yet downloaded have nothing to compare."""
-    from pipeline.methods import get_method
-    from pipeline.model import file_sha256, model_digest
-    from pipeline.prompts import load_verifiers, template_path
+    from pipeline.engine.model import file_sha256, model_digest
+    from pipeline.method.methods import get_method
+    from pipeline.method.prompts import load_verifiers, template_path
 
     def of_file(path: Path) -> dict[str, str]:
         return {"source": str(path.resolve()), "sha256": file_sha256(path)}

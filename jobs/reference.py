@@ -1,4 +1,4 @@
-"""`latentseek reference`: run the naive reference loop (`pipeline.reference`) on a selection and
+"""`latentseek reference`: run the naive reference loop (`pipeline.method.reference`) on a selection and
 print, per problem, the CoT text and the reward list; with `--compare RUN_DIR`, check a run's
 records against it (exit 1 on any difference).
 
@@ -38,10 +38,10 @@ def check_supported(cfg: Config) -> None:
 
 
 def run_reference(cfg: Config, loaded: Any, problem: Any, prompt_ids: list[int], reward_fn=None):
-    """`pipeline.reference.naive_latentseek` on one problem with the config's method settings
+    """`pipeline.method.reference.naive_latentseek` on one problem with the config's method settings
     (read here, in the entry points, never by the reference itself); `reward_fn=None` is the
     mode's own PSRM, which in reference mode compares with the label as the data writes it."""
-    from pipeline import reference
+    from pipeline.method import reference
 
     gold = problem.label if cfg.compat == "reference" and problem.label else problem.gold
     return reference.naive_latentseek(
@@ -61,7 +61,7 @@ def run_reference(cfg: Config, loaded: Any, problem: Any, prompt_ids: list[int],
 
 
 def _recorded(run_dir: Path) -> dict[str, Any]:
-    from pipeline.records import read_records
+    from pipeline.run.records import read_records
 
     problems, _ = read_records(run_dir)
     rows = problems[problems["method"] == "latentseek"]
@@ -71,10 +71,10 @@ def _recorded(run_dir: Path) -> dict[str, Any]:
 def main(cfg: Config, compare: Path | None = None) -> int:
     import torch
 
-    from pipeline import reference
     from pipeline.benchmarks import prompt_suffix
     from pipeline.data import load_dataset
-    from pipeline.model import load_model
+    from pipeline.engine.model import load_model
+    from pipeline.method import reference
 
     check_supported(cfg)
     if cfg.threads > 0:

@@ -3,15 +3,15 @@
 The driver, in rooms:
 1. preflight (`jobs.preflight`), before anything is started or written: devices, resume,
    prompt templates, the reward, the dataset selection; then, holding the run directory's lock
-   (`pipeline.records.hold_run_dir`: one driver per run directory, for the whole run), the
+   (`pipeline.run.rundir.hold_run_dir`: one driver per run directory, for the whole run), the
    resume again, what is left to do (failed rows included, `retry_errors`), the model source,
    the inputs' contents against the first invocation's, and that the MLflow run of this run_id
    belongs to this directory;
-2. the worker pool (`pipeline.pool`): Ray (local in-process, or `ray_address`) and `workers`
+2. the worker pool (`pipeline.run.pool`): Ray (local in-process, or `ray_address`) and `workers`
    actors, a worker that cannot start reported as one line;
 3. the batch loop (here): config.yaml (the first invocation's) and invocations.jsonl, the
-   workers fed batches (`pipeline.scheduler.Scheduler`), each returned batch written as one atomic
-   shard pair (`pipeline.records`), progress shown;
+   workers fed batches (`pipeline.run.scheduler.Scheduler`), each returned batch written as one atomic
+   shard pair (`pipeline.run.records`), progress shown;
 4. finishing (`jobs.finish`): compaction, summary files, the report, MLflow, the summary.
 """
 
@@ -31,10 +31,10 @@ from jobs.finish import Counts, RunSummary, finish_run, format_summary, model_na
 from jobs.preflight import RunError, Work, check_resume, plan_work, preflight, resolve_run_id
 from pipeline.config import Config
 from pipeline.data import Problem
-from pipeline.pool import WorkerPool, start_ray, start_workers, stop_workers
-from pipeline.records import (
+from pipeline.run.pool import WorkerPool, start_ray, start_workers, stop_workers
+from pipeline.run.records import RecordStore
+from pipeline.run.rundir import (
     CONFIG_FILE,
-    RecordStore,
     append_invocation,
     hold_run_dir,
     run_dir,
@@ -64,8 +64,8 @@ def run_evaluation(
     evaluation (a sweep) instead of stopping them; `tags` go to the MLflow run;
     `start_worker` starts each worker instead of `EvalWorker` (`start_workers`; not with
     `pool`, which starts its own)."""
-    from pipeline import tracking
-    from pipeline.model import prepare_model
+    from pipeline.engine.model import prepare_model
+    from pipeline.run import tracking
 
     start = time.perf_counter()
     cfg = resolve_run_id(cfg)
@@ -110,7 +110,7 @@ def run_evaluation(
 def open_run(cfg: Config, directory: Path, argv: Sequence[str] | None, work: Work) -> None:
     """Keep config.yaml and inputs.yaml (the first invocation's), log this invocation, and clean
     up what a killed driver left (temporary files, orphan iteration shards)."""
-    from pipeline.tracking import git_commit
+    from pipeline.run.tracking import git_commit
 
     saved_path = directory / CONFIG_FILE
     saved = (yaml.safe_load(saved_path.read_text()) or {}) if saved_path.exists() else {}
@@ -136,7 +136,7 @@ def open_run(cfg: Config, directory: Path, argv: Sequence[str] | None, work: Wor
 def plan_batches(cfg: Config, todo: dict[str, list[Problem]], problems: list[Problem]) -> list:
     """The batches of work: per method, tasks of `problems_per_task` problems (small runs: at
     least one task per worker, when there are enough), methods interleaved in problem order."""
-    from pipeline.scheduler import make_batches
+    from pipeline.run.scheduler import make_batches
 
     batches = []
     for method in cfg.method:
@@ -185,9 +185,9 @@ class BatchLoop:
     ) -> None:
         from tqdm import tqdm
 
-        from pipeline.pool import row_memory
-        from pipeline.scheduler import Scheduler
-        from pipeline.workers import NoWorkerLeftError
+        from pipeline.run.pool import row_memory
+        from pipeline.run.scheduler import Scheduler
+        from pipeline.run.workers import NoWorkerLeftError
 
         if memory := row_memory(self.cfg, self.infos):
             self.log(memory)
@@ -255,7 +255,7 @@ class BatchLoop:
     def log_progress(self, scheduler: Any, done: int, iterations: int) -> None:
         """Live metrics, step = problems done in this invocation (recorded, or reported finished
         in a batch still out): what the progress bar shows."""
-        from pipeline import tracking
+        from pipeline.run import tracking
 
         c = self.counts
         tracking.log_progress(

@@ -2,7 +2,7 @@
 by stand-in workers that sleep instead of loading a model.
 
 `simulate` runs `jobs.run.run_evaluation` exactly as `latentseek run` does (preflight, the
-`pipeline.scheduler.Scheduler`, the single writer `pipeline.records.RecordStore`, MLflow, the
+`pipeline.run.scheduler.Scheduler`, the single writer `pipeline.run.records.RecordStore`, MLflow, the
 summary and report) with one difference: each worker is a `StandInWorker` (EvalWorker's `info`
 and `run`, no model) started through run_evaluation's `start_worker`. It answers two questions:
 
@@ -51,7 +51,7 @@ from types import FrameType
 from typing import Any
 
 from pipeline.data import Problem
-from pipeline.results import Compute, IterationStats, ProblemResult
+from pipeline.method.results import Compute, IterationStats, ProblemResult
 
 GSM8K_FILE = Path(__file__).resolve().parent.parent / "data" / "gsm8k_test.jsonl"
 
@@ -230,8 +230,8 @@ ACTIVITIES = (
     ("ray/_private/worker.py", "wait", "waiting"),  # for a worker to return a batch: idle
     ("ray/_private/worker.py", "get", "fetching results"),  # and unpickling them
     ("ray/actor.py", "_remote", "dispatching"),  # sending the next batch
-    ("pipeline/records.py", "write", "writing records"),  # Parquet, fsync, rename
-    ("pipeline/tracking.py", "log_progress", "mlflow progress"),
+    ("pipeline/run/records.py", "write", "writing records"),  # Parquet, fsync, rename
+    ("pipeline/run/tracking.py", "log_progress", "mlflow progress"),
     ("jobs/simulate.py", "__call__", "harness"),  # the simulation's on_batch: not the driver's
 )
 IDLE = ("waiting", "harness")
@@ -464,7 +464,7 @@ GPU_BATCH_S = (20.0, 60.0)  # assumed: a LatentSeek batch of 8 problems, 7-8B mo
 
 def check_exactly_once(run_dir: str | Path, expected: int) -> int:
     """The number of (problem, method) records; raises if one is missing or duplicated."""
-    from pipeline.records import RecordStore
+    from pipeline.run.records import RecordStore
 
     problems = RecordStore(run_dir).read_problems()  # raises DuplicateRecordError
     keys = set(zip(problems["problem_id"], problems["method"], strict=True))

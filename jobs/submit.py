@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import PROJECT_ROOT, Config, ConfigError, load_config
+from pipeline.config import DEFAULT_CONFIG, PROJECT_ROOT, Config, ConfigError, load_config
 
 # Never uploaded with the project: environments, results, caches, build metadata.
 EXCLUDES = [
@@ -202,7 +202,7 @@ def job_config(config: Path, overrides: list[str]) -> Config:
     """The run's config as the job will resolve it, with what it would decide on the cluster
     fixed here: run_id, an absolute output_dir, the MLflow store, and ray_address=auto."""
     from jobs.run import resolve_run_id
-    from pipeline import tracking
+    from pipeline.run import tracking
 
     cfg = resolve_run_id(load_config(config, overrides))
     if not Path(cfg.output_dir).is_absolute():
@@ -228,8 +228,6 @@ def carried_path(path: Path, root: Path = PROJECT_ROOT) -> str | None:
 
 def plan(command: str, config: Path | None, overrides: list[str]) -> JobPlan:
     """Resolve what `latentseek <command>` (run or sweep) with this config will run as a job."""
-    from jobs.cli import DEFAULT_CONFIG
-
     config = Path(config or DEFAULT_CONFIG)
     config_arg = carried_path(config) or f"{STAGED_CONFIG_DIR}/{config.name}"
     if command == "sweep":  # it reads its own config: forwarded as given, joined to the cluster

@@ -1,11 +1,11 @@
-"""`latentseek sweep SWEEP_FILE [key=value ...]`: a test-time scaling sweep (pipeline/sweep.py).
+"""`latentseek sweep SWEEP_FILE [key=value ...]`: a test-time scaling sweep (pipeline/run/sweep.py).
 
 Runs the sweep's executed points one after another with `jobs.run.run_evaluation`, into
 `<output_dir>/<sweep name>/<point run_id>/`, all logged to one MLflow store: a parent run named
 after the sweep with one nested run per point (`mlflow.parentRunId`), executed and derived alike,
 named after the values that vary (`lr=0.01 max_iters=4`), each with a nested run per method.
 Ray workers and their loaded model are kept from one point to the next while the points load the
-same model (the keys with the MODEL role, `pipeline.pool.WorkerPool`); the next point's settings travel with its batches.
+same model (the keys with the MODEL role, `pipeline.run.pool.WorkerPool`); the next point's settings travel with its batches.
 
 Resume: a point whose records are complete is skipped by `run_evaluation` itself (it only logs),
 so re-running the same command finishes what a crash left and redoes nothing. Derived points are
@@ -14,7 +14,7 @@ At the end the sweep's report (`analysis.report`) is written to `<sweep dir>/rep
 the parent run, and `<sweep dir>/sweep.yaml` lists every point with its status and wall time.
 
 Before anything starts, every executed point passes the run's preflight (`jobs.preflight`); the
-sweep then holds its directory's lock (`pipeline.records.hold_run_dir`; each point's evaluation
+sweep then holds its directory's lock (`pipeline.run.rundir.hold_run_dir`; each point's evaluation
 holds its own run directory's too), and a sweep that fails or is interrupted ends its parent MLflow
 run FAILED (KILLED) before the error goes on.
 """
@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from pipeline.config import ConfigError
-from pipeline.sweep import SweepPoint, load_sweep, plan
+from pipeline.run.sweep import SweepPoint, load_sweep, plan
 
 MANIFEST = "sweep.yaml"
 
@@ -57,8 +57,8 @@ def run_sweep(
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
 ) -> SweepSummary:
     from jobs.preflight import preflight
-    from pipeline import tracking
-    from pipeline.records import hold_run_dir, run_dir
+    from pipeline.run import tracking
+    from pipeline.run.rundir import hold_run_dir, run_dir
 
     start = time.perf_counter()
     spec = load_sweep(path)
@@ -110,8 +110,8 @@ def _run_points(
     from analysis.derive import derived_curves, derived_metrics
     from analysis.report import write_report
     from jobs.run import run_evaluation
-    from pipeline import tracking
-    from pipeline.pool import WorkerPool
+    from pipeline.run import tracking
+    from pipeline.run.pool import WorkerPool
 
     executed = [p for p in points if p.executed]
     seconds: dict[str, float] = {}
@@ -159,7 +159,7 @@ def _placed(p: SweepPoint, sweep_dir: Path, uri: str) -> SweepPoint:
 
 def _tags(sweep: str, parent: str, p: SweepPoint) -> dict[str, str]:
     """The point's MLflow tags: nested under the sweep's run, named after what varies."""
-    from pipeline.tracking import PARENT_TAG, RUN_NAME_TAG
+    from pipeline.run.tracking import PARENT_TAG, RUN_NAME_TAG
 
     return {
         PARENT_TAG: parent,

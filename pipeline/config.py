@@ -14,6 +14,7 @@ import math
 import re
 import types
 import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -22,6 +23,9 @@ import yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PROJECT_ROOT / "configs"
+DEFAULT_CONFIG = (
+    CONFIG_DIR / "default.yaml"
+)  # what `latentseek run` and `submit` read without --config
 
 COMPAT_MODES = ("none", "reference")
 VERIFIER_TOKENS = 256  # each verifier's budget by default
@@ -51,10 +55,28 @@ def _f(default: Any, help: str, *, roles: tuple[str, ...], **kw: Any) -> Any:
     return field(default=default, metadata=meta)
 
 
-def _default_methods() -> list[str]:
-    from pipeline.methods import all_methods
+# Keys whose allowed values a registry above the floor knows (`method`: the methods registry,
+# `backend`: the backends registry). The floor imports neither: `pipeline/__init__.py` hands
+# each registry's lookup to `register_choices`, and the config asks `choices(key)` when it
+# validates (name -> declaration, in the registry's order).
+_CHOICES: dict[str, Callable[[], Mapping[str, Any]]] = {}
 
-    return [m.name for m in all_methods().values() if m.default]
+
+def register_choices(key: str, lookup: Callable[[], Mapping[str, Any]]) -> None:
+    """Let the registry behind `key` tell the config what the key may be (called once per key,
+    at package import)."""
+    _CHOICES[key] = lookup
+
+
+def choices(key: str) -> Mapping[str, Any]:
+    """name -> declaration for a registry-backed key (`method`, `backend`)."""
+    if key not in _CHOICES:
+        raise KeyError(f"no registry registered for {key!r} (pipeline/__init__.py registers them)")
+    return _CHOICES[key]()
+
+
+def _default_methods() -> list[str]:
+    return [m.name for m in choices("method").values() if m.default]
 
 
 @dataclass
@@ -310,9 +332,7 @@ class Config:
         need = self._need
         for name, tp in _field_types().items():
             _check_type(name, getattr(self, name), tp)
-        from pipeline.methods import all_methods
-
-        methods = all_methods()
+        methods = choices("method")
         bad = [m for m in self.method if m not in methods]
         need(not bad and bool(self.method), "method", f"allowed: {', '.join(methods)}")
         need(len(set(self.method)) == len(self.method), "method", "each method at most once")
@@ -360,8 +380,6 @@ class Config:
         need(self.tensor_parallel >= 1, "tensor_parallel", "must be >= 1 (1: no sharding)")
 
     def _check_backend(self) -> None:
-        from pipeline.backends import all_backends
-
         need = self._need
         need(
             self.tensor_parallel == 1 or self.gpus_per_worker in (0, 1),
@@ -374,7 +392,7 @@ class Config:
             "device_map",
             "is for one worker over several devices; with tensor_parallel > 1 leave it ''",
         )
-        backends = all_backends()
+        backends = choices("backend")
         need(self.backend in backends, "backend", f"allowed: {', '.join(backends)}")
         capabilities = backends[self.backend].capabilities
         need(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pipeline.benchmarks import benchmarks_table
 from pipeline.config import keys_table
-from pipeline.methods import methods_table
+from pipeline.method.methods import methods_table
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 

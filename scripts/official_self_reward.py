@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.config import Config  # noqa: E402
 from pipeline.data import load_dataset  # noqa: E402
-from pipeline.model import load_model  # noqa: E402
-from pipeline.solver import Solver  # noqa: E402
+from pipeline.engine.model import load_model  # noqa: E402
+from pipeline.method.solver import Solver  # noqa: E402
 
 
 def official_reward_model(src: Path, loaded, budget: int):

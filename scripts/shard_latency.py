@@ -20,10 +20,10 @@ import ray
 import torch
 
 from pipeline.config import Config
-from pipeline.generation import GenerationRequest, Generator
-from pipeline.model import load_model
-from pipeline.prompts import render_chat
-from pipeline.workers import run_on_ranks
+from pipeline.engine.generation import GenerationRequest, Generator
+from pipeline.engine.model import load_model
+from pipeline.method.prompts import render_chat
+from pipeline.run.workers import run_on_ranks
 
 QUESTION = "Janet has 3 apples and buys 5 more. How many apples does she have?"
 

@@ -35,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.benchmarks import prompt_suffix  # noqa: E402
 from pipeline.config import Config  # noqa: E402
 from pipeline.data import load_dataset  # noqa: E402
-from pipeline.generation import GenerationRequest, Generator  # noqa: E402
-from pipeline.model import load_model, prepare_model  # noqa: E402
-from pipeline.prompts import load_solver_template, render_chat  # noqa: E402
+from pipeline.engine.generation import GenerationRequest, Generator  # noqa: E402
+from pipeline.engine.model import load_model, prepare_model  # noqa: E402
+from pipeline.method.prompts import load_solver_template, render_chat  # noqa: E402
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
@@ -122,7 +122,7 @@ def main() -> None:
     print(f"native CoT: {n_count} tokens in {n_seconds:.1f} s = {n_count / n_seconds:.1f} tokens/s")
 
     # ---- vLLM ---------------------------------------------------------------------------
-    from pipeline.backends.vllm import VllmBackend
+    from pipeline.engine.backends.vllm import VllmBackend
 
     backend = VllmBackend(loaded, cfg, {"block_size": a.block_size} if a.block_size else None)
     print(f"vLLM engine start: {backend.start_seconds:.1f} s ({backend.engine_kwargs})")
@@ -206,8 +206,8 @@ def main() -> None:
         "vllm_continuation_tokens_per_s": vc_count / vc_seconds,
     }
     # (e) verifier generations for each native CoT answer.
-    from pipeline.prompts import load_verifiers
-    from pipeline.rewards import SelfReward
+    from pipeline.method.prompts import load_verifiers
+    from pipeline.method.rewards import SelfReward
 
     verifiers = SelfReward(
         loaded.tokenizer, load_verifiers("verifiers"), a.verifier_tokens, "boxed"
@@ -228,7 +228,7 @@ def main() -> None:
 
     # (f) the LatentSeek PSRM trajectory through the Solver on each backend.
     if a.iters:
-        from pipeline.solver import Solver
+        from pipeline.method.solver import Solver
 
         ls = cfg.replace(method=["latentseek"], reward="psrm", max_iters=a.iters, rho=0.2,
                          lr=0.05, max_new_tokens=T)  # fmt: skip

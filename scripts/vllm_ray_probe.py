@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def prompts_for(n: int, tokenizer) -> list[list[int]]:
     from pipeline.config import Config
     from pipeline.data import load_dataset
-    from pipeline.prompts import load_solver_template, render_chat
+    from pipeline.method.prompts import load_solver_template, render_chat
 
     template = load_solver_template("boxed")
     problems = load_dataset(Config(dataset="gsm8k", limit=n)).problems
@@ -38,8 +38,8 @@ def main() -> None:
     import ray
 
     from pipeline.config import Config
-    from pipeline.generation import GenerationRequest, Generator
-    from pipeline.model import load_model, prepare_model
+    from pipeline.engine.generation import GenerationRequest, Generator
+    from pipeline.engine.model import load_model, prepare_model
 
     cfg = Config(dtype="float32", device="cpu", batch_size=8)
     prepare_model(cfg)
@@ -52,7 +52,7 @@ def main() -> None:
     @ray.remote(num_cpus=1)
     class VllmActor:
         def __init__(self) -> None:
-            from pipeline.backends.vllm import VllmBackend
+            from pipeline.engine.backends.vllm import VllmBackend
 
             self.loaded = load_model(cfg)
             self.backend = VllmBackend(self.loaded, cfg)

@@ -19,8 +19,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipeline.config import Config
 from pipeline.data import Problem
-from pipeline.model import LoadedModel, load_model
-from pipeline.rewards import Reward, RewardResult
+from pipeline.engine.model import LoadedModel, load_model
+from pipeline.method.rewards import Reward, RewardResult
 
 # The test machine has 2 cores shared with other jobs: at two intra-op threads, OpenMP barrier
 # stalls made the embedded-model tests ~3x slower under load (measured: 27.6 s vs 8.8 s for one
@@ -184,7 +184,7 @@ def embedded_cfg() -> Config:
 @pytest.fixture(scope="session")
 def make_solver(embedded: LoadedModel) -> Callable[..., object]:
     """`make_solver(cfg)` -> a `Solver` on the session's embedded model (no reload)."""
-    from pipeline.solver import Solver
+    from pipeline.method.solver import Solver
 
     def build(cfg: Config, reward: Reward | None = None) -> Solver:
         return Solver(cfg, embedded, reward=reward)
@@ -254,7 +254,7 @@ def wait_healthy(proc, url: str, log_path, opener, timeout_s: float) -> None:
 
 _HOLDER = """
 import sys, time
-from pipeline.records import hold_run_dir
+from pipeline.run.rundir import hold_run_dir
 with hold_run_dir(sys.argv[1]):
     print("held", flush=True)
     time.sleep(300)

@@ -1,4 +1,4 @@
-"""The batching runners (`pipeline.batching`) on the tiny model: continuous batching gives every
+"""The batching runners (`pipeline.engine.batching`) on the tiny model: continuous batching gives every
 task the tokens it gets alone and in static rounds, never decodes more than `max_rows` rows, and
 lets a task move on before the slowest row of its round is done."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 from conftest import TINY_EOS, tiny_loaded
 
-from pipeline.batching import run_continuous, run_static
-from pipeline.generation import DecodeBatch, GenerationRequest, Generator
+from pipeline.engine.batching import run_continuous, run_static
+from pipeline.engine.generation import DecodeBatch, GenerationRequest, Generator
 
 PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16], [17], [18, 19, 20]]
 

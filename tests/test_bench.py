@@ -148,7 +148,7 @@ def test_every_row_reported_and_a_failed_row_makes_the_exit_code_1(
     failing, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.setattr(harness.Runner, "child", _fake_child(failing or "nothing"))
-    monkeypatch.setattr("pipeline.model.prepare_model", lambda cfg: None)
+    monkeypatch.setattr("pipeline.engine.model.prepare_model", lambda cfg: None)
     code = bench.main(None, [f"out={tmp_path}", "profile=never", f"vllm_python={sys.executable}"])
     md = (tmp_path / "bench.md").read_text()
     assert capsys.readouterr().out.strip() == md.strip()  # the report is also printed

@@ -20,9 +20,9 @@ import pytest
 import yaml
 from conftest import hold_in_child
 
-from pipeline import model as model_mod
 from pipeline.config import Config
-from pipeline.model import ModelError, check_model_source
+from pipeline.engine import model as model_mod
+from pipeline.engine.model import ModelError, check_model_source
 
 ROOT = Path(__file__).resolve().parent.parent
 LATENTSEEK = str(Path(sys.executable).parent / "latentseek")

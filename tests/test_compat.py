@@ -1,5 +1,5 @@
 """`compat=reference`: the official code's budgets, stops, answer text and grading
-(`pipeline.compat`), checked by hand and on the tiny model and the embedded tokenizer."""
+(`pipeline.method.compat`), checked by hand and on the tiny model and the embedded tokenizer."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import torch
 from conftest import TINY_EOS, ScriptedReward, problem, tiny_loaded
 
 from pipeline.benchmarks.official import official_extract, official_number
-from pipeline.compat import decode_rules, make_grader
 from pipeline.config import Config, ConfigError
 from pipeline.data import Problem, load_dataset
-from pipeline.solver import Solver
+from pipeline.method.compat import decode_rules, make_grader
+from pipeline.method.solver import Solver
 
 # --- the official GSM8K extraction, worked out by hand from SPEC §6 ---------------------------
 

@@ -9,7 +9,7 @@ from conftest import ScriptedReward
 from analysis.derive import derived_metrics
 from analysis.tables import summary_table
 from pipeline.data import load_dataset
-from pipeline.records import RecordStore, read_records
+from pipeline.run.records import RecordStore, read_records
 
 COMPARED = ["final_accuracy", "mean_final_reward", "mean_iterations", "problems"]
 

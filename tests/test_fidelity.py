@@ -1,8 +1,8 @@
-"""The engine against the independent reference loop (`pipeline.reference`) on the embedded SmolLM2,
+"""The engine against the independent reference loop (`pipeline.method.reference`) on the embedded SmolLM2,
 in both compat modes.
 
 fp32 on CPU, one problem per `Solver.run` call (batch size 1): the engine (KV cache, batched
-decoding, continuation from a cached prompt, `latent_step`, `pipeline.compat`) must reproduce the
+decoding, continuation from a cached prompt, `latent_step`, `pipeline.method.compat`) must reproduce the
 naive loop (no cache, one full forward per token, its own prompts, budgets, stops and PSRM)
 exactly: the same CoT answer, T, U, r0, the same answer after every iteration, the same rewards,
 iterations, stop reason and final answer. The reference's settings are written out here as plain
@@ -26,10 +26,10 @@ import zlib
 
 import pytest
 
-from pipeline import reference
 from pipeline.benchmarks import prompt_suffix
 from pipeline.data import load_dataset
-from pipeline.rewards import CallableReward
+from pipeline.method import reference
+from pipeline.method.rewards import CallableReward
 
 SETTINGS = dict(lr=0.05, rho=0.2, max_iters=2, max_new_tokens=24, reward_threshold=-0.2)
 
@@ -223,7 +223,7 @@ def test_self_reward_matches_reference_loop_long(embedded, make_solver, embedded
 @pytest.mark.slow
 @pytest.mark.parametrize("compat", [pytest.param("none", marks=pytest.mark.slow), "reference"])
 def test_se_matches_reference_loop(embedded, make_solver, embedded_cfg, compat):
-    from pipeline.methods import problem_seed
+    from pipeline.method.methods import problem_seed
 
     # sigma^2 = 4 (the official code's early, unused default): at the paper's 0.5-1.0 this
     # model's 4-token prefixes rarely change (its hidden states have an RMS of ~1.9).

@@ -1,4 +1,4 @@
-"""`pipeline.generation.Generator` on a tiny random Llama with a byte tokenizer (no downloads).
+"""`pipeline.engine.generation.Generator` on a tiny random Llama with a byte tokenizer (no downloads).
 
 What the engine promises: a row's tokens do not depend on what else is in the batch (padding,
 other prompts' lengths, other prefixes, sampling seeds of others), continuation from a cached
@@ -12,7 +12,12 @@ import pytest
 import torch
 from conftest import TINY_CONTEXT, TINY_EOS, ByteTokenizer, make_tiny_model
 
-from pipeline.generation import GenerationRequest, Generator, eos_token_ids, kv_bytes_per_token
+from pipeline.engine.generation import (
+    GenerationRequest,
+    Generator,
+    eos_token_ids,
+    kv_bytes_per_token,
+)
 
 
 def prompt(length: int, seed: int) -> list[int]:
@@ -221,7 +226,7 @@ def test_one_device_to_host_transfer_per_decode_step(gen, monkeypatch):
         original = getattr(torch.Tensor, name)
 
         def counted(self, *args, _original=original, _name=name, **kwargs):
-            if sys._getframe(1).f_code.co_filename.endswith("pipeline/generation.py"):
+            if sys._getframe(1).f_code.co_filename.endswith("pipeline/engine/generation.py"):
                 calls.append(_name)
             return _original(self, *args, **kwargs)
 

@@ -6,7 +6,7 @@ import torch
 
 from pipeline.config import Config
 from pipeline.data import load_dataset
-from pipeline.solver import Solver
+from pipeline.method.solver import Solver
 
 pytestmark = pytest.mark.gpu
 
@@ -48,7 +48,7 @@ NEAR_TIE = 0.5
 
 
 def test_batched_cot_matches_one_at_a_time_on_cuda(gpu_solver):
-    from pipeline.generation import GenerationRequest
+    from pipeline.engine.generation import GenerationRequest
 
     problems = load_dataset(gpu_solver.cfg).problems
     prompts = [gpu_solver.prompt(p)[0] for p in problems]
@@ -73,7 +73,7 @@ def test_batched_cot_matches_one_at_a_time_on_cuda(gpu_solver):
 
 def test_captured_states_give_back_the_decoded_tokens_on_cuda(gpu_solver):
     # argmax(W z_t) = x_t in bf16 on the GPU: decoding and the latent step share head_logits.
-    from pipeline.generation import GenerationRequest
+    from pipeline.engine.generation import GenerationRequest
 
     problems = load_dataset(gpu_solver.cfg).problems
     prompts = [gpu_solver.prompt(p)[0] for p in problems]

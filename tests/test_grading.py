@@ -10,8 +10,8 @@ import threading
 
 import pytest
 
-from pipeline import grading
-from pipeline.grading import (
+from pipeline.method import grading
+from pipeline.method.grading import (
     Grade,
     extract_answer,
     grade,

@@ -1,4 +1,4 @@
-"""`pipeline.latent.latent_step`: the LatentSeek update, checked by hand and on a tiny random Llama.
+"""`pipeline.method.latent.latent_step`: the LatentSeek update, checked by hand and on a tiny random Llama.
 
 A fact used throughout: Adam's first step (bias-corrected, default betas) is
     m_hat = g, v_hat = g^2  ->  delta = -lr * g / (|g| + 1e-8) ~= -lr * sign(g)  per coordinate,
@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from pipeline.latent import LOG_EPS, hidden_rms, latent_step
+from pipeline.method.latent import LOG_EPS, hidden_rms, latent_step
 
 
 def linear(weight: torch.Tensor, bias: torch.Tensor | None = None):

@@ -7,8 +7,8 @@ from __future__ import annotations
 from conftest import ScriptedReward, make_tiny_model, problem, tiny_loaded
 
 from pipeline.config import Config
-from pipeline.prompts import load_reflect_prompts
-from pipeline.solver import Solver
+from pipeline.method.prompts import load_reflect_prompts
+from pipeline.method.solver import Solver
 
 TAU = -0.2
 

@@ -8,8 +8,8 @@ import torch
 from conftest import ScriptedReward, problem, tiny_loaded
 
 from pipeline.config import Config
-from pipeline.methods.se import perturbed
-from pipeline.solver import Solver
+from pipeline.method.methods.se import perturbed
+from pipeline.method.solver import Solver
 
 
 def solve(script, **kw):

@@ -1,4 +1,4 @@
-"""`pipeline.methods`: the LatentSeek loop's control flow on a tiny random Llama with scripted
+"""`pipeline.method.methods`: the LatentSeek loop's control flow on a tiny random Llama with scripted
 rewards (a reward's n-th call for a problem returns script[n]; call 0 scores the CoT answer),
 plus `select_best` and `majority_vote`, self-consistency on scripted samples whose majority is
 known, and greedy CoT on the embedded SmolLM2 against Hugging Face's own greedy `generate`.
@@ -17,13 +17,13 @@ import pytest
 import torch
 from conftest import ScriptedReward, problem, tiny_loaded
 
-from pipeline.batching import run_static
 from pipeline.config import Config
-from pipeline.generation import GenerationRequest, GenerationResult
-from pipeline.methods import problem_seed, select_best
-from pipeline.methods.sc import majority_vote
-from pipeline.prompts import render_chat
-from pipeline.solver import Solver
+from pipeline.engine.batching import run_static
+from pipeline.engine.generation import GenerationRequest, GenerationResult
+from pipeline.method.methods import problem_seed, select_best
+from pipeline.method.methods.sc import majority_vote
+from pipeline.method.prompts import render_chat
+from pipeline.method.solver import Solver
 
 TAU = -0.2
 
@@ -200,7 +200,7 @@ def test_best_of_n_picks_the_best_sample():
 
 
 class ScriptedSampler:
-    """A generation backend (`pipeline.backends.base.Backend`) that stands in for the engine:
+    """A generation backend (`pipeline.engine.backends.base.Backend`) that stands in for the engine:
     the sample drawn with seed `problem_seed(seed, pid, j)` is `texts[pid][j]` (any other seed
     is a KeyError); keeps the requests. Byte tokens, so the engine decodes each text back."""
 
@@ -346,7 +346,7 @@ def test_a_grade_is_decided_once_per_text():
     # A grader that times out on its first call for a text and answers "correct" on the next
     # (a loaded worker): every use of that text in the problem (the PSRM reward of r0, and the
     # final row) must read the one decision, and the timeout is recorded as such.
-    from pipeline.grading import Grade
+    from pipeline.method.grading import Grade
 
     cfg = make_cfg(max_iters=0)
     solver = Solver(cfg, tiny_loaded())  # reward=psrm: it grades through the solver
@@ -366,7 +366,7 @@ def test_a_grade_is_decided_once_per_text():
 
 
 def test_a_grading_failure_is_the_problems_error():
-    from pipeline.grading import GradingError
+    from pipeline.method.grading import GradingError
 
     solver = Solver(make_cfg(max_iters=0), tiny_loaded())
 

@@ -1,4 +1,4 @@
-"""`pipeline.model`: the embedded SmolLM2 end to end, the GGUF cache, and the error messages.
+"""`pipeline.engine.model`: the embedded SmolLM2 end to end, the GGUF cache, and the error messages.
 
 Nothing here touches the network: hub lookups run with HF_HUB_OFFLINE=1 and local_files_only.
 """
@@ -11,11 +11,17 @@ import pytest
 import torch
 from conftest import EMBEDDED_CFG
 
-from pipeline import model as model_mod
 from pipeline.config import Config
-from pipeline.generation import GenerationRequest, Generator
-from pipeline.model import ModelError, gguf_cache_dir, load_model, resolve_device, resolve_dtype
-from pipeline.prompts import render_chat
+from pipeline.engine import model as model_mod
+from pipeline.engine.generation import GenerationRequest, Generator
+from pipeline.engine.model import (
+    ModelError,
+    gguf_cache_dir,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+)
+from pipeline.method.prompts import render_chat
 
 
 def chat(tokenizer, text: str) -> list[int]:

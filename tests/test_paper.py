@@ -15,9 +15,9 @@ import pytest
 from analysis.paper import agreement_table, comparison_table, iterations_table, load_paper
 from analysis.records import load_records
 from pipeline.config import Config
-from pipeline.records import RecordStore
-from pipeline.results import IterationStats, ProblemResult
-from pipeline.sweep import load_sweep, plan
+from pipeline.method.results import IterationStats, ProblemResult
+from pipeline.run.records import RecordStore
+from pipeline.run.sweep import load_sweep, plan
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "paper_recipes.py"

@@ -1,5 +1,5 @@
 """argmax(W z_t) = x_t in bf16: decoding and the latent step compute head logits with one function
-(`pipeline.generation.head_logits`) in the head's dtype, so the hidden states captured while
+(`pipeline.engine.generation.head_logits`) in the head's dtype, so the hidden states captured while
 decoding give back the decoded tokens when the latent step reads them. Run on the CPU in bf16
 (the precision a GPU run uses by default), on the embedded model."""
 
@@ -12,11 +12,11 @@ import torch
 
 from pipeline.config import Config
 from pipeline.data import load_dataset
-from pipeline.generation import GenerationRequest, Generator, head_logits
-from pipeline.latent import latent_step
-from pipeline.model import load_model
-from pipeline.prompts import load_solver_template, render_chat
-from pipeline.solver import Solver
+from pipeline.engine.generation import GenerationRequest, Generator, head_logits
+from pipeline.engine.model import load_model
+from pipeline.method.latent import latent_step
+from pipeline.method.prompts import load_solver_template, render_chat
+from pipeline.method.solver import Solver
 
 CFG = dict(model="embedded", device="cpu", dtype="bfloat16", reward="psrm", method=["latentseek"])
 

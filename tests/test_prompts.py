@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import reference
 from pipeline.benchmarks import prompt_suffix
 from pipeline.config import CONFIG_DIR, ConfigError
-from pipeline.prompts import load_solver_template, load_verifiers, render_chat
+from pipeline.method import reference
+from pipeline.method.prompts import load_solver_template, load_verifiers, render_chat
 
 Q = "Natalia sold 48 clips in April. How many clips did she sell?"
 
@@ -66,7 +66,7 @@ def test_paper_prompt_renders_exactly(embedded, prompt, dataset):
 
 @pytest.mark.parametrize("prompt,dataset", sorted(EXPECTED))
 def test_reference_keeps_its_own_copy_of_the_same_prompts(embedded, prompt, dataset):
-    # pipeline.reference writes the prompts out independently; both copies must agree.
+    # pipeline.method.reference writes the prompts out independently; both copies must agree.
     note = prompt_suffix(dataset, prompt)
     assert reference.paper_messages(Q, prompt, note) == load_solver_template(prompt).messages(
         Q, note

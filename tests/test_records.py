@@ -1,4 +1,4 @@
-"""Parquet records (pipeline.records) and the analysis tables that read them.
+"""Parquet records (pipeline.run.records) and the analysis tables that read them.
 
 The hand-built run used throughout (method latentseek unless noted):
 
@@ -24,24 +24,26 @@ import pytest
 from conftest import hold_in_child
 
 from analysis.tables import accuracy_by_iteration, load_run, markdown, summary_table
-from pipeline import records
 from pipeline.config import Config
-from pipeline.records import (
-    INVOCATIONS_FILE,
+from pipeline.method.results import Compute, IterationStats, ProblemResult
+from pipeline.run import records
+from pipeline.run.records import (
     ITERATION_SCHEMA,
     PROBLEM_SCHEMA,
     DuplicateRecordError,
     RecordStore,
+    iteration_rows,
+    problem_row,
+)
+from pipeline.run.rundir import (
+    INVOCATIONS_FILE,
     RunDirError,
     append_invocation,
     hold_run_dir,
-    iteration_rows,
-    problem_row,
     read_invocations,
     run_dir,
     write_config,
 )
-from pipeline.results import Compute, IterationStats, ProblemResult
 
 RUN = "run-1"
 MODEL = "tiny"

@@ -1,4 +1,4 @@
-"""The registries (`pipeline.methods`, `pipeline.benchmarks`, `pipeline.backends`) and the
+"""The registries (`pipeline.method.methods`, `pipeline.benchmarks`, `pipeline.engine.backends`) and the
 config's key roles: the one place each thing users add is declared, and the checks that keep
 the rest of the code from naming it."""
 
@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.backends import all_backends
 from pipeline.benchmarks import all_benchmarks
 from pipeline.config import (
     BATCHING,
@@ -26,7 +25,8 @@ from pipeline.config import (
     _f,
     keys_with,
 )
-from pipeline.methods import all_methods, get_method, reference_method
+from pipeline.engine.backends import all_backends
+from pipeline.method.methods import all_methods, get_method, reference_method
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_METHODS = ["cot", "bon", "sc", "latentseek"]
@@ -40,7 +40,7 @@ NAMING_TOOLS = {
     "jobs/gpu_check.py",
     "jobs/simulate.py",
     "jobs/reference.py",
-    "pipeline/reference.py",
+    "pipeline/method/reference.py",
 }
 
 
@@ -82,10 +82,10 @@ def test_no_module_outside_the_methods_names_a_method():
     names = set(all_methods())
     offenders = [
         f"{rel}:{line} {name!r}"
-        for rel, tree in _modules("pipeline/methods/")
+        for rel, tree in _modules("pipeline/method/methods/")
         for line, name in _names_used(tree, names)
     ]
-    assert not offenders, "ask pipeline.methods instead: " + ", ".join(offenders)
+    assert not offenders, "ask pipeline.method.methods instead: " + ", ".join(offenders)
 
 
 def test_no_module_outside_the_benchmarks_names_a_benchmark():
@@ -125,9 +125,9 @@ def test_the_registries_find_every_module():
     assert [m for m in methods if m in SHIPPED_METHODS] == SHIPPED_METHODS
     assert [b for b in benchmarks if b in SHIPPED_BENCHMARKS] == SHIPPED_BENCHMARKS
     assert list(all_backends())[0] == "native"
-    assert len(methods) == len(_declaring("pipeline/methods", "METHOD"))
+    assert len(methods) == len(_declaring("pipeline/method/methods", "METHOD"))
     assert len(benchmarks) == len(_declaring("pipeline/benchmarks", "BENCHMARK"))
-    assert len(all_backends()) == len(_declaring("pipeline/backends", "BACKEND"))
+    assert len(all_backends()) == len(_declaring("pipeline/engine/backends", "BACKEND"))
     assert reference_method().name == "cot"
     assert Config().method == [m.name for m in all_methods().values() if m.default]
     with pytest.raises(ValueError, match="unknown method 'nope'; allowed: cot, bon"):

@@ -31,8 +31,8 @@ from analysis.records import find_run_dirs
 from analysis.report import ReportFiles, add_arguments, main, write_report
 from analysis.tables import accuracy_by_iteration
 from pipeline.config import Config
-from pipeline.records import RecordStore, read_records
-from pipeline.results import Compute, IterationStats, ProblemResult
+from pipeline.method.results import Compute, IterationStats, ProblemResult
+from pipeline.run.records import RecordStore, read_records
 
 MODEL = "tiny"
 GOLD = {"p1": "2", "p2": "4", "p3": "6", "p4": "0"}
@@ -87,7 +87,7 @@ def latentseek(
 
 def sc(pid: str, picks: list[str], pick: int) -> ProblemResult:
     """What an SC run records: the samples, each one's grade and its group of equal answers
-    (numbered by first appearance), as `pipeline.methods.sc` writes them."""
+    (numbered by first appearance), as `pipeline.method.methods.sc` writes them."""
     samples = [f"so \\boxed{{{a}}}" for a in picks]
     groups = [list(dict.fromkeys(picks)).index(a) for a in picks]
     return ProblemResult(

@@ -20,11 +20,12 @@ import ray
 
 from jobs.preflight import input_digests
 from jobs.run import RunError, run_evaluation
-from pipeline import model as model_mod
 from pipeline.config import CONFIG_DIR, Config
 from pipeline.data import load_dataset
-from pipeline.records import INPUTS_FILE, RecordStore, read_inputs, write_config, write_inputs
-from pipeline.results import ProblemResult
+from pipeline.engine import model as model_mod
+from pipeline.method.results import ProblemResult
+from pipeline.run.records import RecordStore
+from pipeline.run.rundir import INPUTS_FILE, read_inputs, write_config, write_inputs
 
 
 class RayStarted(Exception):

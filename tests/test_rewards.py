@@ -17,9 +17,9 @@ import pytest
 from conftest import ByteTokenizer, problem, tiny_loaded
 
 from pipeline.config import Config, ConfigError
-from pipeline.generation import GenerationResult, Generator
-from pipeline.prompts import load_solver_template, load_verifiers, render_chat
-from pipeline.rewards import (
+from pipeline.engine.generation import GenerationResult, Generator
+from pipeline.method.prompts import load_solver_template, load_verifiers, render_chat
+from pipeline.method.rewards import (
     CallableReward,
     PsrmReward,
     SelfReward,

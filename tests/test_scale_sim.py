@@ -21,7 +21,7 @@ import pytest
 from jobs.simulate import Measurement, Workload, is_poison, simulate
 from pipeline.config import Config
 from pipeline.data import load_dataset
-from pipeline.records import ITERATION_KEY, RecordStore
+from pipeline.run.records import ITERATION_KEY, RecordStore
 
 
 def run_simulation(tmp_path: Path, workers: int, problems: int, workload: Workload) -> Measurement:

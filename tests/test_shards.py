@@ -20,13 +20,13 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from jobs.run import RunError, run_evaluation
 from pipeline.config import Config, ConfigError
-from pipeline.generation import GenerationRequest, Generator
-from pipeline.latent import latent_step
-from pipeline.model import ModelError, embedded_gguf_path, gguf_cache_dir, load_model
-from pipeline.prompts import render_chat
-from pipeline.records import RecordStore
-from pipeline.shards import ShardError, check_shardable
-from pipeline.workers import run_on_ranks
+from pipeline.engine.generation import GenerationRequest, Generator
+from pipeline.engine.model import ModelError, embedded_gguf_path, gguf_cache_dir, load_model
+from pipeline.engine.shards import ShardError, check_shardable
+from pipeline.method.latent import latent_step
+from pipeline.method.prompts import render_chat
+from pipeline.run.records import RecordStore
+from pipeline.run.workers import run_on_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -189,7 +189,7 @@ def rank_dependent_run(cfg: Config) -> list[tuple]:
     import torch.distributed as dist
     from conftest import ScriptedReward, problem
 
-    from pipeline.solver import Solver
+    from pipeline.method.solver import Solver
 
     script = [0.0] if dist.get_rank() == 1 else [-1.0]
     solver = Solver(cfg, load_model(cfg), reward=ScriptedReward(script))
@@ -198,7 +198,7 @@ def rank_dependent_run(cfg: Config) -> list[tuple]:
 
 
 def test_a_rank_with_another_reward_follows_rank_0(shard_ray, tiny_dir):
-    # Rewards decide the steps; every rank takes rank 0's (pipeline.shards.rank0_value). Were
+    # Rewards decide the steps; every rank takes rank 0's (pipeline.engine.shards.rank0_value). Were
     # rank 1 to follow its own, it would stop while rank 0 runs its next forward, and rank 0
     # would wait in that collective until the group's timeout: the test bounds it at 120 s.
     cfg = Config(model=str(tiny_dir), device="cpu", dtype="float32", method=["latentseek"],

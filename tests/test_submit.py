@@ -25,7 +25,7 @@ import pytest
 
 from jobs import submit
 from pipeline.config import CONFIG_DIR, PROJECT_ROOT
-from pipeline.records import read_records
+from pipeline.run.records import read_records
 
 pytestmark = pytest.mark.timeout(480)  # a head start under load, then the test
 

@@ -1,4 +1,4 @@
-"""Sweeps (`pipeline/sweep.py` plans, `jobs/sweep.py` runs): a 2 x 2 grid on a tiny setting with a
+"""Sweeps (`pipeline/run/sweep.py` plans, `jobs/sweep.py` runs): a 2 x 2 grid on a tiny setting with a
 real local Ray, the embedded model and a real MLflow store; resume; derived points checked against
 the records they are read from."""
 
@@ -12,8 +12,9 @@ from mlflow.tracking import MlflowClient
 
 from jobs.sweep import run_sweep
 from pipeline.config import ConfigError
-from pipeline.records import RecordStore, read_invocations, read_records
-from pipeline.sweep import load_sweep, plan
+from pipeline.run.records import RecordStore, read_records
+from pipeline.run.rundir import read_invocations
+from pipeline.run.sweep import load_sweep, plan
 
 SWEEP = """
 name: tiny

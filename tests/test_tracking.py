@@ -1,4 +1,4 @@
-"""MLflow tracking (pipeline.tracking) against real stores: SQLite files and an `mlflow server`.
+"""MLflow tracking (pipeline.run.tracking) against real stores: SQLite files and an `mlflow server`.
 
 Nothing is mocked: each test logs a small hand-built run and reads it back with MlflowClient.
 """
@@ -22,9 +22,10 @@ from mlflow.tracking import MlflowClient
 
 from analysis.tables import iteration_curves, summary_table, write_summary
 from pipeline.config import Config
-from pipeline.records import RecordStore, append_invocation, run_dir, write_config
-from pipeline.results import Compute, IterationStats, ProblemResult
-from pipeline.tracking import (
+from pipeline.method.results import Compute, IterationStats, ProblemResult
+from pipeline.run.records import RecordStore
+from pipeline.run.rundir import append_invocation, run_dir, write_config
+from pipeline.run.tracking import (
     KIND_TAG,
     PARENT_TAG,
     RUN_DIR_TAG,
@@ -458,7 +459,7 @@ def test_a_failed_sweep_ends_its_parent_run_failed(tmp_path, mlflow_server, no_e
 
 def test_tracking_imports_no_analysis_code():
     code = (
-        "import sys, pipeline.tracking; "
+        "import sys, pipeline.run.tracking; "
         "print(sorted(m for m in sys.modules if m == 'analysis' or m.startswith('analysis.')))"
     )
     out = subprocess.run(

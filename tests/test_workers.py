@@ -19,10 +19,11 @@ import torch
 
 from jobs.run import RunError, check_resume, run_evaluation
 from pipeline.config import Config, ConfigError
-from pipeline.records import RecordStore, read_invocations, write_config
-from pipeline.results import ProblemResult
-from pipeline.scheduler import batch_timeout
-from pipeline.workers import gather_ranks, worker_device
+from pipeline.method.results import ProblemResult
+from pipeline.run.records import RecordStore
+from pipeline.run.rundir import read_invocations, write_config
+from pipeline.run.scheduler import batch_timeout
+from pipeline.run.workers import gather_ranks, worker_device
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -334,7 +335,7 @@ def test_resume_with_different_settings_is_refused(tmp_path, local_ray):
 
 
 def test_batch_deadline_from_the_config():
-    """batch_timeout_s: > 0 seconds, 0 none, -1 derived (pipeline.scheduler.batch_timeout):
+    """batch_timeout_s: > 0 seconds, 0 none, -1 derived (pipeline.run.scheduler.batch_timeout):
     600 s + s/step x (problems x answers x tokens per answer / batch_size + one problem's chain)."""
     cfg = Config(max_new_tokens=100, max_iters=2, reward="psrm", batch_size=4)
     # latentseek, psrm (no verifier): 3 answers of 100 tokens; (8*3*100/4 + 3*100) steps x 2 s

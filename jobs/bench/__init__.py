@@ -28,7 +28,7 @@ def main(config_path: str | Path | None, overrides: list[str]) -> int:
     from jobs.bench.report import render_markdown, write_report
     from jobs.bench.settings import describe, parse
     from jobs.bench.targets import answer_checks, compute_ratios, evaluate_targets
-    from pipeline.model import prepare_model
+    from pipeline.engine.model import prepare_model
 
     cfg, settings = parse(config_path, overrides)
     prepare_model(cfg)  # dequantise the embedded GGUF once, before any child needs it

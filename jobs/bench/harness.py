@@ -1,12 +1,12 @@
 """How a row is measured: one fresh child process per configuration, its clock and its memory.
 
 `Runner.child(label, spec)` writes the spec (a JSON file: the row kind, the resolved config and
-the row's own fields) to `logs/`, runs `python -m jobs.bench.harness SPEC RESULT` (absolute paths;
+the row's own fields) to `logs/`, runs `python -m jobs.bench.child SPEC RESULT` (absolute paths;
 the child runs in the caller's working directory, so that relative paths in the config mean what
 they meant to the caller, and finds this project through PYTHONPATH) and reads back the result; the child's output goes to `logs/NN-label.log`. A child that fails returns
 `{"error": ...}` (its exit code and the log's last lines) and the bench goes on with the next row.
 
-In the child, the row's function (`jobs.bench.rows.CHILDREN[kind]`) times only its own work with
+In the child (`jobs.bench.child`), the row's function times only its own work with
 `time.perf_counter` (imports, model loading and one short warm-up generation are excluded), and
 the child's peak RSS is its `ru_maxrss`, so each row's memory is its own.
 """
@@ -118,7 +118,7 @@ class Runner:
                 [
                     python or sys.executable,
                     "-m",
-                    "jobs.bench.harness",
+                    "jobs.bench.child",
                     str(spec_path),
                     str(out_path),
                 ],
@@ -140,34 +140,6 @@ class Runner:
 def _pythonpath(env: dict[str, str]) -> str:
     parts = [str(PROJECT_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(":") if p]
     return ":".join(dict.fromkeys(parts))
-
-
-def _quiet() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
-
-
-def child_entry(spec_path: str, out_path: str) -> int:
-    """In the child: run the spec's row function and write its JSON result."""
-    _quiet()
-    from jobs.bench.rows import CHILDREN
-    from pipeline.config import Config
-
-    spec = json.loads(Path(spec_path).read_text())
-    result = CHILDREN[spec["kind"]](Config(**spec["cfg"]), spec)
-    result.setdefault("peak_rss_mb", peak_rss_mb())
-    Path(out_path).write_text(json.dumps(result, indent=1))
-    return 0
 
 
 # Instruction sets that decide whether bf16 (and vLLM's CPU kernels) pay on this CPU.
@@ -215,7 +187,3 @@ def machine_info() -> dict[str, Any]:
     except Exception:  # noqa: BLE001
         pass
     return info
-
-
-if __name__ == "__main__":
-    sys.exit(child_entry(sys.argv[1], sys.argv[2]))

@@ -21,7 +21,7 @@ def run(cfg: Any, spec: dict) -> dict:
     import mlflow
     import ray
 
-    from pipeline.pool import start_ray
+    from pipeline.run.pool import start_ray
 
     tmp = Path(spec["tmp_dir"])
     cfg = method_config(

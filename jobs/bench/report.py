@@ -240,7 +240,7 @@ NOTES = [
     "The best engine row is the fp32 engine or batching row with the most tokens/s; the "
     "generate() ceiling decodes one full batch at its batch size (EOS ignored), at most the "
     "engine's token count.",
-    "Naive: pipeline/reference.py (no cache, a full forward per token, one problem at a time); "
+    "Naive: pipeline/method/reference.py (no cache, a full forward per token, one problem at a time); "
     "its cot row is the CoT pass of its LatentSeek PSRM row, timed on its own.",
     "Ray: jobs.run.run_evaluation end to end (workers of 1 CPU, tasks of ray_batch_size), Ray "
     "started and the MLflow store created beforehand (setup s). Peak RSS: the child's ru_maxrss; "

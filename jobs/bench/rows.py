@@ -1,10 +1,10 @@
-"""What each row runs, inside its child process (`jobs.bench.harness.child_entry`).
+"""What each row runs, inside its child process (`jobs.bench.child`).
 
 - `engine`: `Solver.run(method, task)` over tasks of `cfg.problems_per_task` problems, the way
   a worker is sent them (static: tasks of `batch_size`; continuous: `task_size` or 4 x
   `batch_size`), with `cfg.batching` and `cfg.dtype` as given. The static vs continuous and the
   bf16 rows are this function with another config.
-- `naive`: `pipeline/reference.py`, the reference cost structure: one problem at a time, no KV
+- `naive`: `pipeline/method/reference.py`, the reference cost structure: one problem at a time, no KV
   cache, a full forward per generated token, the four self-reward verifiers one after another.
 - `ceiling`: plain batched greedy `model.generate` (its own KV cache) on the same prompts.
 - `ray` (`jobs.bench.ray_row`) and `profile` (`jobs.bench.profile`) have their own modules.
@@ -31,7 +31,7 @@ def load_problems(cfg: Any) -> list[Any]:
 def make_solver(cfg: Any) -> Any:
     import torch
 
-    from pipeline.solver import Solver
+    from pipeline.method.solver import Solver
 
     solver = Solver.from_config(cfg)
     torch.manual_seed(cfg.seed)
@@ -40,7 +40,7 @@ def make_solver(cfg: Any) -> Any:
 
 def prompt_ids(solver: Any, problem: Any) -> list[int]:
     from pipeline.benchmarks import prompt_suffix
-    from pipeline.prompts import render_chat
+    from pipeline.method.prompts import render_chat
 
     suffix = prompt_suffix(problem.dataset, solver.template.name)
     messages = solver.template.messages(problem.question, suffix)
@@ -49,7 +49,7 @@ def prompt_ids(solver: Any, problem: Any) -> list[int]:
 
 def warm_up(solver: Any, prompt: list[int]) -> None:
     """One short untimed generation: first-call allocations are not charged to any row."""
-    from pipeline.generation import GenerationRequest
+    from pipeline.engine.generation import GenerationRequest
 
     solver.backend.generate([GenerationRequest(prompt, 4)])
 
@@ -118,9 +118,9 @@ def _naive_self_reward(model: Any, tokenizer: Any, verifiers: Any, cfg: Any, sty
     """SPEC §2 self-reward computed the naive way: the verifiers one by one, each decoded greedily
     without a cache (capped at `verifier_max_new_tokens`, like the engine), verdicts read from the
     generated text only. Returns (reward_fn(question) -> (text, gold) -> float, token counter)."""
-    from pipeline.prompts import render_chat
-    from pipeline.reference import naive_greedy
-    from pipeline.rewards import combine_verdicts, has_format
+    from pipeline.method.prompts import render_chat
+    from pipeline.method.reference import naive_greedy
+    from pipeline.method.rewards import combine_verdicts, has_format
 
     counter = {"generated": 0}
     weights = [v.weight for v in verifiers.verifiers]
@@ -146,8 +146,8 @@ def naive(cfg: Any, spec: dict) -> dict:
     """The naive loop; a LatentSeek row also returns each problem's CoT pass (timed on its own)
     as `rows[i]["cot"]`: the naive cot row on that problem, read off without a second run."""
     from jobs.reference import run_reference
-    from pipeline import reference
-    from pipeline.grading import grade
+    from pipeline.method import reference
+    from pipeline.method.grading import grade
 
     method, reward_name = METHODS[spec["method"]]
     cfg = method_config(cfg, spec["method"])
@@ -258,24 +258,3 @@ def ceiling(cfg: Any, spec: dict) -> dict:
         "rss_after_load_mb": rss_loaded,
         "torch_threads": torch.get_num_threads(),
     }
-
-
-def _ray(cfg: Any, spec: dict) -> dict:
-    from jobs.bench.ray_row import run
-
-    return run(cfg, spec)
-
-
-def _profile(cfg: Any, spec: dict) -> dict:
-    from jobs.bench.profile import run
-
-    return run(cfg, spec)
-
-
-CHILDREN = {
-    "engine": engine,
-    "naive": naive,
-    "ceiling": ceiling,
-    "ray": _ray,
-    "profile": _profile,
-}

