@@ -31,6 +31,15 @@ class RunSummary:
     table: Any  # pandas DataFrame: analysis.tables.summary_table
     curve: Any  # pandas DataFrame: analysis.tables.accuracy_by_iteration
     files: list[Path]  # the summary files written into run_dir
+    infra_failures: int = 0  # of `failures`, recorded with an infrastructure error (error_kind)
+    unrecorded: int = 0  # (problem, method) pairs of the selection with no record
+
+    @property
+    def incomplete(self) -> bool:
+        """Whether the run's records fall short: pairs not recorded, or recorded with an
+        infrastructure error (a rerun with retry_errors=true may fill them): `latentseek run`
+        then exits non-zero, and the MLflow run is tagged `latentseek.incomplete`."""
+        return bool(self.infra_failures or self.unrecorded)
 
 
 @dataclass
@@ -100,6 +109,10 @@ def _finish(
     wall = time.perf_counter() - start
     per_hour = 3600.0 * counts.recorded / wall if counts.recorded else 0.0
     failures = int((selected["error"] != "").sum())
+    kinds = selected["error_kind"].fillna("") if "error_kind" in selected else None
+    infra = int((kinds == "infra").sum()) if kinds is not None else 0
+    unrecorded = max(total - int(selected["method"].isin(cfg.method).sum()), 0)
+    incomplete = {"latentseek.incomplete": "true" if infra or unrecorded else "false"}
     mlflow_run = tracking.log_run(
         cfg,
         directory,
@@ -110,9 +123,11 @@ def _finish(
         extra_metrics={
             "run_problems_per_hour": per_hour,
             "run_failures": float(failures),
+            "run_infra_failures": float(infra),
+            "run_unrecorded": float(unrecorded),
             "worker_failures": float(counts.worker_failures),
         },
-        tags={"run_dir": str(directory.resolve()), **(tags or {})},
+        tags={"run_dir": str(directory.resolve()), **incomplete, **(tags or {})},
         tables=tables,
     )
     return RunSummary(
@@ -131,6 +146,8 @@ def _finish(
         table=table,
         curve=curve,
         files=files,
+        infra_failures=infra,
+        unrecorded=unrecorded,
     )
 
 
@@ -160,7 +177,8 @@ def format_summary(s: RunSummary) -> str:
         "",
         markdown(s.table[[c for c in cols if c in s.table.columns]]),
         f"records:   {s.run_dir.resolve()}/problems, {s.run_dir.resolve()}/iterations "
-        f"({s.recorded} new, {s.skipped} resumed, {s.failures} failed, "
+        f"({s.recorded} new, {s.skipped} resumed, {s.failures} failed "
+        f"({s.infra_failures} by the infrastructure), "
         f"{s.worker_failures} workers lost, {s.retried} retries)",
         f"config:    {(s.run_dir / CONFIG_FILE).resolve()}",
         f"summary:   {(s.run_dir / 'summary.md').resolve()}",
@@ -169,4 +187,10 @@ def format_summary(s: RunSummary) -> str:
         f"open UI:   {s.ui_command}",
         f"wall time: {s.wall_seconds:.1f} s ({s.problems_per_hour:.0f} records/hour)",
     ]
+    if s.incomplete:
+        lines.append(
+            f"INCOMPLETE: {s.unrecorded} not recorded, {s.infra_failures} recorded with an "
+            "infrastructure error (not the problems' fault): run again with the same run_id "
+            "and retry_errors=true"
+        )
     return "\n".join(lines)

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import queue
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import yaml
 
 from jobs.finish import Counts, RunSummary, finish_run, format_summary, model_name
@@ -45,6 +48,7 @@ from pipeline.run.rundir import (
 __all__ = ["RunError", "RunSummary", "check_resume", "main", "run_evaluation"]
 
 PROGRESS_EVERY_S = 2.0  # live MLflow metrics at most this often (and after the last batch)
+PROGRESS_FLUSH_S = 30.0  # at the loop's end, how long the last live metrics may take to log
 
 
 def run_evaluation(
@@ -175,6 +179,7 @@ class BatchLoop:
         self.log, self.mlflow_run = log, mlflow_run
         self.last_logged = float("-inf")
         self.bar: Any = None
+        self.mlflow = Background("MLflow progress logging", log)
 
     def run(
         self,
@@ -185,7 +190,7 @@ class BatchLoop:
     ) -> None:
         from tqdm import tqdm
 
-        from pipeline.run.pool import row_memory
+        from pipeline.run.pool import restart_timeout, row_memory
         from pipeline.run.scheduler import Scheduler
         from pipeline.run.workers import NoWorkerLeftError
 
@@ -198,6 +203,7 @@ class BatchLoop:
             on_worker_lost=lambda why: self.log(f"worker lost: {why}"),
             settings=self.cfg,
             on_progress=lambda: self.show(scheduler),
+            restart_timeout=restart_timeout(self.infos),
         )
         self.bar = tqdm(total=self.total, initial=self.skipped, disable=not progress,
                         desc=self.cfg.run_id, unit="rec", dynamic_ncols=True)  # fmt: skip
@@ -214,16 +220,26 @@ class BatchLoop:
             raise RunError(str(exc)) from None
         finally:
             self.bar.close()
+            self.mlflow.close(PROGRESS_FLUSH_S)
             self.counts.worker_failures = scheduler.worker_failures
             self.counts.retried = scheduler.retried
 
     def record(self, outcome: Any, scheduler: Any) -> None:
-        """Write one returned batch (one shard pair), then advance the bar and the metrics."""
+        """Write what came back of a batch (one shard pair), then advance the bar and the
+        metrics. A result that cannot be written (text Parquet cannot encode, such as a lone
+        surrogate) is recorded as that problem's error instead (`encodable`)."""
+        from pipeline.run.records import encodable
+
         results = outcome.results
         attempts = {
             (r.problem_id, r.method): outcome.batch.attempts.get(r.problem_id, 1) for r in results
         }
-        self.store.write(results, self.cfg.run_id, model_name(self.cfg), outcome.worker, attempts)
+        model = model_name(self.cfg)
+        try:
+            self.store.write(results, self.cfg.run_id, model, outcome.worker, attempts)
+        except (pa.ArrowException, UnicodeError):
+            results = [encodable(r) for r in results]
+            self.store.write(results, self.cfg.run_id, model, outcome.worker, attempts)
         c = self.counts
         c.recorded += len(results)
         c.failures += sum(bool(r.error) for r in results)
@@ -258,23 +274,63 @@ class BatchLoop:
         from pipeline.run import tracking
 
         c = self.counts
-        tracking.log_progress(
-            self.cfg,
-            self.mlflow_run,
-            done,
-            {
-                "records": float(c.recorded + self.skipped),
-                "done": float(done + self.skipped),
-                "accuracy": c.correct / max(c.recorded, 1),
-                "failures": float(c.failures),
-                "workers_lost": float(scheduler.worker_failures),
-                "iterations": float(iterations),
-                "oldest_batch_s": scheduler.oldest_age(),
-            },
-        )
+        metrics = {
+            "records": float(c.recorded + self.skipped),
+            "done": float(done + self.skipped),
+            "accuracy": c.correct / max(c.recorded, 1),
+            "failures": float(c.failures),
+            "workers_lost": float(scheduler.worker_failures),
+            "iterations": float(iterations),
+            "oldest_batch_s": scheduler.oldest_age(),
+        }
+        cfg, run = self.cfg, self.mlflow_run
+        self.mlflow.submit(lambda: tracking.log_progress(cfg, run, done, metrics))
+
+
+class Background:
+    """Calls that may stall (MLflow's live metrics: a slow server, a locked SQLite store) run
+    on a thread of their own, so that the scheduler's loop never waits on them: a queue of one,
+    the newest call replacing one not yet started; an error is logged (the first of each
+    kind), never raised."""
+
+    def __init__(self, what: str, log: Callable[[str], None]) -> None:
+        self.what, self.log = what, log
+        self.calls: queue.Queue[Callable[[], Any] | None] = queue.Queue(maxsize=1)
+        self.errors: set[str] = set()
+        self.thread = threading.Thread(target=self._work, name=what, daemon=True)
+        self.thread.start()
+
+    def submit(self, call: Callable[[], Any]) -> None:
+        try:
+            self.calls.put_nowait(call)
+        except queue.Full:  # the one waiting is older: the newest replaces it
+            try:
+                self.calls.get_nowait()
+            except queue.Empty:
+                pass
+            self.calls.put_nowait(call)
+
+    def _work(self) -> None:
+        while (call := self.calls.get()) is not None:
+            try:
+                call()
+            except Exception as exc:  # noqa: BLE001 - progress only: logged, never fatal
+                kind = type(exc).__name__
+                if kind not in self.errors:
+                    self.errors.add(kind)
+                    self.log(f"{self.what} failed (the run goes on): {kind}: {exc}")
+
+    def close(self, timeout: float) -> None:
+        """Let the last call finish (up to `timeout` seconds), then stop the thread."""
+        try:
+            self.calls.put(None, timeout=timeout)
+        except queue.Full:
+            return
+        self.thread.join(timeout)
 
 
 def main(cfg: Config, argv: Sequence[str] | None = None) -> int:
+    """Exits 1 when the run's records fall short (`RunSummary.incomplete`)."""
     summary = run_evaluation(cfg, argv=argv)
     print(format_summary(summary))
-    return 0
+    return 1 if summary.incomplete else 0

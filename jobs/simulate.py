@@ -44,7 +44,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -108,31 +108,33 @@ class StandInWorker:
             "load_seconds": 0.0,
         }
 
-    def run(
+    def stream(
         self,
         method: str,
         problems: Sequence[Problem],
         settings: Any = None,
         progress: Any = None,
-    ) -> tuple[str, list[Any]]:
-        """As EvalWorker.run; posts no progress (`progress` is ignored), so the driver's cost
-        measured here is that of the records, not of progress events."""
+    ) -> Iterator[tuple[str, int, Any]]:
+        """As EvalWorker.stream (called with `num_returns="streaming"`): the batch's problems
+        come back one by one over its latency; posts no progress (`progress` is ignored), so
+        the driver's cost measured here is that of the records, not of progress events."""
         latency = batch_latency([p.problem_id for p in problems], self.workload)
-        if self.rng.random() < self.workload.crash_rate:
-            time.sleep(latency * self.rng.random())
-            os._exit(1)  # the process dies mid-batch, as on a GPU fault or out of memory
-        time.sleep(latency)
-        outcomes: list[Any] = []
-        for p in problems:
+        crash_at = (
+            latency * self.rng.random() if self.rng.random() < self.workload.crash_rate else -1
+        )
+        each = latency / max(len(problems), 1)
+        for i, p in enumerate(problems):
+            if 0 <= crash_at < each * (i + 1):
+                time.sleep(max(crash_at - each * i, 0.0))
+                os._exit(1)  # the process dies mid-batch, as on a GPU fault or out of memory
+            time.sleep(each)
             if is_poison(p.problem_id, self.workload):
-                outcomes.append(
-                    f"Traceback ...\nRuntimeError: stand-in: {p.problem_id} always fails"
-                )
+                out: Any = f"Traceback ...\nRuntimeError: stand-in: {p.problem_id} always fails"
             elif self.rng.random() < self.workload.flaky_rate:
-                outcomes.append(f"Traceback ...\nRuntimeError: stand-in: {p.problem_id} flaked")
+                out = f"Traceback ...\nRuntimeError: stand-in: {p.problem_id} flaked"
             else:
-                outcomes.append(plausible_result(p, method, latency / len(problems), self.workload))
-        return self.name, outcomes
+                out = plausible_result(p, method, each, self.workload)
+            yield self.name, i, out
 
 
 def plausible_result(p: Problem, method: str, seconds: float, workload: Workload) -> ProblemResult:

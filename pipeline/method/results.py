@@ -82,3 +82,6 @@ class ProblemResult:
     device: str = ""  # the resolved device the problem ran on ("cpu", "cuda:0")
     dtype: str = ""  # the resolved weights dtype ("float32", "bfloat16")
     error: str = ""  # non-empty when the problem failed; the other fields are then partial
+    # Whose fault an error is: "problem" (it raised, its result could not be recorded, it killed
+    # or hung its worker alone every time) or "infra" (the workers could not run it); "" else.
+    error_kind: str = ""

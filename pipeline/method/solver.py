@@ -9,7 +9,8 @@ Decisions the spec leaves open (documented in docs/method.md), in the default mo
 - `max_new_tokens` caps the whole answer, so a continuation after a U-token prefix gets
   `max_new_tokens - U` tokens and LatentSeek answers have the same budget as CoT answers.
   `compat=reference` follows the official code instead (`pipeline.method.compat.DecodeRules`).
-- `wall_seconds` of a problem is its batch's wall time divided by the batch's problems.
+- `wall_seconds` of a problem is its batch's wall time from the previous problem's end to its
+  own (problems finish one by one and are streamed as they do; the batch's add up to its time).
 - `flops` is an estimate: 2 x parameters x token-passes (attention's quadratic term ignored).
 """
 
@@ -103,40 +104,43 @@ class Solver:
     ) -> list[ProblemResult]:
         """Run `method` on a batch; problems that cannot run are returned with `error` set.
 
-        For progress only: `on_problem_done(result)` as each problem's task ends (before the
-        batch's: its timings and FLOPs are filled in when the whole batch is done), and
-        `on_iteration(problem_id, k)` as a method ends its k-th iteration (`iteration_done`)."""
+        `on_problem_done(result)` as each problem's task ends, with its row final (device,
+        dtype, grade status, FLOPs, wall time): a worker streams it to the driver from there
+        (`pipeline.run.workers`); `on_iteration(problem_id, k)` as a method ends its k-th
+        iteration (`iteration_done`). A problem's `wall_seconds` is the batch's wall time since
+        the previous problem finished (so they add up to the batch's), not its own latency."""
         task = get_method(method).task
-        start = time.perf_counter()
         results = [self._blank(method, p) for p in problems]
+        device, dtype = str(self.loaded.device), str(self.loaded.dtype).removeprefix("torch.")
+        last = [time.perf_counter()]
+
+        def done(r: ProblemResult) -> None:
+            r.device, r.dtype = device, dtype
+            r.grade_status, failure = self._grade_status(r.problem_id)
+            if failure and not r.error:
+                r.error, r.stop_reason = failure, "error"
+            now = time.perf_counter()
+            r.compute.wall_seconds, last[0] = now - last[0], now
+            r.compute.flops = 2.0 * self.loaded.num_parameters * r.compute.flops
+            if on_problem_done:
+                on_problem_done(r)
+
         tasks = []
-        for p, r in zip(problems, results):
-            prompt, error = self.prompt(p)
-            if error:
-                r.error, r.stop_reason = error, "error"
-                if on_problem_done:
-                    on_problem_done(r)
-            else:
-                t = task(self, p, prompt, r)
-                tasks.append(_reporting(t, r, on_problem_done) if on_problem_done else t)
         self._on_iteration = on_iteration
         self._grades, self._grading_errors = {}, {}
         try:
+            for p, r in zip(problems, results):
+                prompt, error = self.prompt(p)
+                if error:
+                    r.error, r.stop_reason = error, "error"
+                    done(r)
+                else:
+                    tasks.append(_reporting(task(self, p, prompt, r), r, done))
             if tasks:
                 self.backend.run(tasks, self.cfg.batch_size, self.cfg.batching)
-            statuses = self._grade_statuses()
         finally:
             self._on_iteration = None
             self._grades, self._grading_errors = {}, {}
-        elapsed = time.perf_counter() - start
-        device, dtype = str(self.loaded.device), str(self.loaded.dtype).removeprefix("torch.")
-        for r in results:
-            r.device, r.dtype = device, dtype
-            r.grade_status, failure = statuses.get(r.problem_id, ("ok", ""))
-            if failure and not r.error:
-                r.error, r.stop_reason = failure, "error"
-            r.compute.wall_seconds = elapsed / len(results)
-            r.compute.flops = 2.0 * self.loaded.num_parameters * r.compute.flops
         return results
 
     # -------------------------------------------------------------------------------------
@@ -221,13 +225,13 @@ class Solver:
                 self._grading_errors.setdefault(p.problem_id, f"GradingError: {exc}")
         return self._grades[key]
 
-    def _grade_statuses(self) -> dict[str, tuple[str, str]]:
-        """problem id -> (the worst status of its grades, its grading error or '')."""
-        worst: dict[str, str] = {}
+    def _grade_status(self, problem_id: str) -> tuple[str, str]:
+        """(the worst status of the problem's grades so far, its grading error or '')."""
+        worst = "ok"
         for (pid, _), g in self._grades.items():
-            if GRADE_STATUSES.index(g.status) > GRADE_STATUSES.index(worst.get(pid, "ok")):
-                worst[pid] = g.status
-        return {pid: (s, self._grading_errors.get(pid, "")) for pid, s in worst.items()}
+            if pid == problem_id and GRADE_STATUSES.index(g.status) > GRADE_STATUSES.index(worst):
+                worst = g.status
+        return worst, self._grading_errors.get(problem_id, "")
 
     def correct(self, p: Problem, text: str) -> bool:
         return self.grade(p, text).correct

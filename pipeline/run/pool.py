@@ -11,7 +11,49 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pipeline.config import MODEL, Config, keys_with
-from pipeline.run.workers import NoWorkerLeftError, stop_worker
+from pipeline.run.workers import PLACEMENT_TIMEOUT_S, NoWorkerLeftError, stop_worker
+
+# How long the workers may take to start: placement, then a first model load (a hub model's
+# download included, or the embedded model's first dequantisation).
+START_TIMEOUT_S = PLACEMENT_TIMEOUT_S + 1800.0
+
+
+def restart_timeout(infos: Sequence[dict[str, Any]]) -> float:
+    """How long the scheduler waits for a restarting worker: placement, then ten times the
+    slowest first model load (at least two minutes of it); a worker not back by then is
+    retired (`pipeline.run.scheduler.Scheduler`)."""
+    load = max((float(i.get("load_seconds", 0.0)) for i in infos), default=0.0)
+    return PLACEMENT_TIMEOUT_S + max(120.0, 10.0 * load)
+
+
+def worker_resources(cfg: Config) -> dict[str, float]:
+    """What one worker asks Ray for (per rank of a tensor-parallel replica)."""
+    from pipeline.run.workers import _resources
+
+    return _resources(cfg)
+
+
+def free_resources() -> dict[str, float]:
+    """The cluster's free CPUs, GPUs and memory now ({} if Ray cannot say)."""
+    import ray
+
+    try:
+        return _main_resources(ray.available_resources())
+    except Exception:  # noqa: BLE001 - only for a message
+        return {}
+
+
+def total_resources() -> dict[str, float]:
+    import ray
+
+    try:
+        return _main_resources(ray.cluster_resources())
+    except Exception:  # noqa: BLE001 - only for a message
+        return {}
+
+
+def _main_resources(resources: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 2) for k, v in sorted(resources.items()) if not k.startswith("node:")}
 
 
 class RunError(RuntimeError):
@@ -39,10 +81,15 @@ def start_ray(cfg: Config) -> None:
 
 
 def start_workers(
-    cfg: Config, start_worker: Callable[[Config], Any] | None = None
+    cfg: Config,
+    start_worker: Callable[[Config], Any] | None = None,
+    start_timeout: float | None = None,
 ) -> tuple[list[Any], list[dict[str, Any]]]:
     """`cfg.workers` actors with their models loaded, and their `info()`; a worker that cannot
-    start (its constructor raised, or its process died) stops the run with one line.
+    start (its constructor raised, or its process died), or that is not up within
+    `start_timeout` seconds (START_TIMEOUT_S: placement and a first model load; a worker Ray
+    cannot place waits forever otherwise) stops the run with one line, naming the resources a
+    worker needs and those the cluster has free.
 
     `start_worker(cfg)` starts one actor and returns its handle; by default an `EvalWorker`, or
     a tensor-parallel replica's rank 0 (`pipeline.run.workers.start_worker`). Another actor with EvalWorker's `info` and `run` may stand in for it
@@ -60,8 +107,19 @@ def start_workers(
     except NoWorkerLeftError as exc:  # a replica's placement group could not be placed
         stop_workers(workers)
         raise RunError(str(exc)) from None
+    refs = [w.info.remote() for w in workers]
+    timeout = start_timeout if start_timeout is not None else START_TIMEOUT_S
+    ready, waiting = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    if waiting:
+        stop_workers(workers)
+        raise RunError(
+            f"{len(waiting)} of {len(refs)} workers did not start within {timeout:g} s: each "
+            f"needs {worker_resources(cfg)}, and the cluster has free {free_resources()} (of "
+            f"{total_resources()}); Ray cannot place them, or their model load hangs. Lower "
+            "workers or the resources per worker, or add nodes"
+        )
     try:
-        infos = ray.get([w.info.remote() for w in workers])
+        infos = ray.get(refs)
     except RayActorError as exc:
         stop_workers(workers)
         first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")

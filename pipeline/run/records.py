@@ -114,6 +114,10 @@ PROBLEM_SCHEMA = pa.schema(
         _req("worker", pa.string()),
         _req("attempts", pa.int64()),
         _req("error", pa.string()),  # "" when the problem ran to completion
+        # Whose fault the error is: "problem" (its own: it raised, could not be recorded, killed
+        # its worker) or "infra" (the workers could not run it); "" without an error; null in
+        # records written before this column existed.
+        _opt("error_kind", pa.string()),
         _req("samples", pa.list_(pa.string())),  # bon / sc: the N sampled answers
         _req("sample_rewards", pa.list_(pa.float64())),  # bon: the reward of each sample
         # Sampling methods: whether each sample is correct, and (sc) each sample's group of
@@ -197,6 +201,7 @@ def problem_row(result: ProblemResult, run_id: str, model: str, worker: str, att
         "worker": worker,
         "attempts": int(attempts),
         "error": result.error,
+        "error_kind": result.error_kind or ("problem" if result.error else ""),
         "samples": list(result.samples),
         "sample_rewards": [float(r) for r in result.sample_rewards],
         "sample_correct": [bool(c) for c in result.sample_correct],
@@ -239,6 +244,36 @@ def iteration_rows(result: ProblemResult, run_id: str) -> list[dict]:
             }
         )
     return rows
+
+
+def encodable(result: ProblemResult) -> ProblemResult:
+    """`result` if its rows can be written, else the problem recorded with that error
+    (error_kind "problem"): text that Parquet cannot encode (a lone surrogate in an answer or a
+    question) must cost its own problem, never the shard of the problems written with it, nor
+    the run (a resume would meet it again)."""
+    try:
+        _table([problem_row(result, "", "", "", 1)], PROBLEM_SCHEMA)
+        _table(iteration_rows(result, ""), ITERATION_SCHEMA)
+        return result
+    except (pa.ArrowException, UnicodeError) as exc:
+        why = " ".join(str(exc).split())[:300]
+
+        def escaped(text: str) -> str:
+            return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+        return ProblemResult(
+            problem_id=result.problem_id,
+            dataset=result.dataset,
+            method=result.method,
+            question=escaped(result.question),
+            gold=escaped(str(result.gold)),
+            stop_reason="error",
+            device=result.device,
+            dtype=result.dtype,
+            error=f"UnencodableResult: the result cannot be written ({type(exc).__name__}: "
+            f"{escaped(why)})",
+            error_kind="problem",
+        )
 
 
 def _float_or_none(x: float | None) -> float | None:

@@ -33,11 +33,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import ActorUnavailableError, ObjectLostError, RayActorError, RayError
+from ray.exceptions import (
+    ActorUnavailableError,
+    OutOfMemoryError,
+    RayActorError,
+    RayError,
+    RayTaskError,
+    RuntimeEnvSetupError,
+)
 
 from pipeline.data import Problem
 from pipeline.method.results import ProblemResult
-from pipeline.run.workers import NoWorkerLeftError, Replica, stop_worker
+from pipeline.run.pool import free_resources
+from pipeline.run.workers import NoWorkerLeftError, Replica, WorkerFault, one_line, stop_worker
 
 
 @dataclass
@@ -47,13 +55,14 @@ class Batch:
     problems: list[Problem]
     attempts: dict[str, int] = field(default_factory=dict)  # problem_id -> outcomes returned
     deaths: dict[str, int] = field(default_factory=dict)  # problem_id -> workers lost running it
+    avoid: set[Any] = field(default_factory=set)  # workers (`worker_key`) it failed on
 
     def alone(self, p: Problem, batch_id: int) -> Batch:
         """A batch of `p` alone, with its counts so far."""
         pid = p.problem_id
         attempts = {pid: self.attempts[pid]} if pid in self.attempts else {}
         deaths = {pid: self.deaths[pid]} if pid in self.deaths else {}
-        return Batch(batch_id, self.method, [p], attempts, deaths)
+        return Batch(batch_id, self.method, [p], attempts, deaths, set(self.avoid))
 
 
 @dataclass
@@ -69,19 +78,22 @@ class ProgressBoard:
     actor of no CPU, one per `Scheduler.run`, owned by the driver (it dies with it).
 
     Events are `("done", ticket, problem_id)` and `("iteration", ticket, problem_id, k)`, the
-    ticket naming one dispatch of a batch. Workers post without waiting, so an event may arrive
-    after its batch's results, or from a batch whose worker then died: the scheduler counts an
-    event only while its dispatch is in flight. Progress only: nothing here is recorded."""
+    ticket naming one dispatch of a batch; the board stamps each with its own clock as it
+    arrives, and `take` returns that clock too, so the driver reads how long ago a batch moved
+    however late it looks (a driver stalled on I/O does not make healthy batches look hung).
+    Workers post without waiting, so an event may arrive after its batch's results, or from a
+    batch whose worker then died: the scheduler counts an event only while its dispatch is in
+    flight. Progress only: nothing here is recorded."""
 
     def __init__(self) -> None:
         self.events: list[tuple[Any, ...]] = []
 
     def post(self, *event: Any) -> None:
-        self.events.append(event)
+        self.events.append((time.monotonic(), *event))
 
-    def take(self) -> list[tuple[Any, ...]]:
+    def take(self) -> tuple[float, list[tuple[Any, ...]]]:
         events, self.events = self.events, []
-        return events
+        return time.monotonic(), events
 
 
 def make_batches(
@@ -148,7 +160,7 @@ def batch_timeout(cfg: Any, method: str, problems: int) -> float | None:
 
 @dataclass(eq=False)
 class InFlight:
-    """A batch sent to a worker, until it comes back or is lost with the worker."""
+    """A batch sent to a worker, until its stream ends or is lost with the worker."""
 
     worker: Any
     batch: Batch
@@ -156,22 +168,56 @@ class InFlight:
     started: float  # time.monotonic() when it was sent
     timeout: float | None  # seconds it may go without progress (`batch_timeout`); None: none
     timed_out: bool = False  # its worker was killed for the deadline: its loss is that
+    killed_at: float = 0.0  # time.monotonic() of that kill (escalated after KILL_GRACE_S)
+    tripped: bool = False  # its worker was restarted by its breaker: the loss is not charged
     done: set[str] = field(default_factory=set)  # problems the worker reported finished
     steps: set[tuple[str, int]] = field(default_factory=set)  # (problem, k) iterations reported
-    moved: float = 0.0  # time.monotonic() of its dispatch or its last progress event taken in
+    moved: float = 0.0  # time.monotonic() of its dispatch or its last progress
+    finished: set[int] = field(default_factory=set)  # indices of problems streamed back
 
 
 LOST_WORKER = "(lost)"  # the worker column of a problem recorded because its workers died
 TICK_S = 0.5  # the scheduler looks at deadlines and progress at least this often
+KILL_GRACE_S = 60.0  # a batch whose worker was killed and has not failed this long after: lost
+BREAKER_FAILURES = 3  # a worker's consecutive failed problems that succeed elsewhere: restarted
+RESTART_TIMEOUT_S = 900.0  # a restarting worker not back after this long is given up
+
+
+def worker_key(worker: Any) -> Any:
+    """What identifies a worker across its restarts (its actor; a replica's rank 0)."""
+    return worker.rank0 if isinstance(worker, Replica) else worker
+
+
+def _escaped(text: str) -> str:
+    """`text` with what UTF-8 cannot encode (lone surrogates) escaped: an error row's fields."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def error_result(method: str, p: Problem, error: str, kind: str) -> ProblemResult:
+    """The row of a problem recorded with its error (the last line of `error`); `kind` says
+    whose fault: "problem" (it raised, or killed or hung its worker alone every time) or
+    "infra" (the workers could not run it)."""
+    return ProblemResult(
+        problem_id=p.problem_id,
+        dataset=p.dataset,
+        method=method,
+        question=_escaped(p.question),
+        gold=_escaped(str(p.gold)),
+        stop_reason="exception",
+        error=_escaped(error.strip().splitlines()[-1][:2000] if error.strip() else "error"),
+        error_kind=kind,
+    )
 
 
 class Scheduler:
-    """Feeds batches to workers, one in flight per worker; yields outcomes as they complete, and
-    one for each problem recorded because the workers running it died (module doc, Faults).
+    """Feeds batches to workers, one in flight per worker; yields outcomes as problems finish
+    (one per batch per look, holding what its worker streamed since the last), and one for
+    each problem recorded because the workers running it died (module doc, Faults).
 
-    `on_worker_lost(why)` is called for each worker lost with a batch; `on_progress()` about
-    every `TICK_S` while batches are out, after the workers' progress events were taken in
-    (`reported`, `oldest_age`)."""
+    `on_worker_lost(why)` is called for each worker lost with a batch, or given up;
+    `on_progress()` about every `TICK_S` while batches are out, after the workers' progress
+    events were taken in (`reported`, `oldest_age`). `restart_timeout` bounds the wait for a
+    restarting worker (placement and its model load)."""
 
     def __init__(
         self,
@@ -181,109 +227,202 @@ class Scheduler:
         on_worker_lost: Callable[[str], None] | None = None,
         settings: Any = None,
         on_progress: Callable[[], None] | None = None,
+        restart_timeout: float = RESTART_TIMEOUT_S,
     ) -> None:
         self.workers = list(workers)
-        self.settings = settings  # sent with every batch (EvalWorker.run); gives the deadline
+        self.settings = settings  # sent with every batch (EvalWorker.stream); gives the deadline
         self.queue: deque[Batch] = deque(batches)
         self.max_retries = max_retries
         self.on_worker_lost = on_worker_lost
         self.on_progress = on_progress
+        self.restart_timeout = restart_timeout
+        self.kill_grace = KILL_GRACE_S
+        self.breaker = BREAKER_FAILURES
+        self.task_size = max((len(b.problems) for b in batches), default=1)
         self.worker_failures = 0  # batches lost with their worker (deaths and timeouts)
-        self.retried = 0  # problem attempts that raised and were re-queued
+        self.retried = 0  # problem attempts that raised (or met a sick worker), re-queued
+        self.breaker_trips = 0  # workers restarted by their breaker
+        self.given_up = 0  # workers retired: not back from a restart in time, or hung past a kill
         self._next_id = max((b.batch_id for b in batches), default=-1) + 1
-        self.in_flight: dict[Any, InFlight] = {}  # object ref of the run call -> its batch
+        self.in_flight: dict[Any, InFlight] = {}  # the run call's stream -> its batch
         self._tickets = itertools.count()
         self._timeouts: dict[tuple[str, int], float | None] = {}
-        self._pings: dict[Any, Any] = {}  # ping ref -> a worker that died and is restarting
-        self._waiting: list[tuple[float, Any]] = []  # (when to ping again, worker)
+        self._pings: dict[Any, tuple[Any, float]] = {}  # ping ref -> (restarting worker, since)
+        self._waiting: list[tuple[float, Any, float]] = []  # (ping again at, worker, since)
+        self._strikes: dict[Any, list[tuple[Batch, str]]] = {}  # worker -> its failure streak
+        self._succeeded: set[Any] = set()  # workers that recorded a problem without error
         self._board: Any = None  # the ProgressBoard while `run` runs
         self._take: Any = None  # the board's pending `take` call
         self._taken_at = float("-inf")
 
     def reported(self) -> tuple[int, int]:
-        """(problems finished, iterations done) that workers reported in batches still out:
-        what their results will add to the records when they come back."""
+        """(problems finished, iterations done) that workers reported in batches still out
+        and not yet streamed back: what their results will add to the records."""
         flights = self.in_flight.values()
-        return sum(len(f.done) for f in flights), sum(len(f.steps) for f in flights)
+        pending = sum(len(f.done) - len(f.finished) for f in flights)
+        return max(pending, 0), sum(len(f.steps) for f in flights)
 
     def oldest_age(self) -> float:
         """Seconds since the oldest batch still out was sent (0 when none is)."""
         now = time.monotonic()
         return max((now - f.started for f in self.in_flight.values()), default=0.0)
 
-    def _error_result(self, batch: Batch, p: Problem, error: str) -> ProblemResult:
-        return ProblemResult(
-            problem_id=p.problem_id,
-            dataset=p.dataset,
-            method=batch.method,
-            question=p.question,
-            gold=p.gold,
-            stop_reason="exception",
-            error=error.strip().splitlines()[-1][:2000] if error.strip() else "error",
-        )
-
-    def _settle(self, batch: Batch, worker: str, outcomes: list[Any]) -> BatchOutcome:
-        results, retry = [], []
-        for p, out in zip(batch.problems, outcomes):
-            batch.attempts[p.problem_id] = batch.attempts.get(p.problem_id, 0) + 1
-            if isinstance(out, ProblemResult):
-                results.append(out)
-            elif batch.attempts[p.problem_id] <= self.max_retries:
-                retry.append(p)
-            else:
-                results.append(self._error_result(batch, p, str(out)))
-        if retry:
-            self.retried += len(retry)
-            for p in retry:  # retried alone, so a bad problem cannot sink a batch again
-                self.queue.append(batch.alone(p, self._new_id()))
-        return BatchOutcome(batch, worker, results, retry)
-
     def _new_id(self) -> int:
         self._next_id += 1
         return self._next_id - 1
 
-    def _lost(self, flight: InFlight, exc: Exception) -> BatchOutcome | None:
-        """A batch lost with its worker: each of its problems charged a death, then the batch
-        re-queued at the front, split one problem per batch; a problem alone that has died
-        `max_retries + 1` times is returned as an outcome holding its error instead."""
+    # --- results as they stream in ----------------------------------------------------------
+    def _take_in(self, flight: InFlight, items: list[tuple[str, int, Any]]) -> BatchOutcome:
+        """The problems a worker streamed back: results recorded; a problem that raised retried
+        alone away from this worker (then recorded with its error once out of retries); a
+        worker's fault re-queued uncharged, and counted against the worker's breaker."""
+        batch, key = flight.batch, worker_key(flight.worker)
+        results, retry = [], []
+        name = items[-1][0] if items else LOST_WORKER
+        for _, i, out in items:
+            if i in flight.finished or not 0 <= i < len(batch.problems):
+                continue  # sent twice (a replica's rerun, say): recorded once
+            flight.finished.add(i)
+            p = batch.problems[i]
+            pid = p.problem_id
+            if isinstance(out, ProblemResult):
+                batch.attempts[pid] = batch.attempts.get(pid, 0) + 1
+                results.append(out)
+                if not out.error:
+                    self._strikes.pop(key, None)
+                    self._succeeded.add(key)
+                continue
+            fault = isinstance(out, WorkerFault)
+            text = out.error if fault else str(out)
+            if fault:  # not the problem's: charged as an infrastructure failure
+                batch.deaths[pid] = batch.deaths.get(pid, 0) + 1
+                spent = batch.deaths[pid] > self.max_retries
+            else:
+                batch.attempts[pid] = batch.attempts.get(pid, 0) + 1
+                spent = batch.attempts[pid] > self.max_retries
+            if spent:
+                results.append(error_result(batch.method, p, text, "infra" if fault else "problem"))
+                self._strikes.setdefault(key, []).append((batch, pid))
+                continue
+            again = batch.alone(p, self._new_id())
+            again.avoid = {*batch.avoid, key}
+            self.queue.append(again)
+            retry.append(p)
+            self._strikes.setdefault(key, []).append((again, pid))
+        self.retried += len(retry)
+        if len(self._strikes.get(key, [])) >= self.breaker and self._succeeded - {key}:
+            self._trip(flight.worker, key)
+        return BatchOutcome(batch, name, results, retry)
+
+    def _trip(self, worker: Any, key: Any) -> None:
+        """A worker that failed `breaker` problems in a row while others succeed is sick (a
+        broken CUDA context, a dead engine): restarted as a worker death, and the problems it
+        failed are not charged for it."""
+        streak = self._strikes.pop(key)
+        for batch, pid in streak:
+            if batch.attempts.get(pid, 0) > 0:
+                batch.attempts[pid] -= 1
+            if batch.deaths.get(pid, 0) > 0:
+                batch.deaths[pid] -= 1
+        self.breaker_trips += 1
+        for f in self.in_flight.values():
+            if f.worker is worker:
+                f.tripped = True
+        actor = worker_key(worker)
+        with contextlib.suppress(RayError):
+            ray.kill(actor, no_restart=False)
+        if not any(f.worker is worker for f in self.in_flight.values()):
+            self._ping(worker, time.monotonic())  # idle: not in the idle list until it is back
+        if self.on_worker_lost:
+            self.on_worker_lost(
+                f"a worker failed {len(streak)} problems in a row that other workers solve: "
+                "restarted (its breaker), the problems re-queued uncharged"
+            )
+
+    def _lost(self, flight: InFlight, exc: Exception) -> list[BatchOutcome]:
+        """A batch lost with its worker: its unfinished problems each charged a death (not for
+        a breaker's restart), then re-queued at the front: after a first death re-packed into
+        batches of the usual size; a problem that died before, or was the only one still
+        running, alone; a problem alone that has died `max_retries + 1` times is returned in
+        an outcome holding its error instead."""
         self.worker_failures += 1
         batch = flight.batch
         if flight.timed_out:
             why = f"timed out after {flight.timeout:g} s without progress (batch_timeout_s)"
         else:
             why = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
-        for p in batch.problems:
-            batch.deaths[p.problem_id] = batch.deaths.get(p.problem_id, 0) + 1
-        (first, *rest), outcome = batch.problems, None
-        if rest:
-            self.queue.extendleft(
-                reversed([batch.alone(p, self._new_id()) for p in batch.problems])
-            )
-            then = f"its {len(batch.problems)} problems re-queued one per batch"
-        elif batch.deaths[first.problem_id] <= self.max_retries:
-            self.queue.appendleft(batch)
-            then = f"{first.problem_id} re-queued"
+        left = [p for i, p in enumerate(batch.problems) if i not in flight.finished]
+        if not flight.tripped:
+            for p in left:
+                batch.deaths[p.problem_id] = batch.deaths.get(p.problem_id, 0) + 1
+        outcomes, front = [], []
+        if len(left) == 1 and not flight.tripped:
+            (p,) = left
+            deaths = batch.deaths[p.problem_id]
+            if deaths <= self.max_retries:
+                front.append(batch.alone(p, self._new_id()))
+                then = f"{p.problem_id} re-queued"
+            else:
+                batch.attempts[p.problem_id] = batch.attempts.get(p.problem_id, 0) + deaths
+                error = (
+                    f"WorkerDied: worker process died while running this problem ({deaths} "
+                    f"times); the last time: {why}"
+                )
+                row = error_result(batch.method, p, error, "problem")
+                outcomes.append(BatchOutcome(batch, LOST_WORKER, [row], []))
+                then = f"{p.problem_id} recorded with its error after {deaths} deaths"
         else:
-            deaths = batch.deaths[first.problem_id]
-            batch.attempts[first.problem_id] = batch.attempts.get(first.problem_id, 0) + deaths
-            error = f"WorkerDied: worker process died while running this problem ({deaths} times)"
-            row = self._error_result(batch, first, f"{error}; the last time: {why}")
-            outcome = BatchOutcome(batch, LOST_WORKER, [row], [])
-            then = f"{first.problem_id} recorded with its error after {deaths} deaths"
+            fresh = [p for p in left if flight.tripped or batch.deaths[p.problem_id] <= 1]
+            suspects = [p for p in left if p not in fresh]
+            for start in range(0, len(fresh), self.task_size):
+                chunk = fresh[start : start + self.task_size]
+                front.append(self._packed(batch, chunk))
+            front += [batch.alone(p, self._new_id()) for p in suspects]
+            then = f"{len(left)} of its {len(batch.problems)} problems unfinished, re-queued" + (
+                f" ({len(suspects)} that died before, alone)" if suspects else ""
+            )
+        self.queue.extendleft(reversed(front))
         if self.on_worker_lost:
             self.on_worker_lost(f"{why}; {then}")
-        return outcome
+        return outcomes
 
+    def _packed(self, batch: Batch, problems: list[Problem]) -> Batch:
+        ids = {p.problem_id for p in problems}
+        return Batch(
+            self._new_id(),
+            batch.method,
+            problems,
+            {k: v for k, v in batch.attempts.items() if k in ids},
+            {k: v for k, v in batch.deaths.items() if k in ids},
+        )
+
+    # --- dispatch and deadlines ---------------------------------------------------------------
     def _dispatch(self, idle: list[Any]) -> None:
-        while idle and self.queue:
-            worker, batch = idle.pop(), self.queue.popleft()
-            ticket = next(self._tickets)
-            progress = (self._board, ticket) if self._board is not None else None
-            ref = worker.run.remote(batch.method, batch.problems, self.settings, progress)
-            now = time.monotonic()
-            self.in_flight[ref] = InFlight(
-                worker, batch, ticket, now, self._timeout(batch), moved=now
-            )
+        """One batch to each idle worker: the first in the queue that does not avoid it (a
+        retry goes to another worker than the one it failed on, while another is there)."""
+        alive = len(idle) + len(self.in_flight) + len(self._pings) + len(self._waiting)
+        for worker in list(idle):
+            if not self.queue:
+                return
+            key = worker_key(worker)
+            pick = next((b for b in self.queue if key not in b.avoid), None)
+            if pick is None:
+                if all(len(b.avoid) < alive for b in self.queue):
+                    continue  # another worker may take them
+                pick = self.queue[0]
+            self.queue.remove(pick)
+            idle.remove(worker)
+            self._send(worker, pick)
+
+    def _send(self, worker: Any, batch: Batch) -> None:
+        ticket = next(self._tickets)
+        progress = (self._board, ticket) if self._board is not None else None
+        call = worker.stream.options(num_returns="streaming")
+        stream = call.remote(batch.method, batch.problems, self.settings, progress)
+        now = time.monotonic()
+        self.in_flight[stream] = InFlight(
+            worker, batch, ticket, now, self._timeout(batch), moved=now
+        )
 
     def _timeout(self, batch: Batch) -> float | None:
         if self.settings is None:
@@ -293,19 +432,35 @@ class Scheduler:
             self._timeouts[key] = batch_timeout(self.settings, *key)
         return self._timeouts[key]
 
-    def _enforce_deadlines(self) -> None:
-        """Kill the worker of each batch that has gone its deadline without progress; Ray
-        restarts it, and the batch's call fails as for any worker that died (`_lost`)."""
-        now = time.monotonic()
-        for f in self.in_flight.values():
-            if f.timeout is not None and not f.timed_out and now - f.moved > f.timeout:
-                f.timed_out = True
-                actor = f.worker.rank0 if isinstance(f.worker, Replica) else f.worker
-                ray.kill(actor, no_restart=False)
+    def _enforce_deadlines(self) -> list[BatchOutcome]:
+        """Kill the worker of each batch that has gone its deadline without progress (Ray
+        restarts it, and the batch's stream fails as for any worker that died, `_lost`); a
+        batch whose worker has not failed `kill_grace` seconds after its kill (a stopped
+        process, a node that does not answer) is lost now, and its worker retired."""
+        now, outcomes = time.monotonic(), []
+        for stream, f in list(self.in_flight.items()):
+            if f.timeout is None:
+                continue
+            if not f.timed_out and now - f.moved > f.timeout:
+                f.timed_out, f.killed_at = True, now
+                with contextlib.suppress(RayError):
+                    ray.kill(worker_key(f.worker), no_restart=False)
+            elif f.timed_out and now - f.killed_at > self.kill_grace:
+                del self.in_flight[stream]
+                stop_worker(f.worker)
+                self.given_up += 1
+                outcomes += self._lost(f, TimeoutError("killed, and still not gone"))
+                if self.on_worker_lost:
+                    self.on_worker_lost(
+                        f"a worker killed for its deadline did not end within {self.kill_grace:g}"
+                        " s: retired"
+                    )
+        return outcomes
 
     def _poll_progress(self) -> None:
         """Take in the progress events posted since the last look (at most every TICK_S; never
-        waiting on the board), then `on_progress()`."""
+        waiting on the board), then `on_progress()`. Each event carries the board's clock at
+        its post, so a batch's last progress is when it moved, not when the driver looked."""
         if self._board is None:
             return
         if self._take is None:
@@ -315,36 +470,64 @@ class Scheduler:
         if not ray.wait([self._take], timeout=0)[0]:
             return
         try:
-            events = ray.get(self._take)
-        except RayError:  # the board is gone: no more progress, the records go on
+            board_now, events = ray.get(self._take)
+        except ActorUnavailableError:  # restarting (its node's process died): ask again
+            self._take = None
+            return
+        except RayError:  # gone for good: no more progress; results still move deadlines
             self._board = self._take = None
             return
         self._take, now = None, time.monotonic()
         flights = {f.ticket: f for f in self.in_flight.values()}
-        for kind, ticket, problem_id, *k in events:
+        for at, kind, ticket, problem_id, *k in events:
             if ticket not in flights:  # its batch has come back, or was lost, already
                 continue
-            flights[ticket].moved = now
+            f = flights[ticket]
+            f.moved = max(f.moved, now - max(board_now - at, 0.0))
             if kind == "done":
-                flights[ticket].done.add(problem_id)
+                f.done.add(problem_id)
             else:
-                flights[ticket].steps.add((problem_id, *k))
+                f.steps.add((problem_id, *k))
         if self.on_progress:
             self.on_progress()
 
+    # --- restarting workers ---------------------------------------------------------------------
+    def _ping(self, worker: Any, since: float) -> None:
+        self._pings[worker.info.remote()] = (worker, since)
+
     def _ping_restarting(self) -> None:
         now = time.monotonic()
-        for due, worker in [w for w in self._waiting if w[0] <= now]:
-            self._waiting.remove((due, worker))
-            self._pings[worker.info.remote()] = worker
+        for due, worker, since in [w for w in self._waiting if w[0] <= now]:
+            self._waiting.remove((due, worker, since))
+            self._ping(worker, since)
+
+    def _give_up_late(self) -> None:
+        """Retire each restarting worker not back within `restart_timeout` (it cannot be
+        placed again, or its model load hangs), naming what the cluster has free."""
+        now = time.monotonic()
+        late = [r for r, (_, since) in self._pings.items() if now - since > self.restart_timeout]
+        late_waiting = [w for w in self._waiting if now - w[2] > self.restart_timeout]
+        workers = [self._pings.pop(r)[0] for r in late] + [w[1] for w in late_waiting]
+        for w in late_waiting:
+            self._waiting.remove(w)
+        for worker in workers:
+            with contextlib.suppress(RayError):
+                stop_worker(worker)
+            self.given_up += 1
+            if self.on_worker_lost:
+                self.on_worker_lost(
+                    f"a restarting worker was not back within {self.restart_timeout:g} s (it "
+                    f"could not be placed, or its model did not load): retired; the cluster has "
+                    f"free {free_resources()}"
+                )
 
     def _answer_ping(self, ref: Any, idle: list[Any]) -> None:
         """A restarting worker answered, or is still restarting, or is gone."""
-        worker = self._pings.pop(ref)
+        worker, since = self._pings.pop(ref)
         try:
             info = ray.get(ref)
         except ActorUnavailableError:
-            self._waiting.append((time.monotonic() + 0.5, worker))
+            self._waiting.append((time.monotonic() + 0.5, worker, since))
         except RayActorError:
             pass  # dead for good (out of restarts): the others take its share
         else:
@@ -357,40 +540,104 @@ class Scheduler:
                         f"a restarted worker could not start: {info['start_error']}"
                     )
 
+    # --- the loop -------------------------------------------------------------------------------
+    def _drain(self, stream: Any) -> tuple[list[Any], bool, Exception | None]:
+        """What a ready stream holds now: (items, ended, the error that ended it)."""
+        items: list[Any] = []
+        while ray.wait([stream], timeout=0)[0]:
+            try:
+                ref = next(stream)
+            except StopIteration:
+                return items, True, None
+            try:
+                items.append(ray.get(ref))
+            except RayError as exc:
+                return items, True, exc
+        return items, False, None
+
+    def _settle(self, stream: Any, idle: list[Any]) -> list[BatchOutcome]:
+        """Take in a ready stream: its results, then its end or its worker's loss."""
+        flight = self.in_flight[stream]
+        items, ended, error = self._drain(stream)
+        outcomes = []
+        if items:
+            flight.moved = time.monotonic()
+            outcomes.append(self._take_in(flight, items))
+        if not ended:
+            return outcomes
+        del self.in_flight[stream]
+        left = len(flight.finished) < len(flight.batch.problems)
+        kind = classify(error) if error is not None else ("lost" if left else "")
+        if kind == "config":
+            raise NoWorkerLeftError(f"the workers cannot run here: {one_line(error)}")
+        if kind == "lost":
+            self._ping(flight.worker, time.monotonic())  # Ray restarts it
+            outcomes += self._lost(flight, error or RuntimeError("its stream ended early"))
+        elif kind == "problem":  # the call itself raised: each unfinished problem an error
+            idle.append(flight.worker)
+            items = [
+                (LOST_WORKER, i, one_line(error))
+                for i in range(len(flight.batch.problems))
+                if i not in flight.finished
+            ]
+            outcomes.append(self._take_in(flight, items))
+        else:
+            idle.append(flight.worker)
+        return [o for o in outcomes if o.results or o.retry]
+
     def run(self) -> Iterator[BatchOutcome]:
         idle = list(self.workers)
-        self._board = ray.remote(num_cpus=0, max_restarts=0)(ProgressBoard).remote()
+        self._board = start_board()
         try:
             while self.queue or self.in_flight:
                 self._dispatch(idle)
                 self._ping_restarting()
-                if not self.in_flight and not self._pings and not self._waiting:
+                self._give_up_late()
+                if not self.in_flight and not self._pings and not self._waiting and not idle:
                     raise NoWorkerLeftError(
                         f"no worker left alive; {len(self.queue)} batches were not run "
                         "(what was recorded is kept: run again with the same run_id to resume)"
                     )
                 refs = list(self.in_flight) + list(self._pings)
-                done = ray.wait(refs, num_returns=1, timeout=TICK_S)[0] if refs else []
+                ready = ray.wait(refs, num_returns=1, timeout=TICK_S)[0] if refs else []
                 if not refs:
                     time.sleep(TICK_S)  # only restarting workers, to ping again
                 self._poll_progress()  # first: a report just in saves its batch
-                self._enforce_deadlines()
-                if not done:
+                yield from self._enforce_deadlines()
+                if not ready:
                     continue
-                if done[0] in self._pings:
-                    self._answer_ping(done[0], idle)
-                    continue
-                flight = self.in_flight.pop(done[0])
-                try:
-                    name, outcomes = ray.get(done[0])
-                except (RayActorError, ObjectLostError) as exc:  # lost: its node died, too
-                    self._pings[flight.worker.info.remote()] = flight.worker  # Ray restarts it
-                    if (outcome := self._lost(flight, exc)) is not None:
-                        yield outcome
-                    continue
-                idle.append(flight.worker)
-                yield self._settle(flight.batch, name, outcomes)
+                ready = ray.wait(refs, num_returns=len(refs), timeout=0)[0] or ready
+                for ref in ready:
+                    if ref in self._pings:
+                        self._answer_ping(ref, idle)
+                    elif ref in self.in_flight:
+                        yield from self._settle(ref, idle)
         finally:
             with contextlib.suppress(Exception):  # Ray may be gone (an interrupted driver)
                 ray.kill(self._board)
             self._board = self._take = None
+
+
+def classify(error: Exception) -> str:
+    """Whose fault a Ray error on a batch's call is: "lost" (the worker: its process or node
+    died, it ran out of memory, it cannot be placed now; re-queue the batch), "config" (no
+    worker can run here: its runtime environment cannot be set up; stop the run with one
+    line) or "problem" (the call raised: its problems' errors)."""
+    if isinstance(error, RuntimeEnvSetupError):
+        return "config"
+    if isinstance(error, RayTaskError) and not isinstance(error, (RayActorError, OutOfMemoryError)):
+        cause = getattr(error, "cause", None)
+        if isinstance(cause, RayError) and not isinstance(cause, RayTaskError):
+            return classify(cause)
+        return "problem"
+    return "lost"  # RayActorError, ObjectLostError, OutOfMemoryError, NodeDiedError, ...
+
+
+def start_board() -> Any:
+    """The run's ProgressBoard: on the driver's node (it stamps events with that node's clock;
+    a node lost elsewhere does not take it along), restarted if its process dies."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    board = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)(ProgressBoard)
+    return board.options(scheduling_strategy=here).remote()

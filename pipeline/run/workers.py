@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import math
 import os
+import queue
 import re
 import socket
+import threading
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +48,15 @@ from pipeline.method.results import ProblemResult
 
 class NoWorkerLeftError(RuntimeError):
     """Every worker is gone (out of restarts, or unable to start again)."""
+
+
+@dataclass(frozen=True)
+class WorkerFault:
+    """An outcome that is the worker's fault, not the problem's (it could not take the batch's
+    config, or has no model): the scheduler re-queues the problem uncharged, away from this
+    worker, and counts it against the worker's breaker (`pipeline.run.scheduler`)."""
+
+    error: str
 
 
 def worker_device(device: str, gpus_per_worker: float) -> str:
@@ -229,6 +240,81 @@ class EvalWorker:
             ray.kill(r, no_restart=True)
         os._exit(1)
 
+    def stream(
+        self,
+        method: str,
+        problems: Sequence[Problem],
+        settings: Any = None,
+        progress: tuple[Any, int] | None = None,
+    ) -> Iterator[tuple[str, int, Any]]:
+        """`run`, streamed: yields (worker name, index in `problems`, outcome) for each problem
+        as it finishes (called with `num_returns="streaming"`), so that the driver records it
+        at once and a lost task costs only its unfinished problems. The batch runs on a thread
+        of this process while this generator hands its results on; if it raises, the problems
+        not yet finished run one by one. A replica (rank 0 with other ranks) yields its batch
+        at the end, once the ranks agree (`run`)."""
+        if self.ranks:
+            name, outcomes = self.run(method, problems, settings, progress)
+            for i, outcome in enumerate(outcomes):
+                yield name, i, outcome
+            return
+        if (fault := self._prepare(settings)) is not None:
+            for i in range(len(problems)):
+                yield self.name, i, fault
+            return
+        hooks = progress_hooks(progress)
+        index = {p.problem_id: i for i, p in enumerate(problems)}
+        finished: queue.Queue[tuple[str, Any]] = queue.Queue()
+
+        def on_done(r: ProblemResult) -> None:
+            if "on_problem_done" in hooks:
+                hooks["on_problem_done"](r)
+            finished.put(("result", r))
+
+        def work() -> None:
+            try:
+                self.solver.run(method, problems, on_done, hooks.get("on_iteration"))
+                finished.put(("end", None))
+            except BaseException:  # noqa: BLE001 - the unfinished problems run one by one
+                finished.put(("raised", traceback.format_exc(limit=8)))
+
+        thread = threading.Thread(target=work, name="batch", daemon=True)
+        thread.start()
+        sent: set[int] = set()
+        while True:
+            kind, item = finished.get()
+            if kind == "result":
+                sent.add(index[item.problem_id])
+                yield self.name, index[item.problem_id], item
+                continue
+            thread.join()
+            rest = [i for i in range(len(problems)) if i not in sent]
+            if kind == "raised" and len(problems) == 1:
+                yield self.name, 0, item
+            elif kind == "raised":
+                for i in rest:
+                    yield self.name, i, self._one(method, problems[i], hooks)
+            return
+
+    def _one(self, method: str, problem: Problem, hooks: dict[str, Any]) -> Any:
+        try:
+            (result,) = self.solver.run(method, [problem], **hooks)
+            return result
+        except Exception:  # noqa: BLE001 - recorded as the problem's error
+            return traceback.format_exc(limit=8)
+
+    def _prepare(self, settings: Any) -> WorkerFault | None:
+        """Take the batch's config (a sweep's next point); a worker without a model, or one
+        that cannot take it, returns the fault instead (the problems are not to blame)."""
+        if self.solver is None:  # the scheduler sends it no work; if it did: a fault each
+            return WorkerFault(f"RuntimeError: worker could not start: {self.start_error}")
+        if settings is not None and settings != self.settings:
+            try:
+                self._configure(settings)
+            except Exception as exc:  # noqa: BLE001 - the worker's fault, reported per problem
+                return WorkerFault(f"worker could not take the batch's config: {one_line(exc)}")
+        return None
+
     def _run(
         self,
         method: str,
@@ -236,24 +322,15 @@ class EvalWorker:
         settings: Any = None,
         progress: tuple[Any, int] | None = None,
     ) -> tuple[str, list[Any]]:
-        if self.solver is None:  # the scheduler sends it no work; if it did: an error each
-            error = f"RuntimeError: worker could not start: {self.start_error}"
-            return self.name, [error] * len(problems)
-        if settings is not None and settings != self.settings:
-            self._configure(settings)
+        if (fault := self._prepare(settings)) is not None:
+            return self.name, [fault] * len(problems)
         hooks = progress_hooks(progress)
         try:
             return self.name, list(self.solver.run(method, problems, **hooks))
         except Exception:  # noqa: BLE001 - isolate the failing problem(s) below
             if len(problems) == 1:
                 return self.name, [traceback.format_exc(limit=8)]
-        outcomes: list[Any] = []
-        for p in problems:
-            try:
-                outcomes.extend(self.solver.run(method, [p], **hooks))
-            except Exception:  # noqa: BLE001 - recorded as the problem's error
-                outcomes.append(traceback.format_exc(limit=8))
-        return self.name, outcomes
+        return self.name, [self._one(method, p, hooks) for p in problems]
 
 
 RANK_WAIT_S = 300.0  # rank 0 of a replica waits this long for the others once it is done
