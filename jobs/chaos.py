@@ -8,6 +8,7 @@ Ray of two nodes (`ray.cluster_utils.Cluster` on 127.0.0.1) or the one already r
     exit          it exits every time (a poison problem)      record it with its error, go on
     stop_once     the worker SIGSTOPs itself (a hung GPU)     deadline, kill, escalate, go on
     raise         the problem raises every time               retry elsewhere, record its error
+    raise_call    the worker's call itself raises             its unfinished problems' errors
     surrogate     its answer holds a lone surrogate           record an error row, not fail a shard
     fault         the worker cannot run it (WorkerFault)      retry elsewhere, record "infra"
     sick worker   its first process fails every problem       breaker: restart it, charge nothing
@@ -88,6 +89,8 @@ class FaultyWorker:
                 os._exit(1)
             if fault == "stop_once" and claim(marks, p.problem_id):
                 os.kill(os.getpid(), signal.SIGSTOP)
+            if fault == "raise_call":
+                raise RuntimeError(f"the call raised on {p.problem_id}")
             if self.sick or fault == "raise":
                 why = "sick worker" if self.sick else "deliberate failure"
                 yield self.name, i, f"Traceback ...\nRuntimeError: {why} on {p.problem_id}"

@@ -95,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="for every point")
     p = sub.add_parser("summary", help="print a run's summary tables from its records")
     p.add_argument("run_dir", type=Path)
+    p = sub.add_parser("chaos", help="the driver under faults on two local Ray nodes (stand-ins)")
+    p.add_argument("options", nargs="*", metavar="key=value", help="problems=N, out=DIR")
     from analysis import report
     from jobs import submit
 
@@ -133,6 +135,10 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         return sweep_main(args.sweep_file, args.overrides)
     if args.command == "report":
         return report.main(args)
+    if args.command == "chaos":
+        from jobs.chaos import main as chaos_main
+
+        return chaos_main(args.options)
     if args.command == "reference":
         from jobs.reference import main as reference_main
 

@@ -250,6 +250,7 @@ class Scheduler:
         self._pings: dict[Any, tuple[Any, float]] = {}  # ping ref -> (restarting worker, since)
         self._waiting: list[tuple[float, Any, float]] = []  # (ping again at, worker, since)
         self._strikes: dict[Any, list[tuple[Batch, str]]] = {}  # worker -> its failure streak
+        self._holders: dict[Any, Any] = {}  # worker_key -> the worker handle it was seen with
         self._succeeded: set[Any] = set()  # workers that recorded a problem without error
         self._board: Any = None  # the ProgressBoard while `run` runs
         self._take: Any = None  # the board's pending `take` call
@@ -310,8 +311,11 @@ class Scheduler:
             retry.append(p)
             self._strikes.setdefault(key, []).append((again, pid))
         self.retried += len(retry)
-        if len(self._strikes.get(key, [])) >= self.breaker and self._succeeded - {key}:
-            self._trip(flight.worker, key)
+        if key in self._strikes:
+            self._holders[key] = flight.worker
+        for sick in [k for k, v in self._strikes.items() if len(v) >= self.breaker]:
+            if self._succeeded - {sick}:  # they succeed elsewhere: the worker is to blame
+                self._trip(self._holders[sick], sick)
         return BatchOutcome(batch, name, results, retry)
 
     def _trip(self, worker: Any, key: Any) -> None:
@@ -381,6 +385,8 @@ class Scheduler:
             then = f"{len(left)} of its {len(batch.problems)} problems unfinished, re-queued" + (
                 f" ({len(suspects)} that died before, alone)" if suspects else ""
             )
+            if not left:
+                then = f"all of its {len(batch.problems)} problems had come back"
         self.queue.extendleft(reversed(front))
         if self.on_worker_lost:
             self.on_worker_lost(f"{why}; {then}")
@@ -575,8 +581,9 @@ class Scheduler:
             outcomes += self._lost(flight, error or RuntimeError("its stream ended early"))
         elif kind == "problem":  # the call itself raised: each unfinished problem an error
             idle.append(flight.worker)
+            why = one_line(getattr(error, "cause", None) or error)
             items = [
-                (LOST_WORKER, i, one_line(error))
+                (LOST_WORKER, i, why)
                 for i in range(len(flight.batch.problems))
                 if i not in flight.finished
             ]
