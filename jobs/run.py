@@ -10,8 +10,10 @@ The driver, in rooms:
 2. the worker pool (`pipeline.run.pool`): Ray (local in-process, or `ray_address`) and `workers`
    actors, a worker that cannot start reported as one line;
 3. the batch loop (here): config.yaml (the first invocation's) and invocations.jsonl, the
-   workers fed batches (`pipeline.run.scheduler.Scheduler`), each returned batch written as one atomic
-   shard pair (`pipeline.run.records`), progress shown;
+   workers fed batches (`pipeline.run.scheduler.Scheduler`), which stream each problem's result
+   back as it finishes; the results written a window at a time (a few seconds, or
+   RECORD_WINDOW_ROWS), each window one atomic shard pair (`pipeline.run.records`), progress
+   shown, MLflow's live metrics logged on a thread of their own (`Background`);
 4. finishing (`jobs.finish`): compaction, summary files, the report, MLflow, the summary.
 """
 
@@ -49,6 +51,10 @@ __all__ = ["RunError", "RunSummary", "check_resume", "main", "run_evaluation"]
 
 PROGRESS_EVERY_S = 2.0  # live MLflow metrics at most this often (and after the last batch)
 PROGRESS_FLUSH_S = 30.0  # at the loop's end, how long the last live metrics may take to log
+# Results stream in per problem; the driver writes them as one shard pair per window: when this
+# many wait, or the oldest has waited this long (so a driver killed loses at most a window).
+RECORD_WINDOW_ROWS = 256
+RECORD_WINDOW_S = 2.0
 
 
 def run_evaluation(
@@ -156,7 +162,8 @@ def plan_batches(cfg: Config, todo: dict[str, list[Problem]], problems: list[Pro
 
 
 class BatchLoop:
-    """Feeds every batch to the workers and records each result once, as it comes back.
+    """Feeds every batch to the workers and records each result once, within a window of its
+    coming back.
 
     The bar counts records plus the problems that workers reported finished in batches still
     out (`Scheduler.reported`), so it moves per problem, not per batch; it equals the records
@@ -180,6 +187,8 @@ class BatchLoop:
         self.last_logged = float("-inf")
         self.bar: Any = None
         self.mlflow = Background("MLflow progress logging", log)
+        self.pending: list[tuple[Any, str, int]] = []  # (result, worker, attempts) to write
+        self.pending_since = 0.0
 
     def run(
         self,
@@ -202,7 +211,7 @@ class BatchLoop:
             self.cfg.max_retries,
             on_worker_lost=lambda why: self.log(f"worker lost: {why}"),
             settings=self.cfg,
-            on_progress=lambda: self.show(scheduler),
+            on_progress=lambda: self.tick(scheduler),
             restart_timeout=restart_timeout(self.infos),
         )
         self.bar = tqdm(total=self.total, initial=self.skipped, disable=not progress,
@@ -210,36 +219,60 @@ class BatchLoop:
         try:
             for outcome in scheduler.run():
                 if outcome.results:
-                    self.record(outcome, scheduler)
+                    self.take(outcome, scheduler)
                     if on_batch:
                         state = {"workers": self.workers, "infos": self.infos}
+                        recorded = self.counts.recorded + len(self.pending)
                         on_batch(
-                            {**state, "recorded": self.counts.recorded, "scheduler": scheduler}
-                        )
+                            {**state, "recorded": recorded, "results": len(outcome.results),
+                             "scheduler": scheduler}
+                        )  # fmt: skip
         except NoWorkerLeftError as exc:
             raise RunError(str(exc)) from None
         finally:
+            self.flush(scheduler)  # what came back is recorded, whatever ends the loop
             self.bar.close()
             self.mlflow.close(PROGRESS_FLUSH_S)
             self.counts.worker_failures = scheduler.worker_failures
             self.counts.retried = scheduler.retried
 
-    def record(self, outcome: Any, scheduler: Any) -> None:
-        """Write what came back of a batch (one shard pair), then advance the bar and the
-        metrics. A result that cannot be written (text Parquet cannot encode, such as a lone
-        surrogate) is recorded as that problem's error instead (`encodable`)."""
+    def take(self, outcome: Any, scheduler: Any) -> None:
+        """Hold what came back of a batch for the window's write (`flush`), which happens once
+        RECORD_WINDOW_ROWS wait or the oldest has waited RECORD_WINDOW_S."""
+        if not self.pending:
+            self.pending_since = time.monotonic()
+        for r in outcome.results:
+            self.pending.append((r, outcome.worker, outcome.batch.attempts.get(r.problem_id, 1)))
+        if len(self.pending) >= RECORD_WINDOW_ROWS:
+            self.flush(scheduler)
+        else:
+            self.tick(scheduler)
+
+    def tick(self, scheduler: Any) -> None:
+        """About every TICK_S and at every outcome: the window written when due, the bar."""
+        if self.pending and time.monotonic() - self.pending_since >= RECORD_WINDOW_S:
+            self.flush(scheduler)
+        else:
+            self.show(scheduler)
+
+    def flush(self, scheduler: Any) -> None:
+        """Write the window's results (one shard pair), then advance the bar and the metrics.
+        A result that cannot be written (text Parquet cannot encode, such as a lone surrogate)
+        is recorded as that problem's error instead (`encodable`)."""
         from pipeline.run.records import encodable
 
-        results = outcome.results
-        attempts = {
-            (r.problem_id, r.method): outcome.batch.attempts.get(r.problem_id, 1) for r in results
-        }
+        if not self.pending:
+            return
+        results = [r for r, _, _ in self.pending]
+        workers = [w for _, w, _ in self.pending]
+        attempts = {(r.problem_id, r.method): n for r, _, n in self.pending}
         model = model_name(self.cfg)
         try:
-            self.store.write(results, self.cfg.run_id, model, outcome.worker, attempts)
+            self.store.write(results, self.cfg.run_id, model, workers, attempts)
         except (pa.ArrowException, UnicodeError):
             results = [encodable(r) for r in results]
-            self.store.write(results, self.cfg.run_id, model, outcome.worker, attempts)
+            self.store.write(results, self.cfg.run_id, model, workers, attempts)
+        self.pending = []
         c = self.counts
         c.recorded += len(results)
         c.failures += sum(bool(r.error) for r in results)
@@ -253,7 +286,7 @@ class BatchLoop:
         the live MLflow metrics."""
         c = self.counts
         problems, iterations = scheduler.reported()
-        self.bar.n = self.skipped + c.recorded + problems
+        self.bar.n = self.skipped + c.recorded + len(self.pending) + problems
         self.bar.set_postfix(
             acc=f"{c.correct / max(c.recorded, 1):.3f}",
             failed=c.failures,

@@ -65,7 +65,7 @@ class Workload:
     crash_rate: float = 0.0  # per batch: the stand-in's process exits mid-batch (os._exit)
     flaky_rate: float = 0.0  # per problem attempt: it raises (the scheduler retries it)
     poison_rate: float = 0.0  # share of problems that raise on every attempt
-    kill_every: int = 0  # the driver kills a random busy worker every this many batches
+    kill_every: int = 0  # the driver kills a random busy worker every this many tasks' results
     lose_for_good: int = 0  # of those kills, every second one (up to this many): no restart
     seed: int = 0
 
@@ -348,14 +348,16 @@ class _Mark:
 
 class _DriverClock:
     """on_batch: marks the driver's clocks at every recorded batch, and kills a random busy
-    worker every `kill_every` batches while more batches wait than there are workers (so that
+    worker every `kill_every` tasks' worth of results while more batches wait than there are workers (so that
     a worker lost for good always costs an in-flight batch, and the run always ends)."""
 
-    def __init__(self, workload: Workload, sampler: _Sampler) -> None:
+    def __init__(self, workload: Workload, sampler: _Sampler, per_batch: int = 1) -> None:
         self.workload = workload
         self.sampler = sampler
         self.rng = random.Random(f"{workload.seed}:kills")
         self.batches = 0
+        self.per_batch = per_batch  # problems per task: kills count tasks' worth of results
+        self.results = 0
         self.first: _Mark | None = None
         self.last: _Mark | None = None
         self.own = [0.0, 0.0]  # this callback's thread / process CPU, left out
@@ -369,12 +371,15 @@ class _DriverClock:
 
         mark = _Mark.now(self.sampler)
         self.batches += 1
+        before, self.results = self.results, self.results + state.get("results", 1)
+        span = self.workload.kill_every * self.per_batch  # a kill per kill_every tasks' results
+        due = span and self.results // span > before // span
         self.first = self.first or mark
         self.last, self.own_at_last = mark, (self.own[0], self.own[1])
-        scheduler, every = state["scheduler"], self.workload.kill_every
+        scheduler = state["scheduler"]
         busy = [f.worker for f in scheduler.in_flight.values() if f.worker not in self.gone]
         waiting = len(scheduler.queue) > len(state["workers"])
-        if busy and every and self.batches % every == 0 and waiting:
+        if busy and due and waiting:
             worker = self.rng.choice(busy)
             for_good = self.kills % 2 == 1 and self.lost_for_good < self.workload.lose_for_good
             ray.kill(worker, no_restart=for_good)
@@ -413,7 +418,7 @@ def simulate(cfg: Any, problems: int, workload: Workload) -> Measurement:
     data = Path(cfg.output_dir) / "simulated" / f"problems-{problems}.jsonl"
     cfg = cfg.replace(dataset=str(write_problems(data, problems)), limit=0, offset=0, ids=[])
     sampler = _Sampler()
-    clock = _DriverClock(workload, sampler)
+    clock = _DriverClock(workload, sampler, cfg.problems_per_task)
     log: list[str] = []
     sampler.start()
     start = time.perf_counter()

@@ -366,10 +366,11 @@ class RecordStore:
         results: Sequence[ProblemResult],
         run_id: str,
         model: str,
-        worker: str,
+        worker: str | Sequence[str],
         attempts: dict[Key, int] | None = None,
     ) -> None:
-        """Commit one shard pair holding `results` (iterations first, the problem shard last)."""
+        """Commit one shard pair holding `results` (iterations first, the problem shard last);
+        `worker` names the worker of every result, or of each."""
         if not results:
             return
         keys = [(str(r.problem_id), r.method) for r in results]
@@ -377,10 +378,11 @@ class RecordStore:
             dup = sorted({k for k in keys if keys.count(k) > 1})
             raise ValueError(f"one batch holds the same (problem_id, method) twice: {dup[:5]}")
         attempts = attempts or {}
+        workers = [worker] * len(results) if isinstance(worker, str) else list(worker)
         problems = _table(
             [
-                problem_row(r, run_id, model, worker, attempts.get(k, 1))
-                for r, k in zip(results, keys, strict=True)
+                problem_row(r, run_id, model, w, attempts.get(k, 1))
+                for r, k, w in zip(results, keys, workers, strict=True)
             ],
             PROBLEM_SCHEMA,
         )

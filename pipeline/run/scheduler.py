@@ -250,8 +250,9 @@ class Scheduler:
         self._pings: dict[Any, tuple[Any, float]] = {}  # ping ref -> (restarting worker, since)
         self._waiting: list[tuple[float, Any, float]] = []  # (ping again at, worker, since)
         self._strikes: dict[Any, list[tuple[Batch, str]]] = {}  # worker -> its failure streak
+        self._confirmed: dict[Any, set[str]] = {}  # worker -> streak problems solved elsewhere
         self._holders: dict[Any, Any] = {}  # worker_key -> the worker handle it was seen with
-        self._succeeded: set[Any] = set()  # workers that recorded a problem without error
+        self._idle: list[Any] = []  # workers waiting for a batch (while `run` runs)
         self._board: Any = None  # the ProgressBoard while `run` runs
         self._take: Any = None  # the board's pending `take` call
         self._taken_at = float("-inf")
@@ -290,8 +291,7 @@ class Scheduler:
                 batch.attempts[pid] = batch.attempts.get(pid, 0) + 1
                 results.append(out)
                 if not out.error:
-                    self._strikes.pop(key, None)
-                    self._succeeded.add(key)
+                    self._solved(key, pid)
                 continue
             fault = isinstance(out, WorkerFault)
             text = out.error if fault else str(out)
@@ -303,7 +303,6 @@ class Scheduler:
                 spent = batch.attempts[pid] > self.max_retries
             if spent:
                 results.append(error_result(batch.method, p, text, "infra" if fault else "problem"))
-                self._strikes.setdefault(key, []).append((batch, pid))
                 continue
             again = batch.alone(p, self._new_id())
             again.avoid = {*batch.avoid, key}
@@ -313,16 +312,27 @@ class Scheduler:
         self.retried += len(retry)
         if key in self._strikes:
             self._holders[key] = flight.worker
-        for sick in [k for k, v in self._strikes.items() if len(v) >= self.breaker]:
-            if self._succeeded - {sick}:  # they succeed elsewhere: the worker is to blame
-                self._trip(self._holders[sick], sick)
         return BatchOutcome(batch, name, results, retry)
 
+    def _solved(self, key: Any, pid: str) -> None:
+        """`pid` succeeded on worker `key`: that worker's failure streak ends, and each other
+        worker whose streak holds `pid` failed a problem that succeeds elsewhere; one with
+        `breaker` of those is tripped (`_trip`). A problem that fails everywhere (a poison
+        problem) trips nothing."""
+        self._strikes.pop(key, None)
+        self._confirmed.pop(key, None)
+        for other, streak in list(self._strikes.items()):
+            if any(p == pid for _, p in streak):
+                self._confirmed.setdefault(other, set()).add(pid)
+                if len(self._confirmed[other]) >= self.breaker:
+                    self._trip(self._holders[other], other)
+
     def _trip(self, worker: Any, key: Any) -> None:
-        """A worker that failed `breaker` problems in a row while others succeed is sick (a
-        broken CUDA context, a dead engine): restarted as a worker death, and the problems it
-        failed are not charged for it."""
+        """A worker that failed `breaker` problems in a row that then succeeded on other
+        workers is sick (a broken CUDA context, a dead engine): restarted as a worker death,
+        and the problems of its streak still waiting for their retry get that attempt back."""
         streak = self._strikes.pop(key)
+        self._confirmed.pop(key, None)
         for batch, pid in streak:
             if batch.attempts.get(pid, 0) > 0:
                 batch.attempts[pid] -= 1
@@ -335,8 +345,9 @@ class Scheduler:
         actor = worker_key(worker)
         with contextlib.suppress(RayError):
             ray.kill(actor, no_restart=False)
-        if not any(f.worker is worker for f in self.in_flight.values()):
-            self._ping(worker, time.monotonic())  # idle: not in the idle list until it is back
+        if worker in self._idle:  # idle: waits for its restart instead
+            self._idle.remove(worker)
+            self._ping(worker, time.monotonic())
         if self.on_worker_lost:
             self.on_worker_lost(
                 f"a worker failed {len(streak)} problems in a row that other workers solve: "
@@ -580,7 +591,7 @@ class Scheduler:
             self._ping(flight.worker, time.monotonic())  # Ray restarts it
             outcomes += self._lost(flight, error or RuntimeError("its stream ended early"))
         elif kind == "problem":  # the call itself raised: each unfinished problem an error
-            idle.append(flight.worker)
+            self._back(flight, idle)
             why = one_line(getattr(error, "cause", None) or error)
             items = [
                 (LOST_WORKER, i, why)
@@ -589,11 +600,18 @@ class Scheduler:
             ]
             outcomes.append(self._take_in(flight, items))
         else:
-            idle.append(flight.worker)
+            self._back(flight, idle)
         return [o for o in outcomes if o.results or o.retry]
 
+    def _back(self, flight: InFlight, idle: list[Any]) -> None:
+        """A worker whose call ended: idle, or (restarted by its breaker) waited for."""
+        if flight.tripped:
+            self._ping(flight.worker, time.monotonic())
+        else:
+            idle.append(flight.worker)
+
     def run(self) -> Iterator[BatchOutcome]:
-        idle = list(self.workers)
+        idle = self._idle = list(self.workers)
         self._board = start_board()
         try:
             while self.queue or self.in_flight:
