@@ -132,6 +132,7 @@ class ChaosReport:
     wall_s: float
     incomplete: bool
     log: list[str]
+    summary: Any = None  # the RunSummary
 
 
 def chaos(
@@ -165,7 +166,7 @@ def chaos(
     failed = rows[rows["error"] != ""]
     return ChaosReport(
         problems, records, dict(zip(failed["problem_id"], failed["error_kind"])),
-        summary.worker_failures, summary.retried, wall, summary.incomplete, log,
+        summary.worker_failures, summary.retried, wall, summary.incomplete, log, summary,
     )  # fmt: skip
 
 
