@@ -59,36 +59,26 @@ def recorded(outcomes) -> dict[str, ProblemResult]:
     return {r.problem_id: r for r in rows}
 
 
-def test_results_stream_per_problem_and_a_lost_task_requeues_only_the_unfinished(
+def test_results_stream_per_problem_a_lost_task_requeues_only_the_unfinished_and_a_poison_problem_is_recorded(
     tmp_path, local_ray
 ):
-    """One task of 8; the worker's process exits at p-5: p-0..p-4 reached the driver before
-    (several outcomes, not one at the task's end), and only p-5..p-7 run again, as one batch."""
-    (worker,) = start(tmp_path, 1, problems={"p-5": "exit_once"})
+    """One task of 8; the worker's process exits at p-5 (once): p-0..p-4 reached the driver
+    before (streamed, not at the task's end), and only p-5..p-7 run again, as one batch. p-7
+    exits its worker every time: left alone unfinished a second time (death 2 = max_retries +
+    1) it is recorded with its error, kind "problem"; nothing else is redone."""
+    (worker,) = start(tmp_path, 1, problems={"p-5": "exit_once", "p-7": "exit"})
     log: list[str] = []
     outcomes, s = drive([worker], [Batch(0, "cot", problems(8))], log)
     rows = recorded(outcomes)
-    assert set(rows) == {f"p-{i}" for i in range(8)} and not any(r.error for r in rows.values())
+    assert set(rows) == {f"p-{i}" for i in range(8)}
     before_loss = [o for o in outcomes if o.batch.batch_id == 0]
     assert {r.problem_id for o in before_loss for r in o.results} == {f"p-{i}" for i in range(5)}
-    assert s.worker_failures == 1
-    assert len(log) == 1 and "3 of its 8 problems unfinished, re-queued" in log[0], log
-
-
-def test_a_poison_problem_is_isolated_and_recorded_with_its_error(tmp_path, local_ray):
-    """p-2 exits its worker every time it runs. In its task of 3 it is the one left unfinished
-    (death 1): re-queued alone, it dies again (death 2 = max_retries + 1) and is recorded with
-    its error (kind "problem"); p-0 and p-1, streamed back before, are not run again."""
-    (worker,) = start(tmp_path, 1, problems={"p-2": "exit"})
-    log: list[str] = []
-    outcomes, s = drive([worker], [Batch(0, "cot", problems(3))], log)
-    rows = recorded(outcomes)
-    assert len(rows) == 3
-    bad = rows["p-2"]
+    assert "3 of its 8 problems unfinished, re-queued" in log[0], log
+    bad = rows.pop("p-7")
     assert "died while running this problem (2 times)" in bad.error
     assert bad.error_kind == "problem"
-    assert not rows["p-0"].error and not rows["p-1"].error
-    assert s.worker_failures == 2
+    assert not any(r.error for r in rows.values())
+    assert s.worker_failures == 2 and len(log) == 2, log
 
 
 def test_a_sick_worker_trips_its_breaker_and_retries_go_elsewhere(tmp_path, local_ray):
