@@ -2,23 +2,30 @@
 flight per worker; a worker gets its next batch the moment it returns one, so a fast worker
 takes more of the work (pull).
 
-Faults:
-- A worker that dies (its process killed, out of memory, a segfault; Ray restarts it) loses
-  its batch, and the batch is charged one death per problem. A batch of several problems goes
-  back to the front of the queue split, one batch per problem, so that a problem that kills its
-  worker (a poison problem) then costs only itself; a problem alone goes back as it is, until it
-  has been in `max_retries + 1` batches that died: then it is recorded with an error that says
-  so, and the run goes on. If every worker is gone the run stops with an error; what was
-  recorded stays. A worker death is never charged to a problem's raise retries, nor the reverse.
-- Nothing waits forever: a batch whose worker has reported no progress (no problem finished, no
-  iteration done) for its deadline (`batch_timeout`), counted from its dispatch or its last
-  report, has its worker killed (Ray restarts it), which makes it a death as above; a worker that
-  is slow (starved by other jobs) but moving keeps its batch.
-- A problem that raises inside a worker is retried alone, up to `max_retries` times, then
-  recorded with its error; the run goes on.
+Workers stream each problem's result back as it finishes (`EvalWorker.stream`, a Ray streaming
+generator); the scheduler yields them as outcomes per batch per look.
 
-Results come back to the driver, which is the only writer of records (`pipeline.run.records`), so a
-result is recorded exactly once whatever happens to the workers. While a batch runs, its worker
+Faults (docs/cluster.md says the same for users):
+- A worker that dies (its process killed, out of memory, a segfault, its node lost; Ray
+  restarts it) loses its batch's unfinished problems only, each charged one death: re-queued at
+  the front, re-packed into batches of the usual size after a first death, alone after a
+  second; a problem left alone that has died `max_retries + 1` times is recorded with an error
+  that says so (kind "problem"), and the run goes on. A worker death is never charged to a
+  problem's raise retries, nor the reverse. Ray errors are sorted by `classify`.
+- Nothing waits forever: a batch that has not moved (a problem finished, an iteration done: the
+  progress board's clock, or a result streamed in) for its deadline (`batch_timeout`) has its
+  worker killed, a death as above; a worker that has not died `kill_grace` after its kill is
+  retired and the batch lost at once. A restarting worker not back within `restart_timeout` is
+  retired, naming the cluster's free resources; with no worker left the run stops.
+- A problem that raises is retried alone, away from the worker it failed on, up to
+  `max_retries` times, then recorded with its error. A worker that cannot run a batch at all
+  (`WorkerFault`) has it retried elsewhere, charged as an infrastructure failure (kind
+  "infra" once out of retries). A worker whose failure streak holds `breaker` problems that
+  then succeeded elsewhere is sick: restarted, its streak's waiting retries uncharged.
+
+Results come back to the driver, which is the only writer of records (`pipeline.run.records`), and
+a problem's result is taken in once per dispatch (by its index), so a result is recorded exactly
+once whatever happens to the workers. While a batch runs, its worker
 posts progress to a `ProgressBoard` for the driver's progress bar; progress is never recorded.
 """
 

@@ -3,8 +3,10 @@ Nothing of the method; the scheduler that feeds them is `pipeline.run.scheduler`
 
 `EvalWorker` is a Ray actor that owns one device (a GPU, or `cpus_per_worker` CPU threads) and
 one loaded model (`pipeline.method.solver.Solver`), loaded once in its constructor. It runs one batch
-per call and returns each problem's result or error text; while it runs, it posts progress
-(each problem finished, each iteration) to the driver's board (`progress_hooks`).
+per call (`stream`, a Ray streaming generator) and hands each problem's result or error text
+back as soon as that problem finishes; while it runs, it posts progress (each problem finished,
+each iteration) to the driver's board (`progress_hooks`). A batch it cannot run at all (no
+model, a config it cannot take) comes back as a `WorkerFault` per problem.
 
 A worker process that dies (killed, out of memory, a segfault) fails its in-flight call with a
 Ray actor error, and the actor is restarted by Ray (up to `max_worker_restarts` times; it
