@@ -157,10 +157,10 @@ def test_a_problem_that_raises_is_retried_then_recorded_with_its_error(tmp_path,
 @pytest.mark.slow
 def test_a_problem_that_kills_its_worker_is_recorded_and_the_run_goes_on(tmp_path, local_ray):
     """gsm8k-1 ends its worker's process (os._exit) whenever it is scored. 9 problems in two
-    tasks of 5 and 4 on 2 workers, max_retries=1: the task of 5 dies (death 1 of each of its
-    problems), is split into 5 one-problem batches, and gsm8k-1 alone dies again (death 2 =
-    max_retries + 1): recorded with its error. 2 workers lost in all, both maybe the same one:
-    max_worker_restarts=2 keeps it (fewer restarts would end the run, legitimately)."""
+    tasks of 5 and 4 on 2 workers, max_retries=1: the task of 5 dies (death 1 of its unfinished
+    problems), they go back re-packed as one batch, which dies again (death 2): each then runs
+    alone, and gsm8k-1 alone dies a third time (> max_retries + 1 deaths): recorded with its
+    error. 3 workers lost in all: max_worker_restarts=2 on each of the 2 workers keeps them."""
     cfg = small_cfg(
         tmp_path,
         limit=9,
@@ -172,20 +172,21 @@ def test_a_problem_that_kills_its_worker_is_recorded_and_the_run_goes_on(tmp_pat
     summary = run_evaluation(cfg, progress=False, log=lambda m: None)
     problems = assert_exactly_once(summary.run_dir, 9, ["latentseek"])
     bad = problems[problems["problem_id"] == "gsm8k-1"].iloc[0]
-    assert "worker process died while running this problem (2 times)" in bad["error"]
-    assert bad["attempts"] == 2
+    assert "worker process died while running this problem (3 times)" in bad["error"]
+    assert bad["attempts"] == 3
     assert (problems[problems["problem_id"] != "gsm8k-1"]["error"] == "").all()
     assert summary.recorded == 9 and summary.failures == 1
-    assert summary.worker_failures == 2
+    assert summary.worker_failures == 3
 
 
 @pytest.mark.slow
 def test_a_problem_that_hangs_times_out_and_the_run_goes_on(tmp_path, local_ray):
     """gsm8k-1 never returns from its reward. One worker, one task of 4 problems,
     batch_timeout_s=15 (a lone problem here takes a few seconds): the task times out (its worker
-    is killed and restarted; death 1 of each problem) and is split; gsm8k-1 alone times out again
-    (death 2 = max_retries + 1) and is recorded with its error; the other three are recorded.
-    Two restarts of the one worker: max_worker_restarts=2."""
+    is killed and restarted; death 1 of each unfinished problem), goes back re-packed and times
+    out again (death 2); then each runs alone, and gsm8k-1 alone times out a third time and is
+    recorded with its error; the other three are recorded. Three restarts of the one worker:
+    max_worker_restarts=3."""
     cfg = small_cfg(
         tmp_path,
         limit=4,
@@ -193,17 +194,17 @@ def test_a_problem_that_hangs_times_out_and_the_run_goes_on(tmp_path, local_ray)
         method=["latentseek"],
         reward="tests.faulty_reward:hangs_on_gsm8k_1",
         max_retries=1,
-        max_worker_restarts=2,
+        max_worker_restarts=3,
         batch_timeout_s=15.0,
     )
     lost: list[str] = []
     summary = run_evaluation(cfg, progress=False, log=lost.append)
     problems = assert_exactly_once(summary.run_dir, 4, ["latentseek"])
     bad = problems[problems["problem_id"] == "gsm8k-1"].iloc[0]
-    assert "(2 times)" in bad["error"] and "timed out after 15 s" in bad["error"]
+    assert "(3 times)" in bad["error"] and "timed out after 15 s" in bad["error"]
     assert (problems[problems["problem_id"] != "gsm8k-1"]["error"] == "").all()
-    assert summary.failures == 1 and summary.worker_failures == 2
-    assert sum("timed out" in line for line in lost) == 2
+    assert summary.failures == 1 and summary.worker_failures == 3
+    assert sum("timed out" in line for line in lost) == 3
 
 
 @pytest.mark.slow
