@@ -307,7 +307,7 @@ def _parse(rec: _Record, label: str, fields: _Fields) -> tuple[str, str, str]:
         gold = _answer(row, name, fields.gold)
         name = fields.id
         raw_id = _row_id(row, name) if name else str(rec.index)
-        for name, value in row.items():  # the other columns may go into Problem.meta
+        for name, value in row.items():  # noqa: B007 (the except names it)
             if isinstance(value, str) and _small(value):
                 _check_encodable(value)
     except ValueError as exc:
