@@ -24,7 +24,7 @@ from analysis.tables import iteration_curves, summary_table, write_summary
 from pipeline.config import Config
 from pipeline.method.results import Compute, IterationStats, ProblemResult
 from pipeline.run.records import RecordStore
-from pipeline.run.rundir import append_invocation, run_dir, write_config
+from pipeline.run.rundir import append_invocation, redact, run_dir, write_config
 from pipeline.run.tracking import (
     KIND_TAG,
     PARENT_TAG,
@@ -468,3 +468,42 @@ def test_tracking_imports_no_analysis_code():
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------------------
+# Secrets and end_run
+
+
+def test_no_secret_of_a_uri_reaches_params_config_yaml_or_invocations(tmp_path, no_env_uri):
+    secret = "pw" + os.urandom(6).hex()
+    address = f"ray://bob:{secret}@head:10001/?token={secret}"
+    cfg = Config(output_dir=str(tmp_path / "out"), run_id="r1", ray_address=address)
+    assert redact(address) == "ray://bob:***@head:10001/?token=***"
+    assert redact("https://host/x?a=1&SIG=abc&b=2") == "https://host/x?a=1&SIG=***&b=2"
+    run = start_run(cfg)
+    params = MlflowClient(resolve_tracking_uri(cfg)).get_run(run).data.params
+    assert params["ray_address"] == redact(address)
+    rd = run_dir(cfg)
+    write_config(cfg, rd)
+    append_invocation(rd, {"argv": [f"ray_address={address}"], "config": cfg.to_dict()})
+    for name in ("config.yaml", "invocations.jsonl"):
+        text = (rd / name).read_text()
+        assert secret not in text and "bob:***@head" in text
+
+
+def test_end_run_that_fails_is_logged_and_never_masks_the_error(tmp_path, caplog):
+    # A server nobody listens on: every request fails (MLflow retries; kept short here).
+    cfg = Config(output_dir=str(tmp_path), run_id="r1",
+                 mlflow_tracking_uri=f"http://u:hidden@127.0.0.1:{_free_port()}")  # fmt: skip
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    try:
+        with pytest.raises(ZeroDivisionError):
+            try:
+                raise ZeroDivisionError("the run's own error")
+            except ZeroDivisionError:
+                assert end_run(cfg, "0123abcd", "FAILED") is False
+                raise
+    finally:
+        del os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+    assert "could not mark MLflow run 0123abcd FAILED" in caplog.text
+    assert "hidden" not in caplog.text

@@ -9,6 +9,10 @@ digests, the invocations log and the driver's lock.
 
 One driver at a time: the driver holds `hold_run_dir` for its whole run, so that a second
 driver of the same run directory stops before it cleans up what the first is writing.
+
+No secret is written here: every string of config.yaml and invocations.jsonl goes through
+`redact` (a password in a URI's `user:password@`, a token in its query string), as do the
+MLflow params (`pipeline.run.tracking`) and a submitted job's entrypoint (`jobs.submit`).
 """
 
 from __future__ import annotations
@@ -17,12 +21,13 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import socket
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -33,6 +38,34 @@ CONFIG_FILE = "config.yaml"
 INPUTS_FILE = "inputs.yaml"
 INVOCATIONS_FILE = "invocations.jsonl"
 LOCK_FILE = "driver.lock"
+
+
+REDACTED = "***"
+_USERINFO = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:@/\s]*):[^@/\s]*@")
+_SECRET_QUERY = re.compile(
+    r"(?P<head>[?&;](?:[\w.-]*token|[\w.-]*secret|password|passwd|pwd|api[_-]?key|key|sig|"
+    r"signature|auth|credential|X-Amz-Signature|X-Amz-Credential)=)[^&;#\s]*",
+    re.IGNORECASE,
+)
+
+
+def redact(text: str) -> str:
+    """`text` with the secrets a URI may carry replaced by `***`: the password of
+    `scheme://user:password@host` (the user stays, to say which account) and the value of a
+    query parameter that names a token, key, secret, password or signature."""
+    text = _USERINFO.sub(rf"\g<head>:{REDACTED}@", text)
+    return _SECRET_QUERY.sub(rf"\g<head>{REDACTED}", text)
+
+
+def redacted(value: Any) -> Any:
+    """`value` with `redact` applied to every string in it (dicts and lists walked)."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: redacted(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redacted(v) for v in value]
+    return value
 
 
 class RunDirError(RuntimeError):
@@ -52,7 +85,8 @@ def run_dir(cfg: Config) -> Path:
 def write_config(
     cfg: Config, directory: Path | None = None, *, keep_existing: bool = False
 ) -> Path:
-    """Save the resolved config as `<run_dir>/config.yaml` (atomically) and return its path.
+    """Save the resolved config as `<run_dir>/config.yaml` (atomically, `redact`ed) and return
+    its path.
 
     `keep_existing=True` leaves a config.yaml that is already there as it is (the driver keeps
     the first invocation's config; later ones go to `append_invocation`)."""
@@ -63,7 +97,7 @@ def write_config(
         return path
     tmp = _tmp_name(path)
     try:
-        cfg.save(tmp)
+        tmp.write_text(yaml.safe_dump(redacted(cfg.to_dict()), sort_keys=False))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -75,10 +109,10 @@ def append_invocation(directory: Path | str, entry: dict) -> Path:
 
     One `write` of one line to a file opened for appending, then fsync: a crash leaves at most
     a torn last line, which `read_invocations` skips (the next entry starts on a new line);
-    earlier lines are never rewritten."""
+    earlier lines are never rewritten. Its strings are `redact`ed."""
     path = Path(directory) / INVOCATIONS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(entry, sort_keys=False, default=str) + "\n").encode()
+    line = (json.dumps(redacted(entry), sort_keys=False, default=str) + "\n").encode()
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         size = os.fstat(fd).st_size

@@ -73,7 +73,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config import PROJECT_ROOT, Config
 from pipeline.run.records import ITERATIONS, PROBLEMS, RecordStore
-from pipeline.run.rundir import CONFIG_FILE, INVOCATIONS_FILE, run_dir
+from pipeline.run.rundir import CONFIG_FILE, INVOCATIONS_FILE, redact, run_dir
 
 RUN_ID_TAG = "latentseek.run_id"
 RUN_DIR_TAG = "latentseek.run_dir"  # an evaluation's resolved run directory (a sweep's: its dir)
@@ -94,6 +94,7 @@ UI_PORT = 5000
 
 _BATCH = 100  # MLflow's per-request limit for params and tags (metrics allow 1000)
 _NOISY_LOGGERS = ("mlflow", "alembic", "sqlalchemy")
+logger = logging.getLogger(__name__)
 
 
 class ForeignRunError(RuntimeError):
@@ -122,8 +123,9 @@ TRAINING_VIEW = "?workflowType=machine_learning"
 def ui_command(cfg: Config) -> str:
     """The shell command that shows this run's store in a browser, and the page to open."""
     uri = resolve_tracking_uri(cfg)
-    if _is_server(uri):
-        return f"python -m webbrowser {shlex.quote(uri.rstrip('/') + '/#/' + TRAINING_VIEW)}"
+    if _is_server(uri):  # printed: without a password the URI may carry
+        page = redact(uri).rstrip("/") + "/#/" + TRAINING_VIEW
+        return f"python -m webbrowser {shlex.quote(page)}"
     exe = Path(sys.executable).parent / "mlflow"  # the environment's own mlflow, if there
     mlflow_cmd = shlex.quote(str(exe)) if exe.exists() else "mlflow"
     return (
@@ -145,16 +147,17 @@ def git_commit(cwd: Path = PROJECT_ROOT) -> str:
 
 
 def flatten_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Config dict -> MLflow params: nested keys joined with ".", lists joined with ","."""
+    """Config dict -> MLflow params: nested keys joined with ".", lists joined with ",", every
+    value `redact`ed (no password or token of a URI is ever logged)."""
     flat: dict[str, str] = {}
     for key, value in values.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
             flat.update(flatten_params(value, prefix=f"{name}."))
         elif isinstance(value, list | tuple):
-            flat[name] = ",".join(str(v) for v in value)
+            flat[name] = redact(",".join(str(v) for v in value))
         else:
-            flat[name] = "" if value is None else str(value)
+            flat[name] = "" if value is None else redact(str(value))
     return flat
 
 
@@ -536,8 +539,9 @@ def log_run(
             _log_files(client, run, files)
             for artifact_file, frame in (tables or {}).items():
                 _log_table(client, run, artifact_file, frame)
-        except BaseException:
-            _terminate(client, [*runs.values(), run], RunStatus.FAILED)
+        except BaseException as exc:
+            interrupted = isinstance(exc, KeyboardInterrupt)  # SIGINT, or jobs.run's SIGTERM
+            end_run(cfg, run, "KILLED" if interrupted else "FAILED")
             raise
         _terminate(client, [*runs.values(), run], RunStatus.FINISHED)
     return run
@@ -582,20 +586,31 @@ def log_progress(cfg: Config, mlflow_run: str, step: int, values: Mapping[str, f
         MlflowClient(tracking_uri=resolve_tracking_uri(cfg)).log_batch(mlflow_run, metrics=metrics)
 
 
-def end_run(cfg: Config, mlflow_run: str, status: str) -> None:
+def end_run(cfg: Config, mlflow_run: str, status: str) -> bool:
     """Mark an evaluation that did not finish, and its method runs still running: status
-    "FAILED" or "KILLED"."""
-    with _quiet():
-        client = MlflowClient(tracking_uri=resolve_tracking_uri(cfg))
-        experiment_id = client.get_run(mlflow_run).info.experiment_id
-        children = client.search_runs(
-            [experiment_id],
-            filter_string=f"tags.`{PARENT_TAG}` = '{mlflow_run}' and tags.`{KIND_TAG}` = "
-            f"'{METHOD}' and attributes.status = 'RUNNING'",
-            max_results=1000,
-        )
-        for run in [*(r.info.run_id for r in children), mlflow_run]:
-            client.set_terminated(run, status)
+    "FAILED" or "KILLED". Called while an error goes on, so it never raises: a failure here
+    (the tracking server down, a locked database) is logged and False returned, and the
+    original error stays the one the user sees."""
+    try:
+        with _quiet():
+            client = MlflowClient(tracking_uri=resolve_tracking_uri(cfg))
+            experiment_id = client.get_run(mlflow_run).info.experiment_id
+            children = client.search_runs(
+                [experiment_id],
+                filter_string=f"tags.`{PARENT_TAG}` = '{mlflow_run}' and tags.`{KIND_TAG}` = "
+                f"'{METHOD}' and attributes.status = 'RUNNING'",
+                max_results=1000,
+            )
+            for run in [*(r.info.run_id for r in children), mlflow_run]:
+                client.set_terminated(run, status)
+    except Exception as exc:  # noqa: BLE001 - any failure here must not hide the error going on
+        logger.warning(
+            "could not mark MLflow run %s %s in %s: %s: %s",
+            mlflow_run, status, redact(resolve_tracking_uri(cfg)), type(exc).__name__,
+            redact(str(exc)),
+        )  # fmt: skip
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------
