@@ -85,13 +85,13 @@ class _StopSignals:
     `install` again after something else took the signals (`ray.init` takes SIGTERM)."""
 
     def __init__(self) -> None:
-        self.stopping = False
+        self.signum = 0  # the signal that asked for the stop; 0: none yet
         self.saved: dict[int, Any] = {}
 
     def handler(self, signum: int, frame: Any) -> None:
-        if self.stopping:
+        if self.signum:
             return
-        self.stopping = True
+        self.signum = signum
         raise StopRequested(signum)
 
     def install(self) -> None:
@@ -139,13 +139,20 @@ def run_evaluation(
     cfg = resolve_run_id(cfg)
     directory = run_dir(cfg)
     counts = Counts()
-    try:
-        with stop_on_signals() as signals:
+    with stop_on_signals() as signals:
+        try:
             return _run(cfg, directory, counts, signals, start, progress, on_batch, log, argv,
                         pool, tags, start_worker)  # fmt: skip
-    except StopRequested as stop:
-        stop.run_id, stop.directory, stop.recorded = str(cfg.run_id), directory, counts.recorded
-        raise
+        except KeyboardInterrupt as exc:
+            if not signals.signum:
+                raise
+            # Ray's `ray.wait`/`ray.get` turn what our handler raised into a bare
+            # KeyboardInterrupt; the handler kept the signal.
+            stop = exc if isinstance(exc, StopRequested) else StopRequested(signals.signum)
+            stop.run_id, stop.directory, stop.recorded = str(cfg.run_id), directory, counts.recorded
+            if stop is exc:
+                raise
+            raise stop from None
 
 
 def _run(
