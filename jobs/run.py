@@ -135,8 +135,10 @@ def run_evaluation(
     evaluation (a sweep) instead of stopping them; `tags` go to the MLflow run;
     `start_worker` starts each worker instead of `EvalWorker` (`start_workers`; not with
     `pool`, which starts its own). SIGTERM and SIGINT stop it with `StopRequested`."""
+    from pipeline.engine.model import pin_revision
+
     start = time.perf_counter()
-    cfg = resolve_run_id(cfg)
+    cfg = pin_revision(resolve_run_id(cfg))  # a hub id's commit, the same for every worker
     directory = run_dir(cfg)
     counts = Counts()
     with stop_on_signals() as signals:
