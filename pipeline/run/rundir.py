@@ -6,6 +6,8 @@ digests, the invocations log and the driver's lock.
                         are taken by `jobs.preflight`)
     invocations.jsonl   one JSON line per invocation (`append_invocation`)
     driver.lock         locked by the running driver (`hold_run_dir`)
+    run_dir_id          the directory's identity, a UUID written once (`run_identity`): what
+                        MLflow finds the run by, whatever path the directory is mounted at
 
 One driver at a time: the driver holds `hold_run_dir` for its whole run, so that a second
 driver of the same run directory stops before it cleans up what the first is writing.
@@ -38,6 +40,7 @@ CONFIG_FILE = "config.yaml"
 INPUTS_FILE = "inputs.yaml"
 INVOCATIONS_FILE = "invocations.jsonl"
 LOCK_FILE = "driver.lock"
+IDENTITY_FILE = "run_dir_id"
 
 
 REDACTED = "***"
@@ -82,6 +85,36 @@ def run_dir(cfg: Config) -> Path:
     return Path(cfg.output_dir) / cfg.run_id
 
 
+def run_identity(directory: Path | str, *, create: bool = False) -> str:
+    """The run directory's identity: the UUID in `<directory>/run_dir_id`, written once (by
+    `create`, or `write_config`) and never changed; "" if there is none yet and not `create`.
+    Two directories at the same path on two hosts, or one directory gone and made again, have
+    two identities; one directory mounted at two paths has one."""
+    path = Path(directory) / IDENTITY_FILE
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        if not create:
+            return ""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        tmp.write_text(uuid.uuid4().hex + "\n")
+        os.link(tmp, path)  # whole or not at all, and never over one already there
+    except FileExistsError:
+        pass
+    except OSError:  # no hard links here (some FUSE mounts): an exclusive create instead
+        with contextlib.suppress(FileExistsError):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                os.write(fd, tmp.read_bytes())
+            finally:
+                os.close(fd)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path.read_text().strip()
+
+
 def write_config(
     cfg: Config, directory: Path | None = None, *, keep_existing: bool = False
 ) -> Path:
@@ -92,6 +125,7 @@ def write_config(
     the first invocation's config; later ones go to `append_invocation`)."""
     target_dir = Path(directory) if directory is not None else run_dir(cfg)
     target_dir.mkdir(parents=True, exist_ok=True)
+    run_identity(target_dir, create=True)
     path = target_dir / CONFIG_FILE
     if keep_existing and path.exists():
         return path
