@@ -10,7 +10,13 @@ digests, the invocations log and the driver's lock.
                         MLflow finds the run by, whatever path the directory is mounted at
 
 One driver at a time: the driver holds `hold_run_dir` for its whole run, so that a second
-driver of the same run directory stops before it cleans up what the first is writing.
+driver of the same run directory stops before it cleans up what the first is writing. The lock
+is `flock`, which a shared file system may keep per host (NFS mounted with `local_lock`, FUSE
+mounts of object stores such as gcsfuse and s3fs): there two drivers would both hold it, and
+one's cleanup would delete the other's uncommitted shard. So the mount is looked up first
+(`shared_mount`): a FUSE object store or an NFS mount with local locks is refused, any other
+network file system (NFS, CIFS, ...) gets a warning (its locks are only as good as its lock
+manager).
 
 No secret is written here: every string of config.yaml and invocations.jsonl goes through
 `redact` (a password in a URI's `user:password@`, a token in its query string), as do the
@@ -22,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
 import socket
@@ -197,6 +204,53 @@ def read_inputs(directory: Path | str) -> dict[str, dict[str, str]] | None:
     return yaml.safe_load(path.read_text()) or {}
 
 
+# File systems whose `flock` other hosts may not see: refused where it is known to be local.
+NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "lustre", "afs")
+OBJECT_STORE_FS = ("fuse.gcsfuse", "fuse.s3fs", "fuse.goofys", "fuse.rclone", "fuse.mountpoint-s3",
+                   "fuse.blobfuse", "fuse.blobfuse2", "fuse.juicefs")  # fmt: skip
+logger = logging.getLogger(__name__)
+
+
+def shared_mount(directory: Path | str, mounts: str | None = None) -> tuple[str, str, str]:
+    """(mount point, file system type, options) of the mount that holds `directory`, read from
+    /proc/mounts (or the text `mounts`); ("", "", "") where it cannot be read (not Linux)."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return "", "", ""
+    path = os.path.realpath(directory)
+    best = ("", "", "")
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        point = fields[1].replace("\\040", " ").replace("\\011", "\t")
+        inside = path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best[0]):
+            best = (point, fields[2], fields[3])
+    return best
+
+
+def check_mount(directory: Path | str, mounts: str | None = None) -> None:
+    """Refuse a run directory whose `flock` is known not to reach other hosts (a FUSE object
+    store; NFS with `local_lock=all|flock`); warn on another network file system."""
+    point, fstype, options = shared_mount(directory, mounts)
+    local_lock = any(o in ("local_lock=all", "local_lock=flock") for o in options.split(","))
+    where = f"{directory} is on {fstype} ({point})"
+    if fstype in OBJECT_STORE_FS or (fstype.startswith("nfs") and local_lock):
+        raise RunDirError(
+            f"{where}, where the driver's lock (flock) is not seen by other hosts and files "
+            "cannot be renamed atomically everywhere: two drivers could both run it. Put "
+            "output_dir on a local disk or on NFS with working locks (docs/cluster.md)"
+        )
+    if fstype in NETWORK_FS:
+        logger.warning(
+            "%s: the driver's lock holds only if its lock manager works across hosts; run one "
+            "driver per run_id (docs/cluster.md)", where,
+        )  # fmt: skip
+
+
 @contextlib.contextmanager
 def hold_run_dir(directory: Path | str) -> Iterator[Path]:
     """Hold an exclusive lock on the run directory (created if needed) for the block.
@@ -206,11 +260,13 @@ def hold_run_dir(directory: Path | str) -> Iterator[Path]:
     a stale lock; the file stays and means nothing unless locked. The holder writes its pid and
     host into the file, and a second driver's `RunDirError` names them. The descriptor is not
     inherited across exec (Python's default), so processes the driver starts (Ray's) never hold
-    it. Raises RunDirError at once if another process holds the lock (it does not wait)."""
+    it. Raises RunDirError at once if another process holds the lock (it does not wait), or if
+    the directory is on a mount where the lock would not hold (`check_mount`)."""
     directory = Path(directory)
     path = directory / LOCK_FILE
     try:
         directory.mkdir(parents=True, exist_ok=True)
+        check_mount(directory)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
         raise RunDirError(f"cannot create the run directory {directory}: {exc}") from None
