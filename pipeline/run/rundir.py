@@ -94,7 +94,8 @@ def run_dir(cfg: Config) -> Path:
 
 def run_identity(directory: Path | str, *, create: bool = False) -> str:
     """The run directory's identity: the UUID in `<directory>/run_dir_id`, written once (by
-    `create`, or `write_config`) and never changed; "" if there is none yet and not `create`.
+    `create`: `pipeline.run.tracking`, when it opens the directory's MLflow run) and never
+    changed; "" if there is none yet and not `create`.
     Two directories at the same path on two hosts, or one directory gone and made again, have
     two identities; one directory mounted at two paths has one."""
     path = Path(directory) / IDENTITY_FILE
@@ -132,7 +133,6 @@ def write_config(
     the first invocation's config; later ones go to `append_invocation`)."""
     target_dir = Path(directory) if directory is not None else run_dir(cfg)
     target_dir.mkdir(parents=True, exist_ok=True)
-    run_identity(target_dir, create=True)
     path = target_dir / CONFIG_FILE
     if keep_existing and path.exists():
         return path
