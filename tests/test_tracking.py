@@ -477,10 +477,13 @@ def test_tracking_imports_no_analysis_code():
 # Secrets and end_run
 
 
-def test_no_secret_of_a_uri_reaches_params_config_yaml_or_invocations(tmp_path, no_env_uri):
+def test_no_secret_of_a_uri_reaches_params_config_yaml_or_invocations(
+    tmp_path, mlflow_server, no_env_uri
+):
     secret = "pw" + os.urandom(6).hex()
     address = f"ray://bob:{secret}@head:10001/?token={secret}"
-    cfg = Config(output_dir=str(tmp_path / "out"), run_id="r1", ray_address=address)
+    cfg = Config(output_dir=str(tmp_path / "out"), run_id="r1", ray_address=address,
+                 mlflow_tracking_uri=mlflow_server.url, mlflow_experiment="secrets")  # fmt: skip
     assert redact(address) == "ray://bob:***@head:10001/?token=***"
     assert redact("https://host/x?a=1&SIG=abc&b=2") == "https://host/x?a=1&SIG=***&b=2"
     run = start_run(cfg)
@@ -516,8 +519,11 @@ def test_end_run_that_fails_is_logged_and_never_masks_the_error(tmp_path, caplog
 # MLflow truth: identity, current records, runs left RUNNING
 
 
-def test_the_artifacts_name_the_current_records_never_superseded_ones(tmp_path, no_env_uri):
-    cfg = Config(output_dir=str(tmp_path / "out"), run_id="r1", method=["cot", "latentseek"])
+def test_the_artifacts_name_the_current_records_never_superseded_ones(
+    tmp_path, mlflow_server, no_env_uri
+):
+    cfg = Config(output_dir=str(tmp_path / "out"), run_id="r1", method=["cot", "latentseek"],
+                 mlflow_tracking_uri=mlflow_server.url, mlflow_experiment="current")  # fmt: skip
     rd = _record_run(cfg)
     client = MlflowClient(resolve_tracking_uri(cfg))
     run = _log(cfg, rd)
@@ -543,12 +549,13 @@ def test_the_artifacts_name_the_current_records_never_superseded_ones(tmp_path, 
     assert len(rows) == 5 and not rows.duplicated(["problem_id", "method"]).any()
 
 
-def test_one_directory_is_one_run_by_its_identity_not_its_path(tmp_path, no_env_uri):
+def test_one_directory_is_one_run_by_its_identity_not_its_path(tmp_path, mlflow_server, no_env_uri):
     """The same directory at another path (another mount) finds its run; another directory at
     the same path (another host with the same layout, or the directory made again) is
     refused."""
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = Config(output_dir=str(tmp_path / "a"), run_id="r1", mlflow_tracking_uri=store)
+    store = mlflow_server.url
+    cfg = Config(output_dir=str(tmp_path / "a"), run_id="r1", mlflow_tracking_uri=store,
+                 mlflow_experiment="identity")  # fmt: skip
     first = start_run(cfg)
     client = MlflowClient(store)
     identity = (tmp_path / "a" / "r1" / "run_dir_id").read_text().strip()
@@ -563,7 +570,7 @@ def test_one_directory_is_one_run_by_its_identity_not_its_path(tmp_path, no_env_
 
 
 def test_a_run_left_running_is_marked_killed_when_its_directory_is_taken(
-    tmp_path, no_env_uri, monkeypatch
+    tmp_path, mlflow_server, no_env_uri, monkeypatch
 ):
     import ray
 
@@ -577,7 +584,8 @@ def test_a_run_left_running_is_marked_killed_when_its_directory_is_taken(
 
     monkeypatch.setattr(ray, "init", refuse)
     monkeypatch.setattr("jobs.run.start_ray", refuse)
-    cfg = Config(output_dir=str(tmp_path / "out"), run_id="r1", method=["cot"], limit=1)
+    cfg = Config(output_dir=str(tmp_path / "out"), run_id="r1", method=["cot"], limit=1,
+                 mlflow_tracking_uri=mlflow_server.url, mlflow_experiment="left")  # fmt: skip
     left = start_run(cfg)  # its driver SIGKILLed: RUNNING forever
     client = MlflowClient(resolve_tracking_uri(cfg))
     assert client.get_run(left).info.status == "RUNNING"

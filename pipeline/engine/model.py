@@ -349,7 +349,7 @@ def hub_revision(cfg: Any) -> str:
     from huggingface_hub import HfApi
 
     try:
-        return HfApi().model_info(cfg.model, revision=wanted).sha or ""
+        return HfApi().model_info(cfg.model, revision=wanted, timeout=60).sha or ""
     except Exception:  # noqa: BLE001 - offline or unknown: a worker's load reports it
         return ""
 
