@@ -11,7 +11,7 @@ from typing import Any
 from pipeline.config import Config
 from pipeline.data import Dataset
 from pipeline.run.records import RecordStore
-from pipeline.run.rundir import CONFIG_FILE
+from pipeline.run.rundir import CONFIG_FILE, redact
 
 
 @dataclass
@@ -141,7 +141,7 @@ def _finish(
         wall_seconds=wall,
         problems_per_hour=per_hour,
         mlflow_run_id=mlflow_run,
-        tracking_uri=tracking.resolve_tracking_uri(cfg),
+        tracking_uri=redact(tracking.resolve_tracking_uri(cfg)),
         ui_command=tracking.ui_command(cfg),
         table=table,
         curve=curve,

@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import re
+import subprocess
 import sys
 import uuid
 from collections.abc import Callable
@@ -29,7 +30,15 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import BATCHING, BUILTIN_REWARDS, RESULT, Config, ConfigError, keys_with
+from pipeline.config import (
+    BATCHING,
+    BUILTIN_REWARDS,
+    PROJECT_ROOT,
+    RESULT,
+    Config,
+    ConfigError,
+    keys_with,
+)
 from pipeline.data import Dataset, Problem, load_dataset
 from pipeline.run.pool import RunError
 from pipeline.run.records import RecordStore
@@ -235,9 +244,11 @@ def check_reward(cfg: Config) -> None:
 def input_digests(cfg: Config, dataset: Dataset, model: bool = True) -> dict[str, dict[str, str]]:
     """What each input the config names holds, by config key: the dataset file, the prompt
     template, the verifier templates (with the self-reward), the reward's module file (its own
-    file only, not what it imports) and, with `model`, the model (`pipeline.engine.model.model_digest`:
-    weight files by size and time). Each is {"source": the file, <field>: <value>}; a Hugging
-    Face dataset and a hub model not yet downloaded have nothing to compare."""
+    file only, not what it imports), the problems loaded (id, question, gold: every source,
+    `pipeline.data.problems_digest`), this project's code (`code_digest`), the library versions
+    (`package_versions`) and, with `model`, the model (`pipeline.engine.model.model_digest`:
+    every file by content; a hub id by its commit). Each is {"source": where, <field>: <value>};
+    a hub model whose commit cannot be known here has nothing to compare."""
     from pipeline.engine.model import file_sha256, model_digest
     from pipeline.method.methods import get_method
     from pipeline.method.prompts import load_verifiers, template_path
@@ -248,6 +259,10 @@ def input_digests(cfg: Config, dataset: Dataset, model: bool = True) -> dict[str
     inputs: dict[str, dict[str, str]] = {}
     if dataset.digest:
         inputs["dataset"] = {"source": dataset.source, "sha256": dataset.digest}
+    if dataset.content_digest:  # every source, a Hugging Face dataset too
+        inputs["problems"] = {"source": dataset.source, "sha256": dataset.content_digest}
+    inputs["code"] = code_digest()
+    inputs["packages"] = package_versions(cfg)
     inputs["prompt"] = of_file(template_path(cfg.prompt))
     if cfg.reward == "self":
         # what the verifiers say, resolved: a file that includes another changes with it
@@ -268,16 +283,70 @@ def input_digests(cfg: Config, dataset: Dataset, model: bool = True) -> dict[str
     return inputs
 
 
+CODE_DIRS = ("pipeline", "jobs")  # the code whose .py files make a run's results
+PACKAGES = ("torch", "transformers")  # the libraries that make them (and vllm with its backend)
+CODE_INPUTS = ("code", "packages")  # what `allow_code_change` lets a resume change
+
+
+def _git(root: Path, *args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.decode(errors="replace") if out.returncode == 0 else None
+
+
+def code_digest(root: Path = PROJECT_ROOT) -> dict[str, str]:
+    """What this project's code is: the sha256 of its `CODE_DIRS` .py files (each file's path
+    and content; those git tracks, else every one there: the same files on a cluster that got
+    the project from `latentseek submit`, which uploads what git tracks), and, as information,
+    `git describe --always --dirty`."""
+    from pipeline.engine.model import file_sha256
+
+    listed = _git(root, "ls-files", "-z", "--", *(f"{d}/*.py" for d in CODE_DIRS))
+    if listed is not None:
+        files = [f for f in listed.split("\0") if f]
+    else:
+        files = [
+            p.relative_to(root).as_posix()
+            for d in CODE_DIRS
+            for p in (root / d).rglob("*.py")
+            if "__pycache__" not in p.parts
+        ]
+    h = hashlib.sha256()
+    for rel in sorted(files):
+        if (root / rel).is_file():
+            h.update(f"{rel}\0{file_sha256(root / rel)}\n".encode())
+    describe = (_git(root, "describe", "--always", "--dirty", "--abbrev=12") or "").strip()
+    return {"source": f"git {describe}" if describe else "no git", "sha256": h.hexdigest()}
+
+
+def package_versions(cfg: Config) -> dict[str, str]:
+    """The versions of the libraries that compute the results (`PACKAGES`, and vllm when it is
+    the backend); "absent" for one not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = [*PACKAGES, *(["vllm"] if cfg.backend == "vllm" else [])]
+    versions = {"source": f"python {sys.version.split()[0]}"}
+    for name in names:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
 def check_inputs(cfg: Config, directory: Path, inputs: dict[str, dict[str, str]]) -> None:
     """Refuse a resume whose inputs hold something else than the first invocation's
-    (inputs.yaml), naming each input and what changed; an input's `source` may move."""
+    (inputs.yaml), naming each input and what changed; an input's `source` may move. The code
+    and the library versions may change with `allow_code_change`."""
     saved = read_inputs(directory)
     if not saved:
         return
     changed = []
     for name, now in inputs.items():
         before = saved.get(name)
-        if not before:
+        if not before or (cfg.allow_code_change and name in CODE_INPUTS):
             continue
         fields = sorted((set(before) | set(now)) - {"source"})
         diffs = [
@@ -288,10 +357,12 @@ def check_inputs(cfg: Config, directory: Path, inputs: dict[str, dict[str, str]]
         if diffs:
             changed.append(f"{name} {now.get('source', '')}: {', '.join(diffs)}")
     if changed:
+        code = any(c.startswith(CODE_INPUTS) for c in changed)
+        allow = " (or allow_code_change=true to resume with this code)" if code else ""
         raise RunError(
             f"run_id={cfg.run_id!r}: inputs changed since the run started "
             f"({directory / INPUTS_FILE}): {'; '.join(changed)}; resuming would mix results. "
-            "Use a new run_id (run_id=<new>) for these inputs, or restore them to resume."
+            f"Use a new run_id (run_id=<new>) for these inputs, or restore them to resume{allow}."
         )
 
 

@@ -15,17 +15,29 @@ The driver, in rooms:
    RECORD_WINDOW_ROWS), each window one atomic shard pair (`pipeline.run.records`), progress
    shown, MLflow's live metrics logged on a thread of their own (`Background`);
 4. finishing (`jobs.finish`): compaction, summary files, the report, MLflow, the summary.
+
+SIGTERM (what `ray job stop`, Slurm and Kubernetes send) and SIGINT (Ctrl-C) are a requested
+stop (`stop_on_signals`): the driver raises `StopRequested` where it is, its MLflow runs end
+KILLED, the workers are stopped (the batches they held were never recorded: a resume runs them
+again, since a shard pair is committed whole or not at all), the run directory's lock is let
+go, and `main` prints one line saying how to resume, exiting 128 + the signal's number (143 for
+SIGTERM, 130 for SIGINT). Ray's `ray.init` installs its own SIGTERM handler in the driver
+(`sys.exit(15)`: a SystemExit in the middle of a `ray.get`, a C++ stack dump and FAILED runs),
+so ours is installed again after Ray starts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import math
 import queue
+import shlex
+import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +59,7 @@ from pipeline.run.rundir import (
     write_inputs,
 )
 
-__all__ = ["RunError", "RunSummary", "check_resume", "main", "run_evaluation"]
+__all__ = ["RunError", "RunSummary", "StopRequested", "check_resume", "main", "run_evaluation"]
 
 PROGRESS_EVERY_S = 2.0  # live MLflow metrics at most this often (and after the last batch)
 PROGRESS_FLUSH_S = 30.0  # at the loop's end, how long the last live metrics may take to log
@@ -55,6 +67,64 @@ PROGRESS_FLUSH_S = 30.0  # at the loop's end, how long the last live metrics may
 # many wait, or the oldest has waited this long (so a driver killed loses at most a window).
 RECORD_WINDOW_ROWS = 256
 RECORD_WINDOW_S = 2.0
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopRequested(KeyboardInterrupt):
+    """SIGTERM or SIGINT arrived: stop, keep what is recorded, end the MLflow runs KILLED.
+
+    A KeyboardInterrupt, so that no `except Exception` swallows it and every place that marks
+    an interrupted run KILLED (`jobs.finish`, `pipeline.run.tracking`) treats it as one."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.run_id = ""
+        self.directory: Path | None = None
+        self.recorded = 0  # records written by this invocation before the stop
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # what a shell reports for a process a signal ended
+
+
+class _StopSignals:
+    """SIGTERM and SIGINT raise `StopRequested` in the main thread; the first one only (a
+    second signal while the driver stops is ignored, so that the cleanup is not cut short).
+    `install` again after something else took the signals (`ray.init` takes SIGTERM)."""
+
+    def __init__(self) -> None:
+        self.signum = 0  # the signal that asked for the stop; 0: none yet
+        self.saved: dict[int, Any] = {}
+
+    def handler(self, signum: int, frame: Any) -> None:
+        if self.signum:
+            return
+        self.signum = signum
+        raise StopRequested(signum)
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signals reach the main thread only; a driver run elsewhere keeps Python's
+        for sig in STOP_SIGNALS:
+            self.saved.setdefault(sig, signal.getsignal(sig))
+            signal.signal(sig, self.handler)
+
+    def restore(self) -> None:
+        for sig, old in self.saved.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[_StopSignals]:
+    """For the block, SIGTERM and SIGINT are a requested stop (`StopRequested`); the handlers
+    that were there before come back after it."""
+    signals = _StopSignals()
+    signals.install()
+    try:
+        yield signals
+    finally:
+        signals.restore()
 
 
 def run_evaluation(
@@ -73,22 +143,55 @@ def run_evaluation(
     command line, kept in invocations.jsonl; `pool` keeps the workers for the caller's next
     evaluation (a sweep) instead of stopping them; `tags` go to the MLflow run;
     `start_worker` starts each worker instead of `EvalWorker` (`start_workers`; not with
-    `pool`, which starts its own)."""
+    `pool`, which starts its own). SIGTERM and SIGINT stop it with `StopRequested`."""
+    from pipeline.engine.model import pin_revision
+
+    start = time.perf_counter()
+    cfg = pin_revision(resolve_run_id(cfg))  # a hub id's commit, the same for every worker
+    directory = run_dir(cfg)
+    counts = Counts()
+    with stop_on_signals() as signals:
+        try:
+            return _run(cfg, directory, counts, signals, start, progress, on_batch, log, argv,
+                        pool, tags, start_worker)  # fmt: skip
+        except KeyboardInterrupt as exc:
+            if not signals.signum:
+                raise
+            # Ray's `ray.wait`/`ray.get` turn what our handler raised into a bare
+            # KeyboardInterrupt; the handler kept the signal.
+            stop = exc if isinstance(exc, StopRequested) else StopRequested(signals.signum)
+            stop.run_id, stop.directory, stop.recorded = str(cfg.run_id), directory, counts.recorded
+            if stop is exc:
+                raise
+            raise stop from None
+
+
+def _run(
+    cfg: Config,
+    directory: Path,
+    counts: Counts,
+    signals: _StopSignals,
+    start: float,
+    progress: bool,
+    on_batch: Callable[[dict[str, Any]], None] | None,
+    log: Callable[[str], None],
+    argv: Sequence[str] | None,
+    pool: WorkerPool | None,
+    tags: dict[str, str] | None,
+    start_worker: Callable[[Config], Any] | None,
+) -> RunSummary:
     from pipeline.engine.model import prepare_model
     from pipeline.run import tracking
 
-    start = time.perf_counter()
-    cfg = resolve_run_id(cfg)
-    directory = run_dir(cfg)
     dataset = preflight(cfg, directory, log)
     with hold_run_dir(directory):
         work = plan_work(cfg, directory, dataset, log)
         store = RecordStore(directory)
-        counts = Counts()
         mlflow_run = ""
         if any(work.todo.values()):
             prepare_model(cfg)
             start_ray(cfg)
+            signals.install()  # again: ray.init has put its own SIGTERM handler in place
             workers, infos = (
                 pool.acquire(cfg) if pool is not None else start_workers(cfg, start_worker)
             )
@@ -363,7 +466,25 @@ class Background:
 
 
 def main(cfg: Config, argv: Sequence[str] | None = None) -> int:
-    """Exits 1 when the run's records fall short (`RunSummary.incomplete`)."""
-    summary = run_evaluation(cfg, argv=argv)
+    """Exits 1 when the run's records fall short (`RunSummary.incomplete`), 128 + N when signal N
+    stopped it."""
+    try:
+        summary = run_evaluation(cfg, argv=argv)
+    except StopRequested as stop:
+        print(stopped_line(stop, argv), file=sys.stderr)
+        return stop.exit_code
     print(format_summary(summary))
     return 1 if summary.incomplete else 0
+
+
+def stopped_line(stop: StopRequested, argv: Sequence[str] | None) -> str:
+    """One line: what stopped the run, what is kept, and the command that resumes it (the same
+    command, with the run_id it got if it had none: a resume is found by run_id)."""
+    command = list(argv or ["latentseek", "run"])
+    if stop.run_id and not any(a.startswith("run_id=") for a in command):
+        command.append(f"run_id={stop.run_id}")
+    where = f" in {stop.directory}" if stop.directory else ""
+    return (
+        f"stopped by {signal.Signals(stop.signum).name}: {stop.recorded} new records kept{where}; "
+        f"the work in flight was not recorded and runs again on resume: {shlex.join(command)}"
+    )

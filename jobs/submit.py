@@ -6,8 +6,9 @@ latentseek logs JOB [--follow] [--address ADDR]
 latentseek stop JOB [--timeout S] [--address ADDR]
 
 The address is the cluster's job server (its dashboard, `http://HOST:8265`): `--address`, else
-$RAY_ADDRESS. `submit` uploads this project (without `EXCLUDES`) as the job's working
-directory, and the job's driver runs `python -m jobs.cli run --config FILE key=value ...` in
+$RAY_ADDRESS. `submit` uploads what git tracks of this project (`upload_files`; without git:
+the tree without `EXCLUDES`), plus the paths given with `--include`, never a `SECRET_FILES`
+file (`.env`), as the job's working directory, and the job's driver runs `python -m jobs.cli run --config FILE key=value ...` in
 it on the cluster, with the `python` on the nodes' PATH: every node needs the same environment
 as a local run (this project's dependencies; the uploaded code itself travels with the job).
 A config file outside the uploaded tree (e.g. `outputs/<run_id>/config.yaml`) travels as its
@@ -19,6 +20,11 @@ land: `run_id` (a new one unless given), `output_dir` (made absolute against the
 directory), `mlflow_tracking_uri` (as a local run would resolve it) and `ray_address=auto`
 (the driver joins the cluster it runs on). Records are written by the job's driver, on the
 machine that runs it (the head node): on a real cluster set `output_dir` to shared storage.
+
+A tracking URI that carries a secret (`https://user:password@host`, `?token=...`) is never put
+in the entrypoint, the job's metadata or what `submit` prints: the job gets it as
+$MLFLOW_TRACKING_URI in its runtime environment (which the job server keeps, readable by whoever
+may submit jobs there), and `mlflow_tracking_uri` is pinned empty so that the driver reads it.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import logging
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,13 +45,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from pipeline.config import DEFAULT_CONFIG, PROJECT_ROOT, Config, ConfigError, load_config
+from pipeline.run.rundir import redact, redacted
 
 # Never uploaded with the project: environments, results, caches, build metadata.
 EXCLUDES = [
     ".venv", "outputs", "bench-results", "mlruns", "__pycache__", ".pytest_cache",
     ".ruff_cache", ".mypy_cache", ".git", "*.egg-info",
 ]  # fmt: skip
+# Never uploaded, even if git tracks them or --include names them: credentials.
+SECRET_FILES = [".env", ".env.*", "*.env", ".netrc", "*.pem", "*.key", "id_rsa*", "id_ed25519*"]
 # What `jobs.cli` sets for a local run, where Ray workers inherit it; cluster workers get it here.
 JOB_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
 STAGED_CONFIG_DIR = "configs/submitted"  # where a config from outside the project travels
@@ -74,7 +86,9 @@ class JobPlan:
     overrides: list[str]  # as the job receives them
     run_id: str  # '' for a sweep (it names its own runs)
     run_dir: str  # on the machine that runs the job's driver; '' for a sweep
-    tracking_uri: str  # '' for a sweep
+    tracking_uri: str  # '' for a sweep; redacted (`redact`)
+    env: dict[str, str] | None = None  # the job's environment beyond JOB_ENV (a secret URI)
+    include: tuple[str, ...] = ()  # paths uploaded beside what git tracks (`--include`)
 
     @property
     def staged(self) -> bool:
@@ -237,39 +251,87 @@ def plan(command: str, config: Path | None, overrides: list[str]) -> JobPlan:
             raise ConfigError(f"{config}: a submitted sweep file must be inside the project")
         return JobPlan(command, config, config_arg, [*overrides, "ray_address=auto"], "", "", "")
     cfg = job_config(config, overrides)
+    uri, env = cfg.mlflow_tracking_uri, {}
+    if redact(uri) != uri:  # a secret: in the job's environment, never in its command line
+        cfg, env = cfg.replace(mlflow_tracking_uri=""), {"MLFLOW_TRACKING_URI": uri}
     return JobPlan(
         command=command,
         config=config,
         config_arg=config_arg,
-        overrides=job_overrides(cfg, overrides),
+        overrides=[redact(o) for o in job_overrides(cfg, overrides)],
         run_id=cfg.run_id,
         run_dir=str(Path(cfg.output_dir) / cfg.run_id),
-        tracking_uri=cfg.mlflow_tracking_uri,
+        tracking_uri=redact(uri),
+        env=env,
     )
 
 
+def _secret(rel: str) -> bool:
+    return any(fnmatch.fnmatch(Path(rel).name, pat) for pat in SECRET_FILES)
+
+
+def upload_files(root: Path = PROJECT_ROOT, include: tuple[str, ...] = ()) -> list[str]:
+    """The files `submit` uploads, relative to `root`: what git tracks there (without git, every
+    file outside `EXCLUDES`), plus the files under each `include` path, never a `SECRET_FILES`
+    one (`.env`, keys)."""
+    try:
+        out = subprocess.run(
+            ["git", "ls-files", "-z", "--cached"], cwd=root, capture_output=True, timeout=60
+        )
+        tracked = out.stdout.decode().split("\0") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        tracked = None
+    if tracked is None:  # not a checkout (e.g. itself an upload): the tree, less EXCLUDES
+        tracked = [
+            p.relative_to(root).as_posix()
+            for p in root.rglob("*")
+            if p.is_file() and carried_path(p, root) is not None
+        ]
+    files = [f for f in tracked if f and (root / f).is_file()]
+    for name in include:
+        path = (root / name) if not Path(name).is_absolute() else Path(name)
+        for p in [path] if path.is_file() else sorted(path.rglob("*")):
+            try:
+                rel = p.resolve().relative_to(root.resolve()).as_posix()
+            except ValueError:
+                raise ConfigError(f"--include {name}: {p} is outside the project") from None
+            if p.is_file():
+                files.append(rel)
+    return sorted({f for f in files if not _secret(f)})
+
+
 def submit(client, job: JobPlan) -> str:
-    """Upload the project and submit `job`; its job id."""
+    """Upload the project (`upload_files`, staged in a temporary copy) and submit `job`; its
+    job id."""
     with tempfile.TemporaryDirectory(prefix="latentseek-submit-") as tmp:
-        working_dir = PROJECT_ROOT
-        if job.staged:  # a copy of the project that carries the config too
-            working_dir = Path(tmp) / "project"
-            shutil.copytree(PROJECT_ROOT, working_dir, ignore=shutil.ignore_patterns(*EXCLUDES))
-            (working_dir / job.config_arg).parent.mkdir(parents=True, exist_ok=True)
-            if job.command == "run":  # its resolved keys: its `include:` files stay behind
-                load_config(job.config).save(working_dir / job.config_arg)
-            else:
-                shutil.copy(job.config, working_dir / job.config_arg)
+        working_dir = stage(job, Path(tmp) / "project")
         with _job_errors(client, None):
             return client.submit_job(
                 entrypoint=job.entrypoint,
                 runtime_env={
                     "working_dir": str(working_dir),
                     "excludes": EXCLUDES,
-                    "env_vars": dict(JOB_ENV),
+                    "env_vars": {**JOB_ENV, **(job.env or {})},
                 },
                 metadata=job.metadata,
             )
+
+
+def stage(job: JobPlan, working_dir: Path, root: Path = PROJECT_ROOT) -> Path:
+    """A copy of what the job uploads (`upload_files`) in `working_dir`, with the config if it
+    lives outside the project (a run's as its resolved keys, `redact`ed)."""
+    for rel in upload_files(root, job.include):
+        target = working_dir / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / rel, target)
+    if job.staged or not (working_dir / job.config_arg).is_file():  # outside, or untracked
+        (working_dir / job.config_arg).parent.mkdir(parents=True, exist_ok=True)
+        if job.command == "run":  # its resolved keys: its `include:` files stay behind
+            text = yaml.safe_dump(redacted(load_config(job.config).to_dict()), sort_keys=False)
+            (working_dir / job.config_arg).write_text(text)
+        else:
+            shutil.copy(job.config, working_dir / job.config_arg)
+    return working_dir
 
 
 # --- the command line ---------------------------------------------------------------------
@@ -285,6 +347,13 @@ def add_arguments(subparsers) -> None:
 
     p = with_address(subparsers.add_parser("submit", help="run an evaluation as a Ray job"))
     p.add_argument("--config", type=Path, help="YAML config (default configs/default.yaml)")
+    p.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="upload PATH too (a file or folder of the project that git does not track)",
+    )
     wait = p.add_mutually_exclusive_group()
     wait.add_argument("--no-wait", action="store_true", help="return once submitted")
     wait.add_argument(
@@ -351,6 +420,7 @@ def _submit(args: argparse.Namespace) -> int:
     words = list(args.words)
     command = words.pop(0) if words and words[0] in ("run", "sweep") else "run"
     job = plan(command, args.config, words)
+    job.include = tuple(args.include)
     client = connect(args.address)
     args.job_id = submit(client, job)
     print(f"job:       {args.job_id}")

@@ -104,6 +104,12 @@ class Config:
         "let a hub id download weights; off by default: only the local HF cache is used",
         roles=(MODEL,),
     )
+    model_revision: str = _f(
+        "",
+        "a hub id's revision (branch, tag or commit); '' pins, on the driver, the commit the "
+        "local HF cache holds (or, with allow_download, the hub's main) for every worker load",
+        roles=(MODEL,),
+    )
     model_cache_dir: str = _f(
         "~/.cache/latentseek/models",
         "where dequantised GGUF weights are cached (keyed by hash)",
@@ -284,6 +290,12 @@ class Config:
         "iteration done) before it is taken for hung: killed (Ray restarts it) and the task "
         "re-queued as for a worker that died; -1: derived from the task's token budget, "
         "generously (docs/cluster.md); 0: no deadline",
+        roles=(RUN,),
+    )
+    allow_code_change: bool = _f(
+        False,
+        "resume a run although this project's code or torch/transformers/vllm versions differ "
+        "from its first invocation's (inputs.yaml); refused by default: results would mix",
         roles=(RUN,),
     )
     retry_errors: bool = _f(

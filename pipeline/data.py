@@ -18,7 +18,8 @@ ones included, so skipping a bad row never renumbers the others.
 Malformed input raises `DataError` naming the file, the place (`line N` for JSON Lines and
 CSV, where the CSV header is line 1; `row N`, the 0-based row index, for Parquet, JSON
 arrays and Hugging Face datasets) and the field. With `skip_bad_rows` a bad row (duplicate
-ids and a question or answer over `MAX_TEXT_CHARS` included; of duplicates the first is kept) is
+ids, a question or answer over `MAX_TEXT_CHARS` and text UTF-8 cannot encode (a lone surrogate)
+included; of duplicates the first is kept) is
 skipped and counted instead; problems with the whole
 source (missing or empty file, missing column, no usable row) always raise.
 
@@ -86,6 +87,7 @@ class Dataset:
     skipped_rows: int  # malformed rows skipped (skip_bad_rows), over the whole source
     total_rows: int  # records in the source, before skipping and selection
     digest: str  # sha256 of the source file; "" for Hugging Face datasets
+    content_digest: str = ""  # `problems_digest` of every usable row, whatever the source
     skipped: list[str] = field(default_factory=list)  # one DataError message per skipped row
 
 
@@ -228,6 +230,20 @@ def _question(row: dict[str, Any], name: str) -> str:
 def _check_length(text: str) -> None:
     if len(text) > MAX_TEXT_CHARS:
         raise ValueError(f"is {len(text)} characters long; at most {MAX_TEXT_CHARS}")
+    _check_encodable(text)
+
+
+def _check_encodable(text: str) -> None:
+    """Text that UTF-8 cannot encode (a lone surrogate, written `"\\ud800"` in JSON) would pass
+    loading and fail the record write of every run that reaches it: refused here instead."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start : exc.end].encode("unicode_escape").decode()
+        raise ValueError(
+            f"holds text that cannot be encoded as UTF-8 ({bad} at character {exc.start}: "
+            "a lone surrogate); fix the row or set skip_bad_rows=true"
+        ) from None
 
 
 def _answer(row: dict[str, Any], name: str, gold: Callable[[str], str]) -> str:
@@ -257,6 +273,7 @@ def _row_id(row: dict[str, Any], name: str) -> str:
     text = str(value).strip()
     if not text:
         raise ValueError("is empty")
+    _check_encodable(text)
     return text
 
 
@@ -290,6 +307,9 @@ def _parse(rec: _Record, label: str, fields: _Fields) -> tuple[str, str, str]:
         gold = _answer(row, name, fields.gold)
         name = fields.id
         raw_id = _row_id(row, name) if name else str(rec.index)
+        for name, value in row.items():  # noqa: B007 (the except names it)
+            if isinstance(value, str) and _small(value):
+                _check_encodable(value)
     except ValueError as exc:
         raise _error(label, rec.where, f"field {name!r} {exc}", name) from None
     return question, gold, raw_id
@@ -335,6 +355,15 @@ def _build(
         raw_label = fields.label(str(row[fields.answer])) if fields.label else ""
         problems.append(Problem(problem_id, dataset, question, gold, meta, raw_label))
     return problems, skipped
+
+
+def problems_digest(problems: Iterable[Problem]) -> str:
+    """sha256 of what the problems say (id, question, gold, in order): equal for two sources
+    that load the same problems (a file re-encoded, a Hugging Face dataset re-downloaded)."""
+    h = hashlib.sha256()
+    for p in problems:
+        h.update(json.dumps([p.problem_id, p.question, p.gold]).encode() + b"\n")
+    return h.hexdigest()
 
 
 def _select(problems: list[Problem], cfg: Config, label: str) -> list[Problem]:
@@ -440,6 +469,7 @@ def _finish(
         skipped_rows=len(skipped),
         total_rows=len(records),
         digest=hashlib.sha256(data).hexdigest() if data is not None else "",
+        content_digest=problems_digest(problems),
         skipped=skipped,
     )
 

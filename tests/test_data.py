@@ -356,3 +356,51 @@ def test_parquet_errors_name_the_row_index(tmp_path):
         DataError, match=r"n\.parquet row 0: field 'question' must be a string, got int"
     ):
         load(numbers)
+
+
+# ------------------------------------------------------------------------------------------
+# Text that cannot be encoded, and the problems' content digest
+
+SURROGATE_LINE = '{"question": "What is 1+1? \\ud800", "answer": "2"}'
+
+
+def test_a_lone_surrogate_in_jsonl_is_refused_with_file_line_and_field(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "ok?", "answer": "1"}, SURROGATE_LINE])
+    with pytest.raises(DataError, match=r"d\.jsonl line 2: field 'question' .*UTF-8") as err:
+        load(path)
+    assert (err.value.where, err.value.field) == ("line 2", "question")
+    assert len(load(path, skip_bad_rows=True).problems) == 1
+
+
+@pytest.mark.parametrize("field", ["question", "answer", "id", "topic"])
+def test_a_lone_surrogate_in_any_kept_field_of_a_json_array_is_refused(tmp_path, field):
+    row = {"question": "q", "answer": "2", "id": "a", "topic": "algebra"}
+    row[field] += "\ud800"
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([row]))  # json.dumps escapes the surrogate as \ud800
+    with pytest.raises(DataError, match=rf"row 0: field '{field}' .*surrogate"):
+        load(path, id_field="id")
+
+
+def test_a_lone_surrogate_in_a_hugging_face_row_is_refused(monkeypatch):
+    rows = [{"question": "q\udfff", "answer": "1"}]
+    fake = types.SimpleNamespace(load_dataset=lambda *a, **k: rows)
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    with pytest.raises(DataError, match=r"hf:x/y row 0: field 'question'"):
+        load("hf:x/y")
+
+
+def test_the_content_digest_names_the_problems_not_the_file(tmp_path, monkeypatch):
+    rows = [{"question": "What is 2+2?", "answer": "4"}]
+    a = load(write_jsonl(tmp_path / "d.jsonl", rows))
+    b = load(write_jsonl(tmp_path / "e.jsonl", rows))  # other id prefix: other ids
+    (tmp_path / "d2").mkdir()
+    c_path = tmp_path / "d2" / "d.jsonl"
+    c_path.write_text(json.dumps(rows[0], indent=None, separators=(",", ":")) + "\n\n")
+    c = load(c_path)
+    assert a.digest != c.digest and a.content_digest == c.content_digest  # bytes differ
+    assert a.content_digest != b.content_digest
+    fake = types.SimpleNamespace(load_dataset=lambda *a, **k: rows)
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    hf = load("hf:org/d", limit=1)
+    assert hf.digest == "" and len(hf.content_digest) == 64

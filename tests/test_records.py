@@ -500,3 +500,30 @@ def test_a_held_run_directory_refuses_a_second_holder_and_a_sigkill_frees_it(tmp
         assert lock.read_text() == f"pid {os.getpid()} on {socket.gethostname()}\n"
     with hold_run_dir(directory):  # and released at the end of the block
         pass
+
+
+MOUNTS = """/dev/sda1 / ext4 rw,relatime 0 0
+server:/export /mnt/shared nfs4 rw,vers=4.2,local_lock=none 0 0
+server:/export2 /mnt/local\\040lock nfs rw,vers=3,local_lock=all 0 0
+bucket /mnt/bucket fuse.gcsfuse rw,user_id=0 0 0
+"""
+
+
+def test_a_run_directory_where_flock_would_not_hold_is_refused(tmp_path, caplog, monkeypatch):
+    from pipeline.run import rundir
+
+    assert rundir.shared_mount("/mnt/bucket/out/r1", MOUNTS)[:2] == ("/mnt/bucket", "fuse.gcsfuse")
+    assert rundir.shared_mount("/mnt/bucketx/r1", MOUNTS)[:2] == ("/", "ext4")
+    with pytest.raises(RunDirError, match=r"on fuse\.gcsfuse \(/mnt/bucket\).*two drivers"):
+        rundir.check_mount("/mnt/bucket/out/r1", MOUNTS)
+    with pytest.raises(RunDirError, match=r"on nfs \(/mnt/local lock\)"):  # local_lock=all
+        rundir.check_mount("/mnt/local lock/r1", MOUNTS)
+    rundir.check_mount("/srv/out/r1", MOUNTS)  # a local disk: nothing to say
+    assert not caplog.text
+    rundir.check_mount("/mnt/shared/r1", MOUNTS)
+    assert "on nfs4 (/mnt/shared)" in caplog.text and "lock manager" in caplog.text
+    # the driver's lock asks first: nothing is created on such a mount
+    monkeypatch.setattr(rundir, "shared_mount", lambda d, m=None: ("/x", "fuse.s3fs", "rw"))
+    with pytest.raises(RunDirError, match="s3fs"), rundir.hold_run_dir(tmp_path / "r1"):
+        pass
+    assert not (tmp_path / "r1" / "driver.lock").exists()

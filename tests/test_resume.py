@@ -20,7 +20,7 @@ import ray
 
 from jobs.preflight import input_digests
 from jobs.run import RunError, run_evaluation
-from pipeline.config import CONFIG_DIR, Config
+from pipeline.config import CONFIG_DIR, PROJECT_ROOT, Config
 from pipeline.data import load_dataset
 from pipeline.engine import model as model_mod
 from pipeline.method.results import ProblemResult
@@ -115,9 +115,8 @@ def test_an_input_edited_under_the_same_name_is_not_resumed(tmp_path, inputs, ke
 
 @pytest.fixture
 def model_dir(tmp_path, monkeypatch) -> Path:
-    """A model directory as `check_model_source` wants it; its 'weights' (2000 bytes) count as
-    large, so they are compared by size and time of modification."""
-    monkeypatch.setattr(model_mod, "WEIGHT_FILE_BYTES", 1000)
+    """A model directory as `check_model_source` wants it (its weight digests cached beside)."""
+    monkeypatch.setattr(model_mod, "DIGEST_CACHE", str(tmp_path / "digests.json"))
     d = tmp_path / "model"
     d.mkdir()
     (d / "config.json").write_text('{"model_type": "llama"}')
@@ -136,7 +135,7 @@ def test_a_model_directory_that_changed_is_not_resumed(tmp_path, inputs, model_d
     digest = read_inputs(directory)["model"]
     assert digest["source"] == str(model_dir.resolve())
     assert digest["config.json"].startswith("sha256 ") and "README.md" not in digest
-    assert re.fullmatch(r"2000 bytes, modified \S+Z", digest["model.safetensors"])
+    assert re.fullmatch(r"sha256 [0-9a-f]{64}", digest["model.safetensors"])
 
     (model_dir / "README.md").write_text("other notes")
     with pytest.raises(RayStarted):  # nothing that matters changed: the resume goes ahead
@@ -148,13 +147,17 @@ def test_a_model_directory_that_changed_is_not_resumed(tmp_path, inputs, model_d
             run_evaluation(cfg, progress=False, log=quiet)
 
     weights = model_dir / "model.safetensors"
-    first = weights.stat().st_mtime
+    st = weights.stat()
     weights.write_bytes(b"v" * 2001)  # other weights
-    refused(r"model.safetensors 2000 bytes, modified \S+ -> 2001 bytes")
-    weights.write_bytes(b"v" * 2000)  # other weights of the same size, written later
-    os.utime(weights, (first + 60, first + 60))
-    refused(r"model.safetensors 2000 bytes, modified (\S+) -> 2000 bytes, modified (?!\1)")
-    os.utime(weights, (first, first))  # (the one case not seen: same size, same time)
+    refused(r"model.safetensors sha256 [0-9a-f]{12}… -> sha256 [0-9a-f]{12}…")
+    # other weights of the same size and time, copied over it (once not seen: size and time
+    # were all that was compared)
+    copy = model_dir / ".copy"
+    copy.write_bytes(b"v" * 2000)
+    os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(copy, weights)
+    refused(r"model.safetensors sha256 [0-9a-f]{12}… -> sha256 [0-9a-f]{12}…")
+    weights.write_bytes(b"w" * 2000)  # the first weights again
     (model_dir / "tokenizer_config.json").write_text("{}")  # another chat template
     refused(r"tokenizer_config.json sha256 [0-9a-f]{12}… -> sha256 [0-9a-f]{12}…")
 
@@ -170,3 +173,77 @@ def test_rows_recorded_with_an_error_are_retried_unless_turned_off(tmp_path, inp
 
     kept = run_evaluation(cfg.replace(retry_errors=False), progress=False, log=quiet)
     assert kept.skipped == 1 and kept.recorded == 0 and kept.failures == 1
+
+
+def test_code_and_library_versions_are_compared_unless_allowed(tmp_path, inputs, monkeypatch):
+    from jobs import preflight
+
+    cfg = make_cfg(tmp_path, inputs)
+    directory = tmp_path / "out" / "r1"
+    # What the first invocation of this run wrote before its workers ran it
+    write_config(cfg, directory)
+    write_inputs(directory, input_digests(cfg, load_dataset(cfg)))
+    with pytest.raises(RayStarted):  # nothing changed: the resume goes ahead
+        run_evaluation(cfg, progress=False, log=quiet)
+    saved = read_inputs(directory)
+    assert saved["code"]["sha256"] and saved["code"]["source"].startswith(("git ", "no git"))
+    assert set(saved["packages"]) >= {"torch", "transformers"}
+    assert saved["problems"]["sha256"] == load_dataset(cfg).content_digest
+
+    real = preflight.code_digest()
+    monkeypatch.setattr(preflight, "code_digest", lambda: {**real, "sha256": "0" * 64})
+    with pytest.raises(RunError, match=r"code git .*: sha256 [0-9a-f]{12}… -> 000000000000…"):
+        run_evaluation(cfg, progress=False, log=quiet)
+    with pytest.raises(RunError, match=r"allow_code_change=true"):
+        run_evaluation(cfg, progress=False, log=quiet)
+    monkeypatch.setattr(
+        preflight, "package_versions", lambda c: {**saved["packages"], "torch": "0.0.1"}
+    )
+    with pytest.raises(RunError, match=r"packages .*torch \S+ -> 0\.0\.1"):
+        run_evaluation(cfg, progress=False, log=quiet)
+    with pytest.raises(RayStarted):  # allowed: the resume goes ahead
+        run_evaluation(cfg.replace(allow_code_change=True), progress=False, log=quiet)
+
+
+def test_the_code_digest_is_the_same_from_git_and_from_an_upload(tmp_path):
+    from jobs.preflight import code_digest
+    from jobs.submit import upload_files
+
+    uploaded = tmp_path / "up"
+    for rel in upload_files():
+        (uploaded / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(PROJECT_ROOT / rel, uploaded / rel)
+    here, there = code_digest(), code_digest(uploaded)
+    assert there["source"] == "no git" and here["sha256"] == there["sha256"]
+    (uploaded / "pipeline" / "data.py").write_text("# edited\n")
+    assert code_digest(uploaded)["sha256"] != here["sha256"]
+
+
+def test_a_hub_model_is_pinned_to_one_commit_for_every_worker(tmp_path, monkeypatch):
+    """The local Hugging Face cache's commit of the id is resolved once, on the driver, and
+    passed to every load: a worker restarted after the cache's `main` moved loads the same."""
+    sha = "a" * 40
+    hub = tmp_path / "hf" / "hub" / "models--org--tiny"
+    (hub / "snapshots" / sha).mkdir(parents=True)
+    (hub / "snapshots" / sha / "config.json").write_text("{}")
+    (hub / "refs").mkdir()
+    (hub / "refs" / "main").write_text(sha)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    cfg = Config(model="org/tiny")
+    pinned = model_mod.pin_revision(cfg)
+    assert pinned.model_revision == sha
+    assert model_mod.model_digest(cfg) == {"source": "org/tiny", "revision": sha}
+    assert model_mod.pin_revision(Config(model="embedded")).model_revision == ""
+    seen = {}
+
+    def load(path, dtype, cfg, device, **kw):
+        seen.update(kw)
+        raise OSError("stop here")
+
+    monkeypatch.setattr(model_mod, "_from_directory", load)
+    with pytest.raises(model_mod.ModelError):
+        model_mod.load_model(pinned)
+    assert seen["revision"] == sha and seen["local_files_only"] is True

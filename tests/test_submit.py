@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import psutil
@@ -211,3 +213,37 @@ def test_what_the_upload_carries():
     assert job.overrides[0] == "limit=2" and "run_id=r1" in job.overrides
     assert "ray_address=auto" in job.overrides and "ray_address=x" not in job.overrides
     assert job.run_dir == str(Path.cwd() / "outputs" / "r1")
+
+
+def test_the_upload_is_what_git_tracks_plus_what_is_named_never_a_dot_env(tmp_path):
+    root = tmp_path / "proj"
+    (root / "data").mkdir(parents=True)
+    for name, text in [("a.py", "x = 1\n"), (".env", "TOKEN=s3cret\n"), ("scratch.py", "")]:
+        (root / name).write_text(text)
+    (root / "data" / "extra.jsonl").write_text("{}\n")
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run(["git", "add", "a.py", ".env"], cwd=root, check=True)  # .env tracked, even
+    assert submit.upload_files(root) == ["a.py"]
+    assert submit.upload_files(root, ("data", ".env")) == ["a.py", "data/extra.jsonl"]
+    (tmp_path / "other.txt").write_text("")
+    with pytest.raises(submit.ConfigError, match="outside the project"):
+        submit.upload_files(root, (str(tmp_path / "other.txt"),))
+    shutil.rmtree(root / ".git")  # no git (a project that was itself uploaded): the tree
+    assert submit.upload_files(root) == ["a.py", "data/extra.jsonl", "scratch.py"]
+
+
+def test_a_secret_in_the_tracking_uri_never_reaches_the_entrypoint_or_the_upload(tmp_path):
+    secret = uuid.uuid4().hex  # written nowhere in the project (this file is uploaded too)
+    uri = f"https://alice:{secret}@mlflow.example:5000/?access_token=abc123"
+    job = submit.plan("run", CONFIG_DIR / "smoke.yaml", ["run_id=r1", f"mlflow_tracking_uri={uri}"])
+    shown = job.entrypoint + str(job.metadata) + job.tracking_uri
+    assert secret not in shown and "abc123" not in shown
+    assert "mlflow_tracking_uri=" in job.overrides  # the driver reads $MLFLOW_TRACKING_URI
+    assert job.env == {"MLFLOW_TRACKING_URI": uri}
+    assert job.tracking_uri == "https://alice:***@mlflow.example:5000/?access_token=***"
+    outside = tmp_path / "mine.yaml"  # a config from outside the project travels staged
+    outside.write_text(f"include: {CONFIG_DIR / 'smoke.yaml'}\nmlflow_tracking_uri: {uri}\n")
+    job = submit.plan("run", outside, ["run_id=r1"])
+    staged = submit.stage(job, tmp_path / "w")
+    assert (staged / job.config_arg).is_file() and not (staged / ".env").exists()
+    assert all(secret.encode() not in p.read_bytes() for p in staged.rglob("*") if p.is_file())

@@ -24,10 +24,12 @@ from analysis.tables import iteration_curves, summary_table, write_summary
 from pipeline.config import Config
 from pipeline.method.results import Compute, IterationStats, ProblemResult
 from pipeline.run.records import RecordStore
-from pipeline.run.rundir import append_invocation, run_dir, write_config
+from pipeline.run.rundir import append_invocation, redact, run_dir, write_config
 from pipeline.run.tracking import (
+    IDENTITY_TAG,
     KIND_TAG,
     PARENT_TAG,
+    RECORDS_TAG,
     RUN_DIR_TAG,
     RUN_ID_TAG,
     ForeignRunError,
@@ -177,7 +179,7 @@ def test_log_run_to_sqlite_and_read_back(tmp_path, monkeypatch, no_env_uri):
     assert _steps(client, methods["cot"], "accuracy_at_iteration") == [(0, 0.5), (1, 0.5)]
 
     top = {a.path for a in client.list_artifacts(run_id)}
-    assert {"problems", "iterations", "config.yaml", "summary.md", "summary.csv"} <= top
+    assert {"records", "config.yaml", "summary.md", "summary.csv"} <= top
     assert {"accuracy_by_iteration.csv", "invocations.jsonl", "report"} <= top
     # the report's table as an MLflow table (the UI's artifact and evaluation views read it)
     assert json.loads(tags["mlflow.loggedArtifacts"]) == [
@@ -191,8 +193,9 @@ def test_log_run_to_sqlite_and_read_back(tmp_path, monkeypatch, no_env_uri):
     assert table["columns"] == ["label", "gain_pp"]
     assert table["data"] == [["CoT", None], ["LatentSeek", 50.0]]  # NaN -> null: valid JSON
     assert all(not client.list_artifacts(c.info.run_id) for c in methods.values())
-    shards = [a.path for a in client.list_artifacts(run_id, "problems")]
-    assert len(shards) == 1 and shards[0].startswith("problems/part-")
+    folder = tags[RECORDS_TAG]
+    shards = [a.path for a in client.list_artifacts(run_id, f"{folder}/problems")]
+    assert len(shards) == 1 and shards[0].startswith(f"{folder}/problems/part-")
     local = Path(client.download_artifacts(run_id, "summary.md", str(tmp_path / "dl")))
     assert local.read_text().startswith("| method |")
     # artifacts live under <output_dir>/mlartifacts, nothing lands in the working directory
@@ -348,7 +351,7 @@ def test_log_run_to_a_real_mlflow_server(tmp_path, mlflow_server, no_env_uri):
     assert ls.data.metrics["final_accuracy"] == 1.0 and "final_accuracy" not in run.data.metrics
     assert _steps(client, ls, "accuracy_at_iteration") == [(0, 0.5), (1, 1.0)]
     assert {a.path for a in client.list_artifacts(run_id)} >= {
-        "problems",
+        "records",
         "config.yaml",
         "summary.md",
     }
@@ -468,3 +471,127 @@ def test_tracking_imports_no_analysis_code():
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------------------
+# Secrets and end_run
+
+
+def test_no_secret_of_a_uri_reaches_params_config_yaml_or_invocations(
+    tmp_path, mlflow_server, no_env_uri
+):
+    secret = "pw" + os.urandom(6).hex()
+    address = f"ray://bob:{secret}@head:10001/?token={secret}"
+    cfg = Config(output_dir=str(tmp_path / "out"), run_id="r1", ray_address=address,
+                 mlflow_tracking_uri=mlflow_server.url, mlflow_experiment="secrets")  # fmt: skip
+    assert redact(address) == "ray://bob:***@head:10001/?token=***"
+    assert redact("https://host/x?a=1&SIG=abc&b=2") == "https://host/x?a=1&SIG=***&b=2"
+    run = start_run(cfg)
+    params = MlflowClient(resolve_tracking_uri(cfg)).get_run(run).data.params
+    assert params["ray_address"] == redact(address)
+    rd = run_dir(cfg)
+    write_config(cfg, rd)
+    append_invocation(rd, {"argv": [f"ray_address={address}"], "config": cfg.to_dict()})
+    for name in ("config.yaml", "invocations.jsonl"):
+        text = (rd / name).read_text()
+        assert secret not in text and "bob:***@head" in text
+
+
+def test_end_run_that_fails_is_logged_and_never_masks_the_error(tmp_path, caplog):
+    # A server nobody listens on: every request fails (MLflow retries; kept short here).
+    cfg = Config(output_dir=str(tmp_path), run_id="r1",
+                 mlflow_tracking_uri=f"http://u:hidden@127.0.0.1:{_free_port()}")  # fmt: skip
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    try:
+        with pytest.raises(ZeroDivisionError):
+            try:
+                raise ZeroDivisionError("the run's own error")
+            except ZeroDivisionError:
+                assert end_run(cfg, "0123abcd", "FAILED") is False
+                raise
+    finally:
+        del os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+    assert "could not mark MLflow run 0123abcd FAILED" in caplog.text
+    assert "hidden" not in caplog.text
+
+
+# ------------------------------------------------------------------------------------------
+# MLflow truth: identity, current records, runs left RUNNING
+
+
+def test_the_artifacts_name_the_current_records_never_superseded_ones(
+    tmp_path, mlflow_server, no_env_uri
+):
+    from pipeline.run.tracking import _log_records  # what log_run does with the records
+
+    cfg = Config(output_dir=str(tmp_path / "out"), run_id="r1", method=["cot", "latentseek"],
+                 mlflow_tracking_uri=mlflow_server.url, mlflow_experiment="current")  # fmt: skip
+    rd = _record_run(cfg)
+    client = MlflowClient(mlflow_server.url)
+    run = start_run(cfg)
+    _log_records(client, run, [], rd, DATASET_INFO)
+    first = client.get_run(run).data.tags[RECORDS_TAG]
+    # a resume records one more row, then compacts: other shards hold the same rows and more
+    more = ProblemResult("c", "gsm8k", "cot", "q", "3", final_answer="3", final_correct=True)
+    RecordStore(rd).write([more], "r1", "tiny", worker="w0")
+    RecordStore(rd).compact()
+    _log_records(client, run, [], rd, DATASET_INFO)
+    current = client.get_run(run).data.tags[RECORDS_TAG]
+    assert current != first and current.startswith("records/")
+    manifest = json.loads(
+        Path(
+            client.download_artifacts(run, "records/current.json", str(tmp_path / "m"))
+        ).read_text()
+    )
+    assert manifest["folder"] == current
+    rows = pd.concat(
+        pd.read_parquet(client.download_artifacts(run, f"{current}/{f}", str(tmp_path / "d")))
+        for f in manifest["files"]
+        if f.startswith("problems/")
+    )
+    assert len(rows) == 5 and not rows.duplicated(["problem_id", "method"]).any()
+
+
+def test_one_directory_is_one_run_by_its_identity_not_its_path(tmp_path, mlflow_server, no_env_uri):
+    """The same directory at another path (another mount) finds its run; another directory at
+    the same path (another host with the same layout, or the directory made again) is
+    refused."""
+    store = mlflow_server.url
+    cfg = Config(output_dir=str(tmp_path / "a"), run_id="r1", mlflow_tracking_uri=store,
+                 mlflow_experiment="identity")  # fmt: skip
+    first = start_run(cfg)
+    client = MlflowClient(store)
+    identity = (tmp_path / "a" / "r1" / "run_dir_id").read_text().strip()
+    assert client.get_run(first).data.tags[IDENTITY_TAG] == identity
+    (tmp_path / "a").rename(tmp_path / "mounted-elsewhere")
+    moved = cfg.replace(output_dir=str(tmp_path / "mounted-elsewhere"))
+    assert start_run(moved) == first
+    assert client.get_run(first).data.tags[RUN_DIR_TAG] == str(tmp_path / "mounted-elsewhere/r1")
+    run_dir(moved).rename(tmp_path / "old")  # made again there: another identity
+    with pytest.raises(ForeignRunError, match="another directory at that path"):
+        start_run(moved)
+
+
+def test_a_run_left_running_is_marked_killed_when_its_directory_is_taken(
+    tmp_path, mlflow_server, no_env_uri, monkeypatch
+):
+    import ray
+
+    from jobs.run import run_evaluation
+
+    class RayStarted(Exception):
+        pass
+
+    def refuse(*args, **kwargs):
+        raise RayStarted
+
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr("jobs.run.start_ray", refuse)
+    cfg = Config(output_dir=str(tmp_path / "out"), run_id="r1", method=["cot"], limit=1,
+                 mlflow_tracking_uri=mlflow_server.url, mlflow_experiment="left")  # fmt: skip
+    left = start_run(cfg)  # its driver SIGKILLed: RUNNING forever
+    client = MlflowClient(resolve_tracking_uri(cfg))
+    assert client.get_run(left).info.status == "RUNNING"
+    with pytest.raises(RayStarted):
+        run_evaluation(cfg, progress=False, log=lambda m: None)
+    assert _statuses(client, left) == {"KILLED"}

@@ -456,7 +456,7 @@ def test_artifacts_tab_shows_the_report_png(logged, server, browse):
         f"#/experiments/{logged.experiment_id}/runs/{logged.run_id}/artifacts/{PNG}{TRAINING_VIEW}",
         evaluate=f"[...document.querySelectorAll('img[alt=\"{PNG}\"]')].map(i => i.naturalWidth)",
     )
-    for entry in ("problems", "iterations", "report", "config.yaml", "summary.md"):
+    for entry in ("records", "report", "config.yaml", "summary.md"):
         assert entry in page.text
     # report/ is unfolded in the tree, its PNG selected; the preview's header names it.
     for entry in ("scaling.csv", "rewards.png", "tokens_changed.png", "table.json"):

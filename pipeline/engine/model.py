@@ -192,6 +192,8 @@ def load_model(cfg: Any) -> LoadedModel:
         else:
             source, target = "hub", spec
             kw["local_files_only"] = not cfg.allow_download
+            if getattr(cfg, "model_revision", ""):  # pinned on the driver (`pin_revision`)
+                kw["revision"] = cfg.model_revision
         try:
             model, tokenizer = _from_directory(target, dtype, cfg, device, **kw)
         except (OSError, ValueError) as exc:
@@ -297,9 +299,68 @@ def _check_model_directory(spec: str) -> None:
         raise ModelError(f"model={spec!r}: the directory {path} has no {' and no '.join(missing)}")
 
 
-# Files of a model directory at least this large (the weights) are compared by size and time
-# of modification, not content: hashing gigabytes at every start would take minutes.
-WEIGHT_FILE_BYTES = 64 * 2**20
+DIGEST_CACHE = "~/.cache/latentseek/digests.json"  # path -> sha256, keyed by size, mtime, inode
+
+
+def cached_sha256(path: Path, cache: str | Path | None = None) -> str:
+    """The sha256 of `path`'s content, taken once and kept in the small JSON file `cache` under
+    the file's (size, mtime_ns, inode): a weight file is read whole only when it is new or was
+    rewritten (a rewrite that keeps size, time and inode alike is not seen). A cache that
+    cannot be read or written is only a cost: the digest is taken again."""
+    import json
+
+    st = path.stat()
+    key = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+    cache = Path(cache or DIGEST_CACHE).expanduser()
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    entry = known.get(str(path.resolve()), {}) if isinstance(known, dict) else {}
+    if entry.get("key") == key:
+        return entry["sha256"]
+    digest = file_sha256(path)
+    known = {
+        k: v for k, v in (known if isinstance(known, dict) else {}).items() if os.path.exists(k)
+    }
+    known[str(path.resolve())] = {"key": key, "sha256": digest}
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=0))
+        os.replace(tmp, cache)
+    except OSError:
+        pass
+    return digest
+
+
+def hub_revision(cfg: Any) -> str:
+    """The commit a hub id resolves to here: `cfg.model_revision` if it names one, else the
+    local Hugging Face cache's snapshot of it (of `model_revision` or main), else, with
+    `allow_download`, what the hub says (network, once, on the driver); "" if unknown."""
+    from huggingface_hub import try_to_load_from_cache
+
+    wanted = getattr(cfg, "model_revision", "") or None
+    cached = try_to_load_from_cache(cfg.model, "config.json", revision=wanted)
+    if isinstance(cached, str):
+        return Path(cached).parent.name  # snapshots/<commit>/config.json
+    if not cfg.allow_download:
+        return ""
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi().model_info(cfg.model, revision=wanted, timeout=60).sha or ""
+    except Exception:  # noqa: BLE001 - offline or unknown: a worker's load reports it
+        return ""
+
+
+def pin_revision(cfg: Any) -> Any:
+    """`cfg` with a hub id's revision resolved once (`hub_revision`) as `model_revision`, so
+    that every worker, a restarted one too, loads the same commit; other models unchanged."""
+    if _gguf_file(cfg.model)[0] is not None or _looks_local(cfg.model):
+        return cfg
+    revision = hub_revision(cfg)
+    return cfg.replace(model_revision=revision) if revision else cfg
 
 
 def model_digest(cfg: Any) -> dict[str, str]:
@@ -307,34 +368,22 @@ def model_digest(cfg: Any) -> dict[str, str]:
     (`jobs.preflight.check_inputs`); call after `check_model_source`.
 
     - 'embedded' or a .gguf file: the file's sha256 (the key of its dequantised cache too);
-    - a local directory: the sha256 of each top-level file under `WEIGHT_FILE_BYTES` (config,
-      tokenizer, chat template, generation config) and the size and modification time of each
-      larger one (the weights): weights rewritten with the same size and time are not seen;
-    - a hub id: the revision of the local Hugging Face cache's snapshot, if it holds one
-      (nothing if the workers are to download it)."""
-    import datetime as dt
-
+    - a local directory: the sha256 of each top-level file (config, tokenizer, chat template,
+      generation config, weights), the large ones through `cached_sha256` (read once, then
+      known by size, time and inode);
+    - a hub id: the commit it resolves to (`hub_revision`; nothing if it cannot be known)."""
     gguf, _ = _gguf_file(cfg.model)
     if gguf is not None:
-        return {"source": str(gguf), "sha256": file_sha256(gguf)}
+        return {"source": str(gguf), "sha256": cached_sha256(gguf)}
     if not _looks_local(cfg.model):
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(cfg.model, "config.json")
-        if not isinstance(cached, str):
-            return {}
-        return {"source": cfg.model, "revision": Path(cached).parent.name}
+        revision = hub_revision(cfg)
+        return {"source": cfg.model, "revision": revision} if revision else {}
     directory = Path(cfg.model).expanduser().resolve()
     digest = {"source": str(directory)}
     for path in sorted(directory.iterdir()):
         if not path.is_file() or path.name.startswith(".") or path.suffix == ".md":
             continue
-        st = path.stat()
-        if st.st_size < WEIGHT_FILE_BYTES:
-            digest[path.name] = "sha256 " + file_sha256(path)
-        else:
-            when = dt.datetime.fromtimestamp(st.st_mtime, dt.timezone.utc)
-            digest[path.name] = f"{st.st_size} bytes, modified {when:%Y-%m-%dT%H:%M:%SZ}"
+        digest[path.name] = "sha256 " + cached_sha256(path)
     return digest
 
 

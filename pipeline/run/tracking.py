@@ -3,14 +3,19 @@
 What the store holds (one experiment, tagged as a model-training experiment):
 
 - An evaluation (`latentseek run`, or one point of a sweep) is one MLflow run, found again by
-  the tag `latentseek.run_id` on resume, and tagged with its resolved run directory
-  (`latentseek.run_dir`): a run_id whose run belongs to another directory (two output_dirs, two
-  sweeps of the same name, on one store) is refused (`ForeignRunError`, `check_run_dir`), never
-  logged into. It is opened when the evaluation starts (`start_run`)
+  the tag `latentseek.run_id` and its run directory's identity (`latentseek.run_dir_id`, the
+  UUID written once in the directory: `pipeline.run.rundir.run_identity`) on resume; its
+  resolved path (`latentseek.run_dir`) is information only. A run_id whose run belongs to
+  another directory (two output_dirs, two sweeps of the same name, two hosts with the same
+  layout, on one store) is refused (`ForeignRunError`, `check_run_dir`), never logged into;
+  one still RUNNING when its directory's lock is taken is marked KILLED (its driver is gone).
+  It is opened when the evaluation starts (`start_run`)
   and spans it: live `progress/*` metrics (step = records done) while it runs, then the
   run-level totals (`run_problems_per_hour`, `run_failures`, `worker_failures`), the config as
-  params, the dataset as an input, and the artifacts: problems/, iterations/, config.yaml,
-  invocations.jsonl, the summary files and the report (under report/; its Table 1 also as the
+  params, the dataset as an input, and the artifacts: the current records under
+  records/<digest>/{problems,iterations}/ (named by records/current.json and the tag
+  `latentseek.records`: a resume after a compaction adds a folder, never mixes shards),
+  config.yaml, invocations.jsonl, the summary files and the report (under report/; its Table 1 also as the
   MLflow table report/table.json).
 - Each method of an evaluation is a run nested under it (`mlflow.parentRunId`), named
   `<evaluation's name> · <method>`, holding that method's row of the summary table under the
@@ -47,6 +52,7 @@ The client API is used throughout (no `mlflow.set_tracking_uri`, no active-run g
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -73,10 +79,12 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config import PROJECT_ROOT, Config
 from pipeline.run.records import ITERATIONS, PROBLEMS, RecordStore
-from pipeline.run.rundir import CONFIG_FILE, INVOCATIONS_FILE, run_dir
+from pipeline.run.rundir import CONFIG_FILE, INVOCATIONS_FILE, redact, run_dir, run_identity
 
 RUN_ID_TAG = "latentseek.run_id"
 RUN_DIR_TAG = "latentseek.run_dir"  # an evaluation's resolved run directory (a sweep's: its dir)
+IDENTITY_TAG = "latentseek.run_dir_id"  # its identity (`rundir.run_identity`): what finds it
+RECORDS_TAG = "latentseek.records"  # the artifact folder that holds the current records
 SWEEP_TAG = "latentseek.sweep"  # on a sweep's parent run: the sweep's name
 KIND_TAG = "latentseek.kind"  # what a run is: one of the three below
 EVALUATION, METHOD, SWEEP = "evaluation", "method", "sweep"
@@ -94,6 +102,7 @@ UI_PORT = 5000
 
 _BATCH = 100  # MLflow's per-request limit for params and tags (metrics allow 1000)
 _NOISY_LOGGERS = ("mlflow", "alembic", "sqlalchemy")
+logger = logging.getLogger(__name__)
 
 
 class ForeignRunError(RuntimeError):
@@ -122,8 +131,9 @@ TRAINING_VIEW = "?workflowType=machine_learning"
 def ui_command(cfg: Config) -> str:
     """The shell command that shows this run's store in a browser, and the page to open."""
     uri = resolve_tracking_uri(cfg)
-    if _is_server(uri):
-        return f"python -m webbrowser {shlex.quote(uri.rstrip('/') + '/#/' + TRAINING_VIEW)}"
+    if _is_server(uri):  # printed: without a password the URI may carry
+        page = redact(uri).rstrip("/") + "/#/" + TRAINING_VIEW
+        return f"python -m webbrowser {shlex.quote(page)}"
     exe = Path(sys.executable).parent / "mlflow"  # the environment's own mlflow, if there
     mlflow_cmd = shlex.quote(str(exe)) if exe.exists() else "mlflow"
     return (
@@ -145,16 +155,17 @@ def git_commit(cwd: Path = PROJECT_ROOT) -> str:
 
 
 def flatten_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Config dict -> MLflow params: nested keys joined with ".", lists joined with ","."""
+    """Config dict -> MLflow params: nested keys joined with ".", lists joined with ",", every
+    value `redact`ed (no password or token of a URI is ever logged)."""
     flat: dict[str, str] = {}
     for key, value in values.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
             flat.update(flatten_params(value, prefix=f"{name}."))
         elif isinstance(value, list | tuple):
-            flat[name] = ",".join(str(v) for v in value)
+            flat[name] = redact(",".join(str(v) for v in value))
         else:
-            flat[name] = "" if value is None else str(value)
+            flat[name] = "" if value is None else redact(str(value))
     return flat
 
 
@@ -211,9 +222,12 @@ def find_run(
     """The MLflow run id of the newest active run whose `tag` is `run_id` (by default: the
     evaluation run of this LatentSeek run_id, not one of its method runs), if any.
 
-    With `directory`, only a run of that directory (tag `latentseek.run_dir`) is found; a run
-    without the tag (logged before it existed) is taken as this directory's. Raises
-    ForeignRunError if the only such runs belong to other directories."""
+    With `directory`, only that directory's run is found: the one tagged with its identity
+    (`latentseek.run_dir_id`, `rundir.run_identity`), whatever path it is mounted at now; else a
+    run logged before identities existed (no identity tag) at this path or without a path. The
+    path (`latentseek.run_dir`) is kept as information only. Raises ForeignRunError if the only
+    such runs belong to other directories (another identity: another host's directory at the
+    same path, or this directory deleted and made again)."""
     runs = client.search_runs(
         [experiment_id],
         filter_string=f"tags.`{tag}` = '{run_id}'",
@@ -225,16 +239,23 @@ def find_run(
     if directory is None or not runs:
         return runs[0].info.run_id if runs else None
     here = str(Path(directory).resolve())
+    identity = run_identity(directory)
+    for r in runs:
+        if identity and r.data.tags.get(IDENTITY_TAG) == identity:
+            return r.info.run_id
     for wanted in (here, None):
         for r in runs:
-            if r.data.tags.get(RUN_DIR_TAG) == wanted:
+            if IDENTITY_TAG not in r.data.tags and r.data.tags.get(RUN_DIR_TAG) == wanted:
                 return r.info.run_id
-    there = runs[0].data.tags[RUN_DIR_TAG]
+    there = runs[0].data.tags.get(RUN_DIR_TAG, "another directory")
+    other = runs[0].data.tags.get(IDENTITY_TAG)
+    same = f" (another directory at that path: identity {other}, here {identity or 'new'})"
     raise ForeignRunError(
         f"MLflow run {runs[0].info.run_id} ({tag.removeprefix('latentseek.')}={run_id!r}) in "
         f"experiment {client.get_experiment(experiment_id).name!r} belongs to {there}, not to "
-        f"{here}; use another run_id (or sweep name), or mlflow_experiment=<another name>, so that "
-        "the two are not logged as one"
+        f"{here}{same if there == here else ''}; use another run_id (or sweep name), or "
+        "mlflow_experiment=<another name>, so that the two are not logged as one (or delete "
+        "that MLflow run if its directory is gone)"
     )
 
 
@@ -256,8 +277,9 @@ def _open(client: MlflowClient, experiment_id: str, cfg: Config, name: str) -> s
     (as `name`), set RUNNING."""
     run_id, directory = str(cfg.run_id), _run_dir(cfg)
     mlflow_run = find_run(client, experiment_id, run_id, directory=directory)
-    if mlflow_run is None:
+    if mlflow_run is None:  # written once the run is known to be this directory's
         tags = {RUN_ID_TAG: run_id, KIND_TAG: EVALUATION, RUN_DIR_TAG: directory}
+        tags[IDENTITY_TAG] = run_identity(directory, create=True)
         return client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
     client.update_run(mlflow_run, status=RunStatus.to_string(RunStatus.RUNNING))
     return mlflow_run
@@ -453,6 +475,7 @@ def _evaluation_tags(cfg: Config, tags: Mapping[str, str]) -> dict[str, str]:
         **{str(k): str(v) for k, v in tags.items()},
         RUN_ID_TAG: str(cfg.run_id),
         RUN_DIR_TAG: _run_dir(cfg),
+        IDENTITY_TAG: run_identity(_run_dir(cfg), create=True),
         KIND_TAG: EVALUATION,
     }
 
@@ -480,11 +503,15 @@ def _prepare(
 
 
 def check_run_dir(cfg: Config) -> None:
-    """Before any work: raise ForeignRunError if the MLflow run of cfg.run_id belongs to another
-    run directory (creates nothing but the store)."""
+    """Before any work, holding the run directory's lock: raise ForeignRunError if the MLflow
+    run of cfg.run_id belongs to another run directory (creates nothing but the store); a run
+    of this directory that MLflow still shows RUNNING (its driver was killed outright, or
+    lost its tracking server) is marked KILLED, since no driver runs it now."""
     with _quiet():
         client, experiment_id = _client_and_experiment(cfg)
-        find_run(client, experiment_id, str(cfg.run_id), directory=_run_dir(cfg))
+        run = find_run(client, experiment_id, str(cfg.run_id), directory=_run_dir(cfg))
+        if run and client.get_run(run).info.status == "RUNNING":
+            end_run(cfg, run, "KILLED")
 
 
 def start_run(cfg: Config, tags: Mapping[str, str] | None = None) -> str:
@@ -536,8 +563,9 @@ def log_run(
             _log_files(client, run, files)
             for artifact_file, frame in (tables or {}).items():
                 _log_table(client, run, artifact_file, frame)
-        except BaseException:
-            _terminate(client, [*runs.values(), run], RunStatus.FAILED)
+        except BaseException as exc:
+            interrupted = isinstance(exc, KeyboardInterrupt)  # SIGINT, or jobs.run's SIGTERM
+            end_run(cfg, run, "KILLED" if interrupted else "FAILED")
             raise
         _terminate(client, [*runs.values(), run], RunStatus.FINISHED)
     return run
@@ -550,15 +578,27 @@ def _log_records(
     run_dir: Path,
     dataset_info: Mapping[str, Any],
 ) -> None:
-    """The dataset as an input of every run; the committed records (no temporary files,
-    orphans or superseded shards), config.yaml and invocations.jsonl as the evaluation's."""
+    """The dataset as an input of every run; config.yaml and invocations.jsonl as the
+    evaluation's; the committed records (no temporary files, orphans or superseded shards) in
+    one folder per set of shards, `records/<digest of their names>/{problems,iterations}/`,
+    named by the tag `latentseek.records` and by `records/current.json` (the folder and its
+    files). A resume after a compaction logs a new folder beside the old one (artifacts cannot
+    be deleted through MLflow), so a reader takes the current one, never both."""
     store = RecordStore(run_dir)
     problems = store.read_problems()
     if not problems.empty:
         _log_dataset(client, [run, *method_runs], problems, dataset_info)
-    for sub, shards in zip((PROBLEMS, ITERATIONS), store.committed_files(), strict=True):
+    committed = dict(zip((PROBLEMS, ITERATIONS), store.committed_files(), strict=True))
+    names = sorted(f"{sub}/{Path(p).name}" for sub, shards in committed.items() for p in shards)
+    folder = "records/" + hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]
+    for sub, shards in committed.items():
         for path in shards:
-            client.log_artifact(run, str(path), artifact_path=sub)
+            client.log_artifact(run, str(path), artifact_path=f"{folder}/{sub}")
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = Path(tmp) / "current.json"
+        manifest.write_text(json.dumps({"folder": folder, "files": names}, indent=1))
+        client.log_artifact(run, str(manifest), artifact_path="records")
+    client.set_tag(run, RECORDS_TAG, folder)
     for name in (CONFIG_FILE, INVOCATIONS_FILE):
         if (run_dir / name).is_file():
             client.log_artifact(run, str(run_dir / name))
@@ -582,20 +622,31 @@ def log_progress(cfg: Config, mlflow_run: str, step: int, values: Mapping[str, f
         MlflowClient(tracking_uri=resolve_tracking_uri(cfg)).log_batch(mlflow_run, metrics=metrics)
 
 
-def end_run(cfg: Config, mlflow_run: str, status: str) -> None:
+def end_run(cfg: Config, mlflow_run: str, status: str) -> bool:
     """Mark an evaluation that did not finish, and its method runs still running: status
-    "FAILED" or "KILLED"."""
-    with _quiet():
-        client = MlflowClient(tracking_uri=resolve_tracking_uri(cfg))
-        experiment_id = client.get_run(mlflow_run).info.experiment_id
-        children = client.search_runs(
-            [experiment_id],
-            filter_string=f"tags.`{PARENT_TAG}` = '{mlflow_run}' and tags.`{KIND_TAG}` = "
-            f"'{METHOD}' and attributes.status = 'RUNNING'",
-            max_results=1000,
-        )
-        for run in [*(r.info.run_id for r in children), mlflow_run]:
-            client.set_terminated(run, status)
+    "FAILED" or "KILLED". Called while an error goes on, so it never raises: a failure here
+    (the tracking server down, a locked database) is logged and False returned, and the
+    original error stays the one the user sees."""
+    try:
+        with _quiet():
+            client = MlflowClient(tracking_uri=resolve_tracking_uri(cfg))
+            experiment_id = client.get_run(mlflow_run).info.experiment_id
+            children = client.search_runs(
+                [experiment_id],
+                filter_string=f"tags.`{PARENT_TAG}` = '{mlflow_run}' and tags.`{KIND_TAG}` = "
+                f"'{METHOD}' and attributes.status = 'RUNNING'",
+                max_results=1000,
+            )
+            for run in [*(r.info.run_id for r in children), mlflow_run]:
+                client.set_terminated(run, status)
+    except Exception as exc:  # noqa: BLE001 - any failure here must not hide the error going on
+        logger.warning(
+            "could not mark MLflow run %s %s in %s: %s: %s",
+            mlflow_run, status, redact(resolve_tracking_uri(cfg)), type(exc).__name__,
+            redact(str(exc)),
+        )  # fmt: skip
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------
@@ -618,11 +669,14 @@ def open_sweep_run(cfg: Config, name: str, params: Mapping[str, Any], directory:
     with _quiet():
         client, experiment_id = _client_and_experiment(cfg)
         parent = find_run(client, experiment_id, name, tag=SWEEP_TAG, directory=directory)
+        identity = run_identity(directory, create=True)
         if parent is not None:
             client.update_run(parent, status=RunStatus.to_string(RunStatus.RUNNING))
-            client.set_tag(parent, RUN_DIR_TAG, directory)  # a parent logged before the tag
+            client.set_tag(parent, RUN_DIR_TAG, directory)  # where it is mounted now
+            client.set_tag(parent, IDENTITY_TAG, identity)  # a parent logged before the tag
         else:
             tags = {SWEEP_TAG: name, KIND_TAG: SWEEP, RUN_DIR_TAG: directory}
+            tags[IDENTITY_TAG] = identity
             parent = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
         _log_params(client, parent, flatten_params(dict(params)))
     return parent
