@@ -185,12 +185,9 @@ class BatchLoop:
     ) -> None:
         from tqdm import tqdm
 
-        from pipeline.run.pool import row_memory
         from pipeline.run.scheduler import Scheduler
         from pipeline.run.workers import NoWorkerLeftError
 
-        if memory := row_memory(self.cfg, self.infos):
-            self.log(memory)
         scheduler = Scheduler(
             self.workers,
             plan_batches(self.cfg, todo, problems),
