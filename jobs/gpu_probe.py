@@ -292,40 +292,40 @@ def busy_fraction(gen: Generator, args: argparse.Namespace, vocab: int) -> dict[
 
 
 @torch.no_grad()
-def invariants(gen: Generator, args: argparse.Namespace, vocab: int) -> dict[str, Any]:
-    """argmax(head(z_t)) == x_t; captured z against a full prefill's z; batch against alone."""
-    n, rows = args.new_tokens, args.invariant_rows
-    prompts = random_prompts(rows, args.prompt_tokens, vocab, seed=11)
+def invariants(gen: Generator, prompts: list[list[int]], n: int) -> dict[str, Any]:
+    """On `prompts`, each decoded for `n` tokens (stops disabled) with z captured:
+    argmax(head(z_t)) == x_t; the captured z against one full prefill's over prompt + tokens;
+    each row in the batch against the same row alone (first divergence, top-2 gap there)."""
     batched = gen.generate(requests(prompts, n, capture=n))
-    head, dtype = gen.lm_head, gen.lm_head.weight.dtype
-    captured = torch.stack([r.hidden for r in batched]).to(gen.device)  # [R, n, D] float32
-    tokens = torch.tensor([r.tokens for r in batched], device=gen.device)  # [R, n]
-    own = head_logits(head, captured.to(dtype)).argmax(-1)  # [R, n]
-    # One forward over prompt + tokens: z at the positions that predicted each token.
-    full_ids = torch.cat([torch.tensor(prompts, device=gen.device), tokens[:, :-1]], dim=1)
-    hidden = gen.backbone(input_ids=full_ids).last_hidden_state  # [R, P + n - 1, D]
-    prefill_z = hidden[:, args.prompt_tokens - 1 :].float()  # [R, n, D]
-    prefill_argmax = head_logits(head, prefill_z.to(dtype)).argmax(-1)
-    diff = (captured - prefill_z).norm(dim=-1) / prefill_z.norm(dim=-1).clamp(min=1e-6)
-    # Each row alone, against the same row in the batch.
+    head, dtype, device = gen.lm_head, gen.lm_head.weight.dtype, gen.device
+    own = prefill_own = positions = 0
+    diffs: list[torch.Tensor] = []
     parted = []
-    for i, p in enumerate(prompts):
+    for i, (p, row) in enumerate(zip(prompts, batched)):
+        tokens = torch.tensor(row.tokens, device=device)  # [n]
+        captured = row.hidden.to(device)  # [n, D] float32
+        own += int((head_logits(head, captured.to(dtype)).argmax(-1) == tokens).sum())
+        # One forward over prompt + tokens: z at the positions that predicted each token.
+        ids = torch.tensor([[*p, *row.tokens[:-1]]], device=device)
+        prefill_z = gen.backbone(input_ids=ids).last_hidden_state[0, len(p) - 1 :].float()
+        prefill_own += int((head_logits(head, prefill_z.to(dtype)).argmax(-1) == tokens).sum())
+        diffs.append((captured - prefill_z).norm(dim=-1) / prefill_z.norm(dim=-1).clamp(min=1e-6))
+        positions += len(row.tokens)
         alone = gen.generate(requests([p], n, capture=n))[0]
-        first = next(
-            (t for t, (a, b) in enumerate(zip(alone.tokens, batched[i].tokens)) if a != b), None
-        )
+        pairs = zip(alone.tokens, row.tokens)
+        first = next((t for t, (a, b) in enumerate(pairs) if a != b), None)
         if first is not None:
-            top2 = (
-                head_logits(head, alone.hidden[first].to(gen.device, dtype)).float().topk(2).values
-            )
+            logits = head_logits(head, alone.hidden[first].to(device, dtype)).float()
+            top2 = logits.topk(2).values
             parted.append(
                 {"row": i, "first_divergence": first, "top2_gap": float(top2[0] - top2[1])}
             )
+    diff = torch.cat(diffs)
     return {
-        "rows": rows,
+        "rows": len(prompts),
         "tokens_per_row": n,
-        "argmax_head_z_equals_token_rate": float((own == tokens).float().mean()),
-        "prefill_z_argmax_equals_token_rate": float((prefill_argmax == tokens).float().mean()),
+        "argmax_head_z_equals_token_rate": own / positions,
+        "prefill_z_argmax_equals_token_rate": prefill_own / positions,
         "captured_vs_prefill_z_relative_diff_max": float(diff.max()),
         "captured_vs_prefill_z_relative_diff_mean": float(diff.mean()),
         "batch_vs_alone_rows_diverged": len(parted),
@@ -436,9 +436,10 @@ def measure(result: dict[str, Any], gen: Generator, model: Any, shape: ModelShap
             args: argparse.Namespace, deadline: float) -> None:  # fmt: skip
     """Every section into `result`, in order, each skipped once the deadline has passed."""
     vocab = shape.vocab
+    invariant_prompts = random_prompts(args.invariant_rows, args.prompt_tokens, vocab, seed=11)
     sections = [
         ("decode", lambda: decode_rates(gen, model, args, vocab, deadline)),
-        ("invariants", lambda: invariants(gen, args, vocab)),
+        ("invariants", lambda: invariants(gen, invariant_prompts, args.new_tokens)),
         ("busy", lambda: busy_fraction(gen, args, vocab)),
         ("batching_peak", lambda: batching_peaks(gen, args, vocab)),
         ("latent_step", lambda: latent(gen, args, shape.hidden)),
