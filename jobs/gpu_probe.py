@@ -475,7 +475,7 @@ def plan_only(args: argparse.Namespace) -> int:
         props = torch.cuda.get_device_properties(0)
         size, where = props.total_memory, props.name
     else:
-        size, where = H100_GIB * GIB, f"an 80 GB H100 ({H100_GIB} GiB)"
+        size, where = H100_GIB * GIB, "an 80 GB H100"
     dtype = "bfloat16" if cfg.dtype == "auto" else cfg.dtype
     for name in args.shapes:
         for backend in ("native", "vllm"):
