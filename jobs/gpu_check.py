@@ -301,17 +301,15 @@ def main(argv: list[str] | None = None) -> int:
               f"full-prefill z {inv['prefill_z_argmax_equals_token_rate']:.4f}; rows that part "
               f"from their alone run {inv['batch_vs_alone_rows_diverged']}/{inv['rows']}")  # fmt: skip
     print(f"vllm: {vllm_note}")
-    enough = len(problems) >= args.min_problems
-    verdict = "fail" if failures else ("pass" if enough else f"none: {len(problems)} problems "
-                                       f"< --min-problems {args.min_problems}")  # fmt: skip
+    decided = verdict(failures, len(problems), args.min_problems)
     print(f"\ntolerances: top-1 agreement >= {args.min_agreement}, same answer >= "
           f"{args.min_same_answer} over >= {args.min_problems} problems; took "
           f"{time.perf_counter() - started:.0f} s")  # fmt: skip
     for f in failures:
         print(f"FAILED {f}")
-    print(f"verdict: {verdict}")
+    print(f"verdict: {decided}")
     report = {
-        "verdict": verdict,
+        "verdict": decided,
         "failures": failures,
         "model": args.model,
         "problems": len(problems),
@@ -326,7 +324,17 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(f"wrote {args.out}")
-    return 1 if failures else (0 if enough else 3)
+    return {"pass": 0, "fail": 1}.get(decided, 3)
+
+
+def verdict(failures: list[str], problems: int, min_problems: int) -> str:
+    """'fail' when a check missed (whatever the count), 'pass' when none did over at least
+    `min_problems` problems, else no verdict ('none: ...')."""
+    if failures:
+        return "fail"
+    if problems < min_problems:
+        return f"none: {problems} problems < --min-problems {min_problems}"
+    return "pass"
 
 
 if __name__ == "__main__":
