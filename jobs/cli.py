@@ -1,4 +1,4 @@
-"""The `latentseek` command line: run, config, summary, report, reference, submit, bench.
+"""The `latentseek` command line: run, config, summary, report, reference, submit, bench, gpu-probe.
 
 latentseek run [--config FILE] [key=value ...]     evaluate (resumes an existing run_id)
 latentseek config [--config FILE] [key=value ...]  print the resolved config and exit
