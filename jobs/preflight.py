@@ -162,7 +162,7 @@ def check_memory(cfg: Config, log: Callable[[str], None]) -> None:
 
     config = model_config(cfg)
     if config is None:
-        log(f"memory plan: no config.json for model={cfg.model!r} before its first load; skipped")
+        log(f"memory plan: model={cfg.model!r} has no config.json before its first load")
         return
     device_type, dtype = resolved_precision(cfg.device, cfg.gpus_per_worker, cfg.dtype)
     size, name = device_memory(cfg, device_type)

@@ -28,7 +28,15 @@ from typing import Any
 import yaml
 
 from jobs.finish import Counts, RunSummary, finish_run, format_summary, model_name
-from jobs.preflight import RunError, Work, check_resume, plan_work, preflight, resolve_run_id
+from jobs.preflight import (
+    RunError,
+    Work,
+    check_memory,
+    check_resume,
+    plan_work,
+    preflight,
+    resolve_run_id,
+)
 from pipeline.config import Config
 from pipeline.data import Problem
 from pipeline.run.pool import WorkerPool, start_ray, start_workers, stop_workers
@@ -64,6 +72,7 @@ def run_evaluation(
     evaluation (a sweep) instead of stopping them; `tags` go to the MLflow run;
     `start_worker` starts each worker instead of `EvalWorker` (`start_workers`; not with
     `pool`, which starts its own)."""
+    from pipeline.engine.memory import model_config
     from pipeline.engine.model import prepare_model
     from pipeline.run import tracking
 
@@ -77,7 +86,10 @@ def run_evaluation(
         counts = Counts()
         mlflow_run = ""
         if any(work.todo.values()):
+            unplanned = model_config(cfg) is None  # a GGUF file's first load writes its config
             prepare_model(cfg)
+            if unplanned:
+                check_memory(cfg, log)
             start_ray(cfg)
             workers, infos = (
                 pool.acquire(cfg) if pool is not None else start_workers(cfg, start_worker)
