@@ -160,17 +160,17 @@ def check_memory(cfg: Config, log: Callable[[str], None]) -> None:
     )
     from pipeline.engine.model import EMBEDDED_NAME
 
-    config = model_config(cfg)
-    if config is None:
-        log(f"memory plan: model={cfg.model!r} has no config.json before its first load")
-        return
     device_type, dtype = resolved_precision(cfg.device, cfg.gpus_per_worker, cfg.dtype)
     size, name = device_memory(cfg, device_type)
     try:
+        config = model_config(cfg)
+        if config is None:
+            log(f"memory plan: model={cfg.model!r} has no config.json before its first load")
+            return
         name_of = EMBEDDED_NAME if cfg.model == "embedded" else cfg.model
         shape = ModelShape.from_config(config, name=name_of)
         plan = plan_memory(shape, dtype, workload(cfg), cfg.backend, size, name)
-    except (KeyError, ValueError) as exc:  # a config the plan does not cover (experts, ...)
+    except (KeyError, TypeError, ValueError) as exc:  # a config the plan does not cover
         log(f"memory plan: skipped ({exc})")
         return
     for line in plan.lines():

@@ -331,7 +331,10 @@ def model_config(cfg: Any) -> dict[str, Any] | None:
         path = Path(found) if isinstance(found, str) else None
     if path is None or not path.is_file():
         return None
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # unreadable: the loader will say what is wrong with it
+        return None
 
 
 def device_memory(cfg: Any, device_type: str) -> tuple[int, str]:
