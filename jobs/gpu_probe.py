@@ -111,7 +111,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     else:
         args.shapes = [s.strip() for s in args.shape.split(",") if s.strip()]
     for name in args.shapes:
-        shape_config(name)  # an unknown shape stops here, with the list
+        try:
+            shape_config(name)
+        except ValueError as exc:  # an unknown shape stops here, with the list
+            ap.error(str(exc))
     return args
 
 
