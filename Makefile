@@ -10,7 +10,7 @@ ARGS ?=
 # The venv's tools first: DeepSpeed compiles its CPU all-reduce with the ninja it installed.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help setup setup-vllm run test test-slow test-long test-gpu test-vllm gpu-check test-ui bench lint format clean
+.PHONY: help setup setup-vllm run test test-slow test-long test-gpu test-vllm gpu-check gpu-probe test-ui bench lint format clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -69,8 +69,13 @@ test-long: $(STAMP)  ## the fidelity checks at SPEC §6's settings (about an hou
 test-gpu: $(STAMP)  ## the GPU tests (need CUDA)
 	$(PY) -m pytest -q -m gpu $(ARGS)
 
-gpu-check: $(STAMP)  ## one short check on a GPU machine: bf16 vs CPU fp32 agreement, tokens/s vs generate, G=2 if 2 GPUs
+gpu-check: $(STAMP)  ## a verdict on a GPU machine (ARGS="--model DIR"): same answers as fp32, invariants, vLLM rows; JSON
 	$(PY) -m jobs.gpu_check $(ARGS)
+
+# No setup: a bare GPU node (a CUDA torch and transformers, nothing else) runs it from a checkout.
+PROBE_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-probe:  ## a bare GPU machine measured with the paper's shapes, random weights (ARGS="--shape all --out F")
+	$(PROBE_PY) -m jobs.gpu_probe $(ARGS)
 
 test-ui: $(STAMP)  ## the MLflow UI checked in headless Chromium (installs Debian's chromium if missing)
 	@scripts/install-chromium.sh

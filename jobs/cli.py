@@ -1,4 +1,4 @@
-"""The `latentseek` command line: run, config, summary, report, reference, submit, bench.
+"""The `latentseek` command line: run, config, summary, report, reference, submit, bench, gpu-probe.
 
 latentseek run [--config FILE] [key=value ...]     evaluate (resumes an existing run_id)
 latentseek config [--config FILE] [key=value ...]  print the resolved config and exit
@@ -10,6 +10,9 @@ latentseek reference [--config FILE] [--compare RUN_DIR] [key=value ...]
                                                     the naive reference loop, and a check
 latentseek submit [run|sweep] ... | status | logs | stop JOB   Ray Jobs on a cluster
 latentseek bench [--config FILE] [key=value ...]    cost per problem, side by side (--keys)
+latentseek gpu-probe [--shape S] [--out FILE] [--plan-only]
+                                                    a GPU machine measured with the paper's
+                                                    shapes, random weights (jobs/gpu_probe.py)
 """
 
 from __future__ import annotations
@@ -50,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     _quiet_libraries()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["gpu-probe"]:  # its own arguments (jobs/gpu_probe.py runs without this CLI)
+        from jobs.gpu_probe import main as probe_main
+
+        return probe_main(argv[1:])
     args = parser.parse_args(argv)
     try:
         return _dispatch(args, [parser.prog, *argv])
@@ -93,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="run a test-time scaling sweep (configs/sweeps/*.yaml)")
     p.add_argument("sweep_file", type=Path, help="a sweep file, e.g. configs/sweeps/k-scaling.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="for every point")
+    sub.add_parser("gpu-probe", add_help=False,
+                   help="measure a GPU machine with the paper's shapes (gpu-probe --help)")  # fmt: skip
     p = sub.add_parser("summary", help="print a run's summary tables from its records")
     p.add_argument("run_dir", type=Path)
     p = sub.add_parser("chaos", help="the driver under faults on two local Ray nodes (stand-ins)")

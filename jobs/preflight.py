@@ -5,7 +5,8 @@ agree with each other and with the local Ray (`check_devices`), the generation b
 installed (`check_backend`), an existing run directory may be
 resumed with these settings (`check_resume`), the prompt templates load (`check_prompts`), a
 `module:function` reward imports (`check_reward`), the dataset selection loads and is usable
-(`load_selection`) and, if any of it is left to run, the model source exists. Then, holding the
+(`load_selection`) and, if any of it is left to run, the model source exists and the memory plan
+fits the device (`check_memory`: printed, and refused with the numbers when it does not fit). Then, holding the
 run directory (`pipeline.run.rundir.hold_run_dir`), the driver checks the resume again and compares
 what the inputs hold with the first invocation's (`plan_work`: a prompt, verifier, data or reward
 file edited under the same name, or another model behind the same path, would mix results). Each
@@ -59,6 +60,7 @@ def preflight(cfg: Config, directory: Path, log: Callable[[str], None]) -> Datas
     dataset = load_selection(cfg, log)
     if any(_todo(cfg, RecordStore(directory), dataset).values()):
         check_model_source(cfg)
+        check_memory(cfg, log)
     return dataset
 
 
@@ -152,6 +154,38 @@ def check_devices(cfg: Config) -> None:
                 f"{math.ceil(need)} GPU(s); this machine's local Ray has {have:g}. Lower workers or "
                 "gpus_per_worker, set gpus_per_worker=0 for CPU workers, or give ray_address"
             )
+
+
+def check_memory(cfg: Config, log: Callable[[str], None]) -> None:
+    """Print the memory plan of one worker (`pipeline.engine.memory`) from the model's
+    config.json, and refuse a run whose plan exceeds its device (`device_memory_gib`, or the
+    CUDA device's size) with the numbers and the keys to change."""
+    from pipeline.engine.memory import (
+        ModelShape,
+        device_memory,
+        model_config,
+        plan_memory,
+        workload,
+    )
+    from pipeline.engine.model import EMBEDDED_NAME
+
+    device_type, dtype = resolved_precision(cfg.device, cfg.gpus_per_worker, cfg.dtype)
+    size, name = device_memory(cfg, device_type)
+    try:
+        config = model_config(cfg)
+        if config is None:
+            log(f"memory plan: model={cfg.model!r} has no config.json before its first load")
+            return
+        name_of = EMBEDDED_NAME if cfg.model == "embedded" else cfg.model
+        shape = ModelShape.from_config(config, name=name_of)
+        plan = plan_memory(shape, dtype, workload(cfg), cfg.backend, size, name)
+    except (KeyError, TypeError, ValueError) as exc:  # a config the plan does not cover
+        log(f"memory plan: skipped ({exc})")
+        return
+    for line in plan.lines():
+        log(line)
+    if refusal := plan.refusal():
+        raise RunError(refusal)
 
 
 def check_resume(cfg: Config, directory: Path) -> None:

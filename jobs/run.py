@@ -45,7 +45,15 @@ import pyarrow as pa
 import yaml
 
 from jobs.finish import Counts, RunSummary, finish_run, format_summary, model_name
-from jobs.preflight import RunError, Work, check_resume, plan_work, preflight, resolve_run_id
+from jobs.preflight import (
+    RunError,
+    Work,
+    check_memory,
+    check_resume,
+    plan_work,
+    preflight,
+    resolve_run_id,
+)
 from pipeline.config import Config
 from pipeline.data import Problem
 from pipeline.run.pool import WorkerPool, start_ray, start_workers, stop_workers
@@ -180,6 +188,7 @@ def _run(
     tags: dict[str, str] | None,
     start_worker: Callable[[Config], Any] | None,
 ) -> RunSummary:
+    from pipeline.engine.memory import model_config
     from pipeline.engine.model import prepare_model
     from pipeline.run import tracking
 
@@ -189,7 +198,10 @@ def _run(
         store = RecordStore(directory)
         mlflow_run = ""
         if any(work.todo.values()):
+            unplanned = model_config(cfg) is None  # a GGUF file's first load writes its config
             prepare_model(cfg)
+            if unplanned:
+                check_memory(cfg, log)
             start_ray(cfg)
             signals.install()  # again: ray.init has put its own SIGTERM handler in place
             workers, infos = (
@@ -302,12 +314,10 @@ class BatchLoop:
     ) -> None:
         from tqdm import tqdm
 
-        from pipeline.run.pool import restart_timeout, row_memory
+        from pipeline.run.pool import restart_timeout
         from pipeline.run.scheduler import Scheduler
         from pipeline.run.workers import NoWorkerLeftError
 
-        if memory := row_memory(self.cfg, self.infos):
-            self.log(memory)
         scheduler = Scheduler(
             self.workers,
             plan_batches(self.cfg, todo, problems),

@@ -275,6 +275,13 @@ class Config:
     workers: int = _f(1, "Ray workers; each loads the model once", roles=(MODEL,))
     cpus_per_worker: int = _f(1, "CPU threads per worker when there is no GPU", roles=(MODEL,))
     gpus_per_worker: float = _f(0.0, "GPUs per worker; 0 means CPU workers", roles=(MODEL,))
+    device_memory_gib: float = _f(
+        0.0,
+        "memory of one worker's device in GiB, for the memory plan checked before workers start "
+        "(docs/cluster.md); 0: the first CUDA device's size when the workers run on CUDA, else "
+        "the plan is printed and nothing is refused",
+        roles=(RUN,),
+    )
     ray_address: str = _f(
         "", "Ray cluster address; '' starts a local Ray in-process", roles=(MODEL,)
     )
@@ -379,6 +386,11 @@ class Config:
         need(self.workers >= 1, "workers", "must be >= 1")
         need(self.cpus_per_worker >= 1, "cpus_per_worker", "must be >= 1")
         need(self.gpus_per_worker >= 0, "gpus_per_worker", "must be >= 0")
+        need(
+            math.isfinite(self.device_memory_gib) and self.device_memory_gib >= 0,
+            "device_memory_gib",
+            "must be >= 0 (0: the CUDA device's own size)",
+        )
         need(self.max_retries >= 0, "max_retries", "must be >= 0")
         need(self.max_worker_restarts >= 0, "max_worker_restarts", "must be >= 0")
         need(

@@ -131,21 +131,6 @@ def start_workers(
     return workers, infos
 
 
-def row_memory(cfg: Config, infos: Sequence[dict[str, Any]]) -> str:
-    """One line: the KV cache a worker holds for `batch_size` rows of the longest answer (a
-    512-token prompt assumed), and per problem waiting in a task (its cached prompt)."""
-    per_token = max((int(i.get("kv_bytes_per_token", 0)) for i in infos), default=0)
-    if not per_token:
-        return ""
-    row = per_token * (512 + cfg.max_new_tokens + 1)
-    return (
-        f"KV cache: {per_token / 1024:.0f} KiB per token; a row of a 512-token prompt and "
-        f"{cfg.max_new_tokens} new tokens {row / 2**20:.0f} MiB; batch_size={cfg.batch_size} "
-        f"rows {cfg.batch_size * row / 2**30:.2f} GiB per worker, plus the cached prompt of "
-        f"each problem of a task (up to {cfg.problems_per_task})"
-    )
-
-
 class WorkerPool:
     """Workers kept across evaluations that load the same model (a sweep's points): the next
     evaluation reuses them when its config agrees on the keys with the MODEL role, else they
