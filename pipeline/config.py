@@ -9,6 +9,7 @@ config is written next to the results so that every run can be reproduced from i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -392,6 +393,16 @@ class Config:
             "device_map",
             "is for one worker over several devices; with tensor_parallel > 1 leave it ''",
         )
+        need(
+            not (
+                self.compat == "reference" and self.format_rule and self._prompt_style() == "json"
+            ),
+            "format_rule",
+            "under compat=reference the format rule is the official regex \\boxed{(.*)}, which "
+            "a json-style prompt's JSON answers do not follow (nearly every answer would lose 2): use "
+            "prompt=boxed, format_rule=false, or compat=none (whose format rule checks the "
+            "prompt's own style)",
+        )
         backends = choices("backend")
         need(self.backend in backends, "backend", f"allowed: {', '.join(backends)}")
         capabilities = backends[self.backend].capabilities
@@ -430,6 +441,11 @@ class Config:
             "run_id",
             "must not start with '.' ('.' and '..' would name output_dir or its parent)",
         )
+
+    def _prompt_style(self) -> str | None:
+        """The `style` of the solver template `prompt` names (a name in configs/prompts or a
+        YAML path), None where it cannot be read here (the template's loader reports that)."""
+        return _template_style(self.prompt)
 
     @property
     def verifier_budget(self) -> int:
@@ -563,6 +579,19 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         merged.update(_read_yaml(path.parent / inc, seen + (path,)))
     merged.update(data)
     return merged
+
+
+@functools.lru_cache(maxsize=64)
+def _template_style(prompt: str) -> str | None:
+    path = Path(prompt).expanduser()
+    if path.suffix not in (".yaml", ".yml"):
+        path = CONFIG_DIR / "prompts" / f"{prompt}.yaml"
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    style = data.get("style") if isinstance(data, dict) else None
+    return style if isinstance(style, str) else None
 
 
 def read_yaml_file(path: Path, what: str) -> dict[str, Any]:
