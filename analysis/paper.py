@@ -51,6 +51,9 @@ TIE_CELLS = frozenset(
 TIE_THRESHOLD = -0.21
 BUDGET_KEYS = {"bon": "n_samples", "sc": "n_samples", "latentseek": "max_iters"}
 NO_PAPER_CELL = "no paper cell"
+# Above this share of unreadable verdicts (each counted as False) a self-reward mostly measures
+# whether the verifiers wrote the marker, not the answer: the report warns.
+UNPARSED_WARN = 0.10
 
 COLUMNS = [
     "label", "dataset", "prompt", "paper_model", "problems", "accuracy_pct", "ci_low_pct",
@@ -283,6 +286,44 @@ def iterations_table(records: Records, paper: pd.DataFrame | None = None) -> pd.
     return pd.DataFrame(rows, columns=columns)
 
 
+def verdicts_table(records: Records) -> pd.DataFrame:
+    """Per self-rewarded configuration: how many verifier outputs gave no readable verdict
+    (`unparsed_verdicts`, counted as False) out of the verdicts asked for (answers scored x
+    verifiers in its `verifier_prompts` file), and whether the share exceeds `UNPARSED_WARN`."""
+    p = records.problems
+    rows = []
+    for (label, dataset, model), g in p[p["reward"] == "self"].groupby(
+        ["label", "dataset", "model"], sort=False
+    ):
+        scored = sum(
+            len(samples) + (0 if pd.isna(r0) else 1) + len(rewards)
+            for samples, r0, rewards in zip(g["sample_rewards"], g["initial_reward"], g["rewards"])
+        )  # answers scored: BoN's samples, else the first answer and one per iteration
+        asked = scored * _verifier_count(g["verifier_prompts"].iloc[0])
+        unparsed = int(g["unparsed_verdicts"].sum())
+        share = unparsed / asked if asked else float("nan")
+        rows.append(
+            {
+                "label": label, "dataset": dataset, "model": short_model(model),
+                "verdicts": asked, "unparsed": unparsed, "unparsed_pct": 100 * share,
+                "warning": bool(share > UNPARSED_WARN),
+            }
+        )  # fmt: skip
+    columns = ["label", "dataset", "model", "verdicts", "unparsed", "unparsed_pct", "warning"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _verifier_count(verifier_prompts: object) -> int:
+    """The number of verifiers in a run's `verifier_prompts` file (4, the paper's, if unknown)."""
+    from pipeline.config import ConfigError
+    from pipeline.method.prompts import load_verifiers
+
+    try:
+        return len(load_verifiers(str(verifier_prompts or "verifiers")).verifiers)
+    except (ConfigError, OSError):
+        return 4
+
+
 def paper_markdown(records: Records, against: pd.DataFrame) -> str:
     """paper.md: the comparison, then Tables 6 and 8, with how each was computed."""
     from analysis.tables import markdown
@@ -291,11 +332,25 @@ def paper_markdown(records: Records, against: pd.DataFrame) -> str:
         return markdown(df, floatfmt=".2f") if len(df) else "(no such configuration here)\n"
 
     agreement, iterations = agreement_table(records), iterations_table(records)
+    verdicts = verdicts_table(records)
+    warned = verdicts[verdicts["warning"]]
+    warning = "".join(
+        f"**Warning:** {r.label} ({r.dataset}, {r.model}): {r.unparsed_pct:.1f}% of the "
+        f"verifiers' outputs held no readable verdict (counted as False; above "
+        f"{100 * UNPARSED_WARN:.0f}%), so its self-reward says little about its answers.\n\n"
+        for r in warned.itertuples()
+    )
     return "".join(
         [
+            warning,
             "Our cells beside the numbers arXiv 2505.13308 v3 reports for the same backbone "
-            "(the run's `paper_model`, else the model's name), dataset, prompt, method, reward and "
-            "setting (data/paper/latentseek-v3.csv). `ci_*_pct`: our 95% Wilson interval; "
+            "(the run's `paper_model`, else the model's name), dataset, prompt, method, reward, "
+            "setting and budget: N for BoN and SC (Table 1: N = 3, Table 10: N = 10), K for "
+            "LatentSeek (the cell's K) (data/paper/latentseek-v3.csv). A cell the paper reports "
+            'at other budgets only has no paper value: its `note` says "no paper cell" and '
+            "which budgets the paper has. `note` also flags the two 1:1:1:2 cells, whose "
+            "recipes run at tau = -0.21 (one failed weight-1 verifier gives exactly -0.2). "
+            "`ci_*_pct`: our 95% Wilson interval; "
             "`paper_in_ci`: whether the paper's value lies inside it. Table 3 (PSRM) gives the "
             "mean of both prompts only: such a row is the mean of our two prompts' accuracies, "
             "without an interval. A model that is not one of the paper's backbones is compared "
@@ -305,11 +360,19 @@ def paper_markdown(records: Records, against: pd.DataFrame) -> str:
             "Over every answer a self-rewarded configuration explored (the CoT answer and each "
             "iteration's), the share whose reward > -0.2 agrees with its correctness; "
             "`positive_pct`: rewards above -0.2; `correct_pct`: correct answers. The paper "
-            "reports GSM8K with the json prompt.\n\n",
+            "reports LatentSeek (Self) on GSM8K with the json prompt.\n\n",
             fmt(agreement),
             "\n## Average iterations (the paper's Table 8)\n\n",
             "The mean number of iterations over every problem of an iterative configuration, a "
-            "CoT answer accepted at once counting 0.\n\n",
+            "CoT answer accepted at once counting 0; the paper's value is LatentSeek (Self) at "
+            "its cell's K.\n\n",
             fmt(iterations),
+            "\n## Unreadable verdicts\n\n",
+            "Per self-rewarded configuration: `verdicts`, the verifier outputs it asked for "
+            "(answers scored x verifiers); `unparsed`, those without a readable verdict (the "
+            "records' `unparsed_verdicts`; in the default mode such a verifier counts as False, "
+            "under compat=reference the official rule reads it from its own prompt). "
+            f"`warning`: above {100 * UNPARSED_WARN:.0f}%.\n\n",
+            fmt(verdicts),
         ]
     )
