@@ -29,7 +29,10 @@ DEFAULT_CONFIG = (
 )  # what `latentseek run` and `submit` read without --config
 
 COMPAT_MODES = ("none", "reference")
-VERIFIER_TOKENS = 256  # each verifier's budget by default
+# Each verifier's budget by default: calculation_check recomputes every calculation of the
+# answer, so its reply grows with the answer (up to the 1024-token answer budget); a cut reply has
+# no verdict and counts as False (docs/method.md, "The verifier budget").
+VERIFIER_TOKENS = 1024
 OFFICIAL_VERIFIER_TOKENS = 4096  # the official code's `max_new_tokens=4096` (compat=reference)
 BUILTIN_REWARDS = ("self", "psrm")
 
@@ -237,7 +240,7 @@ class Config:
     # --- self-reward -----------------------------------------------------------------------
     verifier_max_new_tokens: int = _f(
         0,
-        "token cap of each verifier generation; 0: the mode's default (256, or the official "
+        "token cap of each verifier generation; 0: the mode's default (1024, or the official "
         "4096 under compat=reference)",
         roles=(RESULT,),
     )
