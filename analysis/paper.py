@@ -179,8 +179,8 @@ def comparison_table(records: Records, paper: pd.DataFrame | None = None) -> pd.
                 _row(cell, cell["prompt"], cell["correct"], cell["problems"], hit, elsewhere)
             )
     # Table 3: the mean of both prompts, for a method and reward run once on each prompt.
-    budget = cells.apply(lambda c: _budget(c["method"], c["settings"]), axis=1)
-    cells = cells.assign(budget=budget.astype("Int64") if len(cells) else budget)
+    budget = [_budget(c["method"], c["settings"]) for _, c in cells.iterrows()]
+    cells = cells.assign(budget=pd.array(budget, dtype="Int64"))
     for _, g in cells.groupby(["method", "reward", "dataset", "paper_model", "budget"],
                               sort=False, dropna=False):  # fmt: skip
         if sorted(g["prompt"]) == ["boxed", "json"]:
@@ -211,8 +211,11 @@ def _row(cell, prompt, correct, problems, hit, elsewhere, mean_of=None) -> dict:
         paper, table, inside = float("nan"), "", None
         notes.append(f"{NO_PAPER_CELL} at this budget; the paper has {', '.join(elsewhere)}")
     if tie_cell(cell["paper_model"], cell["dataset"], prompt) and cell["reward"] == "self":
-        notes.append("1:1:1:2 verifiers: tau -0.21 in the recipe (one failed weight-1 verifier "
-                     "gives exactly -0.2)")  # fmt: skip
+        tau = cell["settings"].get("reward_threshold")
+        notes.append(
+            "1:1:1:2 verifiers: one failed weight-1 verifier gives exactly -0.2; the recipe's "
+            f"tau is {TIE_THRESHOLD}" + ("" if tau is None else f", this run's {tau:g}")
+        )
     return {
         "label": cell["label"], "dataset": cell["dataset"], "prompt": prompt,
         "paper_model": cell["paper_model"], "problems": problems,

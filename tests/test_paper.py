@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import math
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -239,6 +240,19 @@ def test_tie_cells_are_flagged_and_their_recipes_accept_one_weight_1_failure():
     assert combine_verdicts(one_fails, weights) == -0.2
     assert TIE_THRESHOLD < -0.2 < combine_verdicts(one_fails, [2, 1, 2, 1])  # 1:1:2:2: -1/6
     assert TIE_THRESHOLD > combine_verdicts([True, False, True, False], weights)  # -2/5 fails
+    # The comparison flags such a cell's self-rewarded rows with the tau they ran at.
+    calc = ProblemResult(problem_id="p0", dataset="math500", method="latentseek", question="?",
+                         gold="1", final_correct=True, cot_correct=True)  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        RecordStore(Path(tmp) / "ls").write([calc], "ls", "my-7b", worker="w")
+        Config(dataset="math500", paper_model="Qwen2-7B-Instruct", method=["latentseek"],
+               reward="self", prompt="boxed", reward_threshold=TIE_THRESHOLD,
+               verifier_prompts="verifiers-calc1").save(Path(tmp) / "ls" / "config.yaml")  # fmt: skip
+        (row,) = comparison_table(load_records(tmp)).itertuples()
+    assert row.paper_table == "Table 1" and row.note == (
+        "1:1:1:2 verifiers: one failed weight-1 verifier gives exactly -0.2; the recipe's tau is "
+        "-0.21, this run's -0.21"
+    )
     for model, dataset, prompt in TIE_CELLS:
         path = ROOT / "configs" / "paper" / model.lower() / f"{dataset}-{prompt}.yaml"
         for point in plan(load_sweep(path)):
