@@ -150,8 +150,12 @@ def _match(paper: pd.DataFrame, cell: pd.Series, prompt: str) -> tuple[pd.DataFr
         return hit, []
     same = hit[hit["budget"].isna().to_numpy() | _at_budget(hit, ours).to_numpy()]
     letter = "N" if BUDGET_KEYS[cell["method"]] == "n_samples" else "K"
-    other = [f"{letter}={b} ({t})" for b, t in zip(hit["budget"], hit["table"]) if not pd.isna(b)]
-    return same, [] if len(same) else list(dict.fromkeys(other))
+    tables: dict[int, list[str]] = {}
+    for b, t in zip(hit["budget"], hit["table"]):
+        if not pd.isna(b) and t not in tables.setdefault(int(b), []):
+            tables[int(b)].append(t)
+    other = [f"{letter}={b} ({', '.join(ts)})" for b, ts in sorted(tables.items())]
+    return same, [] if len(same) else other
 
 
 def _same_setting(setting: str, ours: dict) -> bool:
