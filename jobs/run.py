@@ -133,6 +133,8 @@ def stop_on_signals() -> Iterator[_StopSignals]:
         yield signals
     finally:
         signals.restore()
+LINE_EVERY_S = 30.0  # off a terminal (Ray Jobs logs, files): one progress line this often ...
+LINE_EVERY_FRACTION = 0.1  # ... or each time this share of the records has come in
 
 
 def run_evaluation(
@@ -276,6 +278,113 @@ def plan_batches(cfg: Config, todo: dict[str, list[Problem]], problems: list[Pro
     return batches
 
 
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class Progress:
+    """The run's progress: a tqdm bar on a terminal; anywhere else (Ray Jobs logs, a file) one
+    plain line every `every_s` seconds or `every_n` records, whichever comes first, and one at
+    the end, instead of a bar redrawn on every event.
+
+    ETA: each method's records cost what that method's records cost so far (their recorded
+    `wall_seconds`, the batch's time per problem): the time elapsed x (the remaining records,
+    each weighted by its method's mean cost) / (the recorded ones, weighted alike). A method
+    without a record yet is weighted as the costliest one seen, and the ETA is then shown as a
+    lower bound (`>=`). So the CoT half of a run does not set the pace of its LatentSeek half.
+    `clock` and `stream` are injectable (tests)."""
+
+    def __init__(
+        self,
+        todo: dict[str, int],
+        skipped: int,
+        desc: str,
+        *,
+        enabled: bool = True,
+        stream: Any = None,
+        clock: Callable[[], float] = time.monotonic,
+        every_s: float = LINE_EVERY_S,
+        every_n: int = 0,
+    ) -> None:
+        self.todo, self.skipped, self.desc = dict(todo), skipped, desc
+        self.total = skipped + sum(todo.values())
+        self.stream = sys.stderr if stream is None else stream
+        self.clock, self.start = clock, clock()
+        self.every_s = every_s
+        self.every_n = every_n or max(1, math.ceil(sum(todo.values()) * LINE_EVERY_FRACTION))
+        self.recorded = dict.fromkeys(todo, 0)
+        self.cost = dict.fromkeys(todo, 0.0)  # summed wall_seconds of each method's records
+        self.done, self.postfix, self.enabled = skipped, "", enabled
+        self.last_line, self.last_done = self.start, skipped
+        isatty = getattr(self.stream, "isatty", None)
+        self.bar: Any = None
+        if enabled and isatty is not None and isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, initial=skipped, desc=desc, unit="rec",
+                            dynamic_ncols=True, file=self.stream,
+                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")  # fmt: skip
+
+    def recorded_batch(self, method: str, records: int, wall_seconds: float) -> None:
+        """A batch of `records` of `method` was written, costing `wall_seconds` in all."""
+        self.recorded[method] = self.recorded.get(method, 0) + records
+        self.cost[method] = self.cost.get(method, 0.0) + wall_seconds
+
+    def eta(self) -> tuple[float | None, bool]:
+        """(seconds left, whether that is a lower bound); None before any record."""
+        done = {m: n for m, n in self.recorded.items() if n}
+        if not done:
+            return None, False
+        use_cost = all(self.cost[m] > 0 for m in done)
+        weight = {m: (self.cost[m] / n if use_cost else 1.0) for m, n in done.items()}
+        costliest = max(weight.values())
+        left = {m: self.todo.get(m, 0) - self.recorded.get(m, 0) for m in self.todo}
+        unknown = any(n > 0 and m not in weight for m, n in left.items())
+        spent = sum(weight[m] * n for m, n in done.items())
+        ahead = sum(weight.get(m, costliest) * max(n, 0) for m, n in left.items())
+        return (self.clock() - self.start) * ahead / spent, unknown
+
+    def update(self, done: int, **postfix: Any) -> None:
+        """`done` records in all (skipped ones included; problems reported finished in batches
+        still out count too), with `postfix` shown after them."""
+        self.done = done
+        eta, lower = self.eta()
+        shown = {"eta": ("" if eta is None else (">=" if lower else "") + _duration(eta))}
+        self.postfix = ", ".join(f"{k}={v}" for k, v in {**shown, **postfix}.items() if v != "")
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.n = done
+            self.bar.set_postfix_str(self.postfix)
+            return
+        now = self.clock()
+        if (
+            now - self.last_line >= self.every_s
+            or done - self.last_done >= self.every_n
+            or done >= self.total
+        ):
+            self.line(now)
+
+    def line(self, now: float) -> None:
+        pct = 100 * self.done / max(self.total, 1)
+        methods = " ".join(f"{m} {self.recorded[m]}/{n}" for m, n in self.todo.items())
+        print(
+            f"{self.desc}: {self.done}/{self.total} rec ({pct:.0f}%) "
+            f"[{_duration(now - self.start)} elapsed; {methods}] {self.postfix}".rstrip(),
+            file=self.stream,
+            flush=True,
+        )
+        self.last_line, self.last_done = now, self.done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled and self.last_done != self.done:
+            self.line(self.clock())
+
+
 class BatchLoop:
     """Feeds every batch to the workers and records each result once, within a window of its
     coming back.
@@ -312,8 +421,6 @@ class BatchLoop:
         progress: bool,
         on_batch: Callable[[dict[str, Any]], None] | None,
     ) -> None:
-        from tqdm import tqdm
-
         from pipeline.run.pool import restart_timeout
         from pipeline.run.scheduler import Scheduler
         from pipeline.run.workers import NoWorkerLeftError
@@ -327,8 +434,8 @@ class BatchLoop:
             on_progress=lambda: self.tick(scheduler),
             restart_timeout=restart_timeout(self.infos),
         )
-        self.bar = tqdm(total=self.total, initial=self.skipped, disable=not progress,
-                        desc=self.cfg.run_id, unit="rec", dynamic_ncols=True)  # fmt: skip
+        todo_counts = {m: len(todo.get(m, [])) for m in self.cfg.method}
+        self.bar = Progress(todo_counts, self.skipped, self.cfg.run_id, enabled=progress)
         try:
             for outcome in scheduler.run():
                 if outcome.results:
@@ -391,6 +498,9 @@ class BatchLoop:
         c.failures += sum(bool(r.error) for r in results)
         c.correct += sum(r.final_correct for r in results)
         c.iterations += sum(r.iterations for r in results)
+        for method in dict.fromkeys(r.method for r in results):
+            mine = [r for r in results if r.method == method]
+            self.bar.recorded_batch(method, len(mine), sum(r.compute.wall_seconds for r in mine))
         self.show(scheduler)
 
     def show(self, scheduler: Any) -> None:
@@ -399,8 +509,8 @@ class BatchLoop:
         the live MLflow metrics."""
         c = self.counts
         problems, iterations = scheduler.reported()
-        self.bar.n = self.skipped + c.recorded + len(self.pending) + problems
-        self.bar.set_postfix(
+        self.bar.update(
+            self.skipped + c.recorded + len(self.pending) + problems,
             acc=f"{c.correct / max(c.recorded, 1):.3f}",
             failed=c.failures,
             lost_workers=scheduler.worker_failures,

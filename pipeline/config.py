@@ -9,6 +9,7 @@ config is written next to the results so that every run can be reproduced from i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -28,7 +29,10 @@ DEFAULT_CONFIG = (
 )  # what `latentseek run` and `submit` read without --config
 
 COMPAT_MODES = ("none", "reference")
-VERIFIER_TOKENS = 256  # each verifier's budget by default
+# Each verifier's budget by default: calculation_check recomputes every calculation of the
+# answer, so its reply grows with the answer (up to the 1024-token answer budget); a cut reply has
+# no verdict and counts as False (docs/method.md, "The verifier budget").
+VERIFIER_TOKENS = 1024
 OFFICIAL_VERIFIER_TOKENS = 4096  # the official code's `max_new_tokens=4096` (compat=reference)
 BUILTIN_REWARDS = ("self", "psrm")
 
@@ -242,7 +246,7 @@ class Config:
     # --- self-reward -----------------------------------------------------------------------
     verifier_max_new_tokens: int = _f(
         0,
-        "token cap of each verifier generation; 0: the mode's default (256, or the official "
+        "token cap of each verifier generation; 0: the mode's default (1024, or the official "
         "4096 under compat=reference)",
         roles=(RESULT,),
     )
@@ -416,6 +420,16 @@ class Config:
             "device_map",
             "is for one worker over several devices; with tensor_parallel > 1 leave it ''",
         )
+        need(
+            not (
+                self.compat == "reference" and self.format_rule and self._prompt_style() == "json"
+            ),
+            "format_rule",
+            "under compat=reference the format rule is the official regex \\boxed{(.*)}, which "
+            "a json-style prompt's JSON answers do not follow (nearly every answer would lose 2): use "
+            "prompt=boxed, format_rule=false, or compat=none (whose format rule checks the "
+            "prompt's own style)",
+        )
         backends = choices("backend")
         need(self.backend in backends, "backend", f"allowed: {', '.join(backends)}")
         capabilities = backends[self.backend].capabilities
@@ -454,6 +468,11 @@ class Config:
             "run_id",
             "must not start with '.' ('.' and '..' would name output_dir or its parent)",
         )
+
+    def _prompt_style(self) -> str | None:
+        """The `style` of the solver template `prompt` names (a name in configs/prompts or a
+        YAML path), None where it cannot be read here (the template's loader reports that)."""
+        return _template_style(self.prompt)
 
     @property
     def verifier_budget(self) -> int:
@@ -587,6 +606,19 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         merged.update(_read_yaml(path.parent / inc, seen + (path,)))
     merged.update(data)
     return merged
+
+
+@functools.lru_cache(maxsize=64)
+def _template_style(prompt: str) -> str | None:
+    path = Path(prompt).expanduser()
+    if path.suffix not in (".yaml", ".yml"):
+        path = CONFIG_DIR / "prompts" / f"{prompt}.yaml"
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    style = data.get("style") if isinstance(data, dict) else None
+    return style if isinstance(style, str) else None
 
 
 def read_yaml_file(path: Path, what: str) -> dict[str, Any]:

@@ -9,7 +9,12 @@ Each recipe runs, on the paper's cell: CoT; BoN and self-consistency with N = 3 
 Self-Reflection with as many rounds as LatentSeek's K (Table 1's caption: "a rollout number
 comparable to LatentSeek's update iterations"); LatentSeek (Self) with Table 21/23/25's rho and
 lr, its format reward and verifier weights (App. F.4-F.6); LatentSeek (PSRM) with Table
-22/24/26's; on GSM8K also the unguided search of Table 5 at its three noise variances. Settings
+22/24/26's; on GSM8K also the unguided search of Table 5 at its three noise variances. Every
+self-rewarded point (BoN, Self-Reflection, LatentSeek (Self), SE) uses the cell's self-reward
+variant, format rule and verifier weights included (App. F.3: BoN uses "the same self-reward
+mechanism as LatentSeek"). In the two cells whose verifiers are weighted 1:1:1:2, the points
+that stop on tau run at `analysis.paper.TIE_THRESHOLD` (-0.21), so that one failed weight-1
+verifier (exactly -0.2) is accepted as in the other cells (analysis/paper.py says why). Settings
 the paper does not give keep this project's defaults (docs/method.md says which).
 """
 
@@ -19,6 +24,8 @@ import csv
 import re
 from collections import defaultdict
 from pathlib import Path
+
+from analysis.paper import TIE_THRESHOLD
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = ROOT / "data" / "paper" / "latentseek-v3-settings.csv"
@@ -71,10 +78,24 @@ def recipe(model: str, dataset: str, prompt: str, cells) -> str:
     own, oracle = cells[(model, dataset, prompt, "self")], cells[(model, dataset, prompt, "psrm")]
     k = int(own["max_iters"])
     self_keys, note = _self_reward(own)
+    # The points that stop on tau; in a 1:1:1:2 cell they run at TIE_THRESHOLD.
+    stopping = dict(self_keys)
+    if self_keys.get("verifier_prompts") == "verifiers-calc1":
+        stopping["reward_threshold"] = TIE_THRESHOLD
     lines = [
         f"# The paper's cell {model}, {dataset}, {PROMPTS[prompt]} ({prompt}), arXiv 2505.13308 v3:",
         f"# LatentSeek (Self) as in {own['table']}, LatentSeek (PSRM) as in {oracle['table']}"
         + (f"; {note} (App. F)." if note else "."),
+        *(
+            [
+                f"# tau {TIE_THRESHOLD} for Self-Reflection, LatentSeek (Self) and SE: with weights "
+                "1:1:1:2 one failed",
+                "# weight-1 verifier gives exactly -0.2, which -0.2 itself would reject "
+                "(analysis/paper.py).",
+            ]
+            if "reward_threshold" in stopping
+            else []
+        ),
         "# Written by scripts/paper_recipes.py from data/paper/latentseek-v3-settings.csv; do not",
         "# edit by hand. Run: latentseek sweep configs/paper/<this file> [model=<local dir>] ...",
         f"name: paper-{model.lower()}-{dataset}-{prompt}",
@@ -89,15 +110,15 @@ def recipe(model: str, dataset: str, prompt: str, cells) -> str:
         "  reward_threshold: -0.2  # not in the paper; the official code's default",
         "points:",
         "  - {method: [cot]}",
-        f"  - {{method: [bon], reward: self, n_samples: {N_SAMPLES}}}",
+        _keys({"method": "[bon]", "reward": "self", "n_samples": N_SAMPLES, **self_keys}),
         f"  - {{method: [sc], n_samples: {N_SAMPLES}}}",
-        "  - {method: [reflect], reward: self}",
-        _point("latentseek", "self", own, self_keys),
+        _keys({"method": "[reflect]", "reward": "self", **stopping}),
+        _point("latentseek", "self", own, stopping),
         _point("latentseek", "psrm", oracle, {}),
     ]
     if dataset == "gsm8k":
         lines += [
-            _point("se", "self", own, {**self_keys, "se_sigma2": v}, lr=False) for v in SE_VARIANCES
+            _point("se", "self", own, {**stopping, "se_sigma2": v}, lr=False) for v in SE_VARIANCES
         ]
     lines.append("derive: false")
     return "\n".join(lines) + "\n"
@@ -108,6 +129,11 @@ def _point(method: str, reward: str, cell: dict[str, str], extra: dict, lr: bool
     if lr:
         keys["lr"] = float(cell["lr"])
     keys.update(extra)
+    return _keys(keys)
+
+
+def _keys(keys: dict) -> str:
+    """One point of the sweep, as a YAML flow mapping line."""
     text = ", ".join(
         f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in keys.items()
     )

@@ -104,6 +104,18 @@ def test_unknown_keys(override, match):
         load_config(overrides=[override])
 
 
+def test_reference_format_rule_refuses_a_json_prompt(tmp_path):
+    # compat=reference's format rule is the official \\boxed{(.*)} regex: with a json-style
+    # prompt (by name or by a template file's style) it would fail every JSON answer.
+    json_file = write(tmp_path, "mine.yaml", "style: json\nuser: '{question}'\n")
+    for prompt in ("json", str(json_file)):
+        with pytest.raises(ConfigError, match=r"format_rule=True: under compat=reference"):
+            Config(compat="reference", format_rule=True, prompt=prompt)
+    Config(compat="reference", format_rule=True, prompt="boxed")  # the official pairing
+    Config(compat="none", format_rule=True, prompt="json")  # our rule checks the JSON style
+    Config(compat="reference", format_rule=False, prompt="json")
+
+
 def test_unknown_key_in_yaml(tmp_path):
     with pytest.raises(ConfigError, match=r"c.yaml: unknown key 'learning_rate'"):
         load_config(write(tmp_path, "c.yaml", "learning_rate: 0.1\n"))

@@ -8,11 +8,19 @@ from __future__ import annotations
 import csv
 import importlib.util
 import math
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from analysis.paper import agreement_table, comparison_table, iterations_table, load_paper
+from analysis.paper import (
+    agreement_table,
+    comparison_table,
+    iterations_table,
+    load_paper,
+    paper_markdown,
+    verdicts_table,
+)
 from analysis.records import load_records
 from pipeline.config import Config
 from pipeline.method.results import IterationStats, ProblemResult
@@ -90,6 +98,10 @@ def test_recipe_expands_to_the_papers_cell(path):
         assert ls.verifier_prompts == "verifiers-format3"
     if "calculation_check=1" in own.get("verifier_weights", ""):
         assert ls.verifier_prompts == "verifiers-calc1"
+    # BoN and Self-Reflection score with the same self-reward as LatentSeek (App. F.3), and so
+    # does SE (issue 28: they used the plain self-reward before).
+    for other in (by[("bon", "self")][0], by[("reflect", "self")][0], *by.get(("se", "self"), [])):
+        assert (other.format_rule, other.verifier_prompts) == (ls.format_rule, ls.verifier_prompts)
 
 
 def test_recipe_cells_cover_table_1():
@@ -153,6 +165,103 @@ def test_cells_beside_the_papers(tmp_path):
     assert iterations["paper_mean_iterations"] == 1.52  # Table 8, GSM8K Prompt 2
 
 
+def test_cells_are_matched_by_budget_and_tables_6_8_by_method_and_reward(tmp_path):
+    # Issue 28: BoN with N = 10 is Table 10's cell (80.06 for Qwen2.5-7B, GSM8K, Prompt 2), not
+    # Table 1's N = 3 (82.11); N = 5 and LatentSeek with K = 3 have no paper cell (the paper
+    # reports N = 3 and 10, K = 10) and say so instead of sitting beside another budget.
+    right = [_result(f"p{i}", "bon", i < 8) for i in range(10)]
+    _run(tmp_path, "bon10", right, method=["bon"], reward="self", n_samples=10, prompt="json")
+    _run(tmp_path, "bon5", right, method=["bon"], reward="self", n_samples=5, prompt="json")
+    steps = [IterationStats(1, -0.5, "a", True, 5)]
+    ls = [_result("p0", "latentseek", True, initial_reward=-0.5, rewards=[-0.5], iterations=1,
+                  iteration_stats=steps)]  # fmt: skip
+    _run(tmp_path, "ls3", ls, method=["latentseek"], reward="self", max_iters=3, prompt="json")
+    # PSRM at K = 10 and Self-Reflection: Table 8 (self) and Table 6 (LatentSeek) are not theirs.
+    _run(tmp_path, "psrm", ls, method=["latentseek"], reward="psrm", prompt="json")
+    reflect = [_result("p0", "reflect", True, initial_reward=-0.5, rewards=[-0.5], iterations=1,
+                       iteration_stats=steps)]  # fmt: skip
+    _run(tmp_path, "reflect", reflect, method=["reflect"], reward="self", prompt="json")
+    records = load_records(tmp_path)
+
+    table = comparison_table(records).set_index("label")
+    n10, n5 = table.loc["BoN (self, N=10)"], table.loc["BoN (self, N=5)"]
+    assert (n10["paper_table"], n10["paper_pct"], n10["accuracy_pct"]) == ("Table 10", 80.06, 80.0)
+    assert n10["note"] == ""
+    assert math.isnan(n5["paper_pct"]) and n5["paper_table"] == ""
+    assert (
+        n5["note"] == "no paper cell at this budget; the paper has N=3 (Table 1), N=10 (Table 10)"
+    )
+    k3 = table.loc["LatentSeek (self)"]  # K = 3
+    assert math.isnan(k3["paper_pct"]) and "the paper has K=10 (Table 1, " in k3["note"]
+
+    iterations = iterations_table(records).set_index("label")  # Table 8: self at the cell's K
+    assert {"LatentSeek (self)", "LatentSeek (PSRM)", "Self-Reflection (self)"} == set(
+        iterations.index
+    )
+    assert iterations["paper_mean_iterations"].isna().all()  # K = 3, and PSRM
+    agreement = agreement_table(records).set_index("label")
+    assert math.isnan(agreement.loc["Self-Reflection (self)", "paper_pct"])  # Table 6: LatentSeek
+    assert agreement.loc["LatentSeek (self)", "paper_pct"] == 80.17
+
+
+def test_unreadable_verdicts_per_configuration_and_the_warning(tmp_path):
+    # LatentSeek (self): p0 scored 3 answers (CoT + 2 iterations) x 4 verifiers = 12 verdicts,
+    # 6 unreadable -> 50% (warned); BoN (self, N=3): 3 samples x 4 = 12 verdicts, 1 unreadable
+    # -> 8.3% (under the 10% threshold); CoT has no self-reward.
+    ls = _result("p0", "latentseek", True, initial_reward=-0.5, rewards=[-0.5, -0.5],
+                 iterations=2, unparsed_verdicts=6)  # fmt: skip
+    _run(tmp_path, "ls", [ls], method=["latentseek"], reward="self", prompt="json")
+    bon = _result("p0", "bon", True, sample_rewards=[0.0, -0.5, -1.0], unparsed_verdicts=1)
+    _run(tmp_path, "bon", [bon], method=["bon"], reward="self", n_samples=3, prompt="json")
+    _run(tmp_path, "cot", [_result("p0", "cot", True)], method=["cot"], prompt="json")
+    records = load_records(tmp_path)
+    table = verdicts_table(records).set_index("label")
+    assert set(table.index) == {"LatentSeek (self)", "BoN (self, N=3)"}
+    ls_row, bon_row = table.loc["LatentSeek (self)"], table.loc["BoN (self, N=3)"]
+    assert (ls_row["verdicts"], ls_row["unparsed"], ls_row["unparsed_pct"]) == (12, 6, 50.0)
+    assert ls_row["warning"] and not bon_row["warning"]
+    assert (bon_row["verdicts"], bon_row["unparsed"]) == (12, 1)
+    text = paper_markdown(records, comparison_table(records))
+    assert text.startswith("**Warning:** LatentSeek (self) (gsm8k, my-7b): 50.0% of the")
+    assert text.count("**Warning:**") == 1 and "## Unreadable verdicts" in text
+
+
+def test_tie_cells_are_flagged_and_their_recipes_accept_one_weight_1_failure():
+    # 1:1:1:2 weights: one failed weight-1 verifier is -1/5, exactly tau = -0.2, rejected by the
+    # strict `>`; the two cells' recipes run at -0.21 so that it is accepted, as -1/6 is in the
+    # 1:1:2:2 cells, and the comparison flags them.
+    from analysis.paper import TIE_CELLS, TIE_THRESHOLD
+    from pipeline.method.prompts import load_verifiers
+    from pipeline.method.rewards import combine_verdicts
+
+    calc1 = load_verifiers("verifiers-calc1")
+    weights = [v.weight for v in calc1.verifiers]
+    one_fails = [v.name != "answer_correct" for v in calc1.verifiers]  # a weight-1 verifier
+    assert combine_verdicts(one_fails, weights) == -0.2
+    assert TIE_THRESHOLD < -0.2 < combine_verdicts(one_fails, [2, 1, 2, 1])  # 1:1:2:2: -1/6
+    assert TIE_THRESHOLD > combine_verdicts([True, False, True, False], weights)  # -2/5 fails
+    # The comparison flags such a cell's self-rewarded rows with the tau they ran at.
+    calc = ProblemResult(problem_id="p0", dataset="math500", method="latentseek", question="?",
+                         gold="1", final_correct=True, cot_correct=True)  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        RecordStore(Path(tmp) / "ls").write([calc], "ls", "my-7b", worker="w")
+        Config(dataset="math500", paper_model="Qwen2-7B-Instruct", method=["latentseek"],
+               reward="self", prompt="boxed", reward_threshold=TIE_THRESHOLD,
+               verifier_prompts="verifiers-calc1").save(Path(tmp) / "ls" / "config.yaml")  # fmt: skip
+        (row,) = comparison_table(load_records(tmp)).itertuples()
+    assert row.paper_table == "Table 1" and row.note == (
+        "1:1:1:2 verifiers: one failed weight-1 verifier gives exactly -0.2; the recipe's tau is "
+        "-0.21, this run's -0.21"
+    )
+    for model, dataset, prompt in TIE_CELLS:
+        path = ROOT / "configs" / "paper" / model.lower() / f"{dataset}-{prompt}.yaml"
+        for point in plan(load_sweep(path)):
+            cfg = point.cfg
+            if cfg.reward == "self" and cfg.method[0] in ("latentseek", "reflect", "se"):
+                assert cfg.reward_threshold == TIE_THRESHOLD, (path, cfg.method)
+                assert cfg.verifier_prompts == "verifiers-calc1"
+
+
 def test_a_model_without_a_paper_cell_is_not_compared(tmp_path):
     _run(tmp_path, "cot", [_result("p0", "cot", True)], method=["cot"], prompt="boxed")
     cfg = Config(dataset="gsm8k", method=["cot"])  # no paper_model: compared by its own name
@@ -177,10 +286,14 @@ def test_a_recipe_runs_end_to_end_on_the_embedded_model(tmp_path, local_ray):
     table = (summary.sweep_dir / "report" / "paper.csv").read_text()
     rows = list(csv.DictReader(table.splitlines()))
     # Every Table 1 method of the cell, and SE at its three variances (Table 5), beside the
-    # paper's Qwen2.5-1.5B-Instruct numbers.
-    assert {r["paper_table"] for r in rows} == {"Table 1", "Table 5"}, rows
+    # paper's Qwen2.5-1.5B-Instruct numbers; LatentSeek (Self) ran at K = 1, the paper's cell is
+    # K = 10: listed without a paper value.
+    assert {r["paper_table"] for r in rows} == {"Table 1", "Table 5", ""}, rows
     assert len(rows) == 5 + 3, rows
     assert {(r["paper_model"], r["problems"]) for r in rows} == {("Qwen2.5-1.5B-Instruct", "2")}
-    assert all(not math.isnan(float(r["paper_pct"])) for r in rows)
+    unmatched = [r for r in rows if not r["paper_table"]]
+    assert len(unmatched) == 1 and unmatched[0]["label"].startswith("LatentSeek (self"), rows
+    assert unmatched[0]["note"].startswith("no paper cell at this budget; the paper has K=10")
+    assert all(not math.isnan(float(r["paper_pct"])) for r in rows if r["paper_table"])
     report = (summary.sweep_dir / "report" / "report.md").read_text()
     assert "# Against the paper" in report and "Table 6" in report

@@ -126,11 +126,34 @@ def test_our_earlier_verifiers_stay_available():
         ("", None),
         ("Verdict: Truely", None),  # not a whole word
         ("Verdict: maybe", None),
+        ("Verdict: 'True'", True),  # wrapped the ways models wrap a verdict (issue 28)
+        ("Verdict: `False`", False),
+        ("Verdict: \\boxed{True}", True),
+        ("Verdict: $\\boxed{\\text{False}}$", False),
+        ("Verdict: {True}", True),
+        ('Verdict: "False".', False),
+        ("Verdict: [**True**]", True),
+        ("Verdict: 'Truely'", None),
     ],
 )
 def test_parse_verdict(generated, expected):
     assert load_verifiers("verifiers-short").parse_verdict(generated) is expected
     assert read_verdict(generated) is expected  # the test's own reader agrees on every case
+
+
+@pytest.mark.parametrize(
+    "generated, expected",
+    [  # the paper's marker, as the issue found verdicts written (each read as None before)
+        ("FINAL VERIFICATION ANSWER IS: 'True'", True),
+        ("FINAL VERIFICATION ANSWER IS: `True`", True),
+        ("FINAL VERIFICATION ANSWER IS: \\boxed{True}", True),
+        ("**FINAL VERIFICATION ANSWER IS:** **True**", True),
+        ("**FINAL VERIFICATION ANSWER IS:** {False}", False),
+        ("FINAL VERIFICATION ANSWER IS: the answer is True", None),  # words between: no verdict
+    ],
+)
+def test_parse_verdict_wrapped_paper_marker(generated, expected):
+    assert load_verifiers("verifiers").parse_verdict(generated) is expected
 
 
 class ScriptedGenerator:
@@ -214,12 +237,21 @@ class RecordingGenerator:
 
 def read_verdict(text: str) -> bool | None:
     """The SPEC §2 verdict, read without the library's regex: the last "Verdict:" followed (after
-    spaces and markdown stars) by the whole word True or False, any case; else None."""
+    spaces, markdown, quotes, braces and LaTeX wrappers) by the whole word True or False, any
+    case; else None."""
     verdict = None
     lower = text.lower()
     start = lower.find("verdict:")
     while start >= 0:
-        rest = lower[start + len("verdict:") :].lstrip(" \t\n*")
+        rest = lower[start + len("verdict:") :]
+        while True:  # spaces, markdown, quotes, braces and LaTeX wrappers before the word
+            stripped = rest.lstrip(" \t\n*_'\"`{[($")
+            for latex in ("\\boxed", "\\textbf", "\\text", "\\mathrm", "\\mathbf"):
+                if stripped.startswith(latex + "{"):
+                    stripped = stripped[len(latex) + 1 :]
+            if stripped == rest:
+                break
+            rest = stripped
         for word, value in (("true", True), ("false", False)):
             after = rest[len(word) : len(word) + 1]
             if rest.startswith(word) and not (after.isalnum() or after == "_"):

@@ -42,6 +42,12 @@ class SolverTemplate:
         return msgs + [{"role": "user", "content": user}]
 
 
+# What may stand between a verifier's marker and its True/False in the default mode: whitespace,
+# markdown emphasis, quotes, backticks, opening braces/brackets/parentheses, `$`, and LaTeX
+# wrappers such as \boxed{ or \text{ (compat=reference reads verdicts the official way instead).
+VERDICT_WRAPPING = r"(?:[\s*_'\"`{\[($]|\\(?:boxed|text|textbf|mathrm|mathbf)\s*\{)*"
+
+
 @dataclass(frozen=True)
 class Verifier:
     name: str
@@ -65,8 +71,13 @@ class VerifierSet:
         return sum(v.weight for v in self.verifiers)
 
     def parse_verdict(self, generated: str) -> bool | None:
-        """The last `<marker> True|False` in the generated text (never the prompt), else None."""
-        pattern = re.escape(self.marker) + r"\s*\**\s*(true|false)\b"
+        """The last `<marker> True|False` in the generated text (never the prompt), else None.
+
+        Between the marker and the word may stand what models wrap a verdict in: spaces, bold or
+        italics (`**`, `_`), quotes, backticks, braces, brackets, `$` and `\\boxed{`/`\\text{`,
+        e.g. `<marker> 'True'`, `` `True` ``, `\\boxed{True}`, `**<marker>** **True**`. The word
+        itself must stand whole (`Truely` is no verdict)."""
+        pattern = re.escape(self.marker) + VERDICT_WRAPPING + r"(true|false)\b"
         found = re.findall(pattern, generated, flags=re.IGNORECASE)
         return None if not found else found[-1].lower() == "true"
 

@@ -15,8 +15,8 @@ The self-reward's two modes:
 | | default (`compat=none`) | `compat=reference` (the official code's `"self"` branch) |
 |---|---|---|
 | decoding | greedy | the model's `generation_config` (sampling where it says so), seeded |
-| budget | `verifier_max_new_tokens` (256) | `verifier_max_new_tokens` (the official 4096) |
-| verdict read from | the generated text only: the last `<marker> True/False` | prompt + answer decoded together (special tokens skipped): the text after the *last* marker, `*` removed, lower-cased; "true" in it, else "false", else the same test on its first word, else False |
+| budget | `verifier_max_new_tokens` (1024) | `verifier_max_new_tokens` (the official 4096) |
+| verdict read from | the generated text only: the last `<marker> True/False`, quotes, backticks, braces, `\\boxed{}` and bold around the word allowed | prompt + answer decoded together (special tokens skipped): the text after the *last* marker, `*` removed, lower-cased; "true" in it, else "false", else the same test on its first word, else False |
 | a verifier without a verdict | False, and counted as unparsed | whatever the text after the last marker says |
 | format rule | a boxed (or JSON) answer for the prompt's style | the official regex `\\boxed{(.*)}` |
 
