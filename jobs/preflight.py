@@ -6,7 +6,8 @@ installed (`check_backend`), an existing run directory may be
 resumed with these settings (`check_resume`), the prompt templates load (`check_prompts`), a
 `module:function` reward imports (`check_reward`), the dataset selection loads and is usable
 (`load_selection`) and, if any of it is left to run, the model source exists and the memory plan
-fits the device (`check_memory`: printed, and refused with the numbers when it does not fit). Then, holding the
+fits the device (`check_memory`: refused with the numbers when it does not fit; printed by the
+driver once it holds the run directory). Then, holding the
 run directory (`pipeline.run.rundir.hold_run_dir`), the driver checks the resume again and compares
 what the inputs hold with the first invocation's (`plan_work`: a prompt, verifier, data or reward
 file edited under the same name, or another model behind the same path, would mix results). Each
@@ -60,7 +61,7 @@ def preflight(cfg: Config, directory: Path, log: Callable[[str], None]) -> Datas
     dataset = load_selection(cfg, log)
     if any(_todo(cfg, RecordStore(directory), dataset).values()):
         check_model_source(cfg)
-        check_memory(cfg, log)
+        check_memory(cfg, lambda _line: None)  # refused here; printed once the run is ours
     return dataset
 
 

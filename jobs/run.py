@@ -76,6 +76,7 @@ PROGRESS_FLUSH_S = 30.0  # at the loop's end, how long the last live metrics may
 RECORD_WINDOW_ROWS = 256
 RECORD_WINDOW_S = 2.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+PROGRAM = "latentseek"  # the command a resume line names when no argv was given
 
 
 class StopRequested(KeyboardInterrupt):
@@ -190,7 +191,6 @@ def _run(
     tags: dict[str, str] | None,
     start_worker: Callable[[Config], Any] | None,
 ) -> RunSummary:
-    from pipeline.engine.memory import model_config
     from pipeline.engine.model import prepare_model
     from pipeline.run import tracking
 
@@ -200,10 +200,8 @@ def _run(
         store = RecordStore(directory)
         mlflow_run = ""
         if any(work.todo.values()):
-            unplanned = model_config(cfg) is None  # a GGUF file's first load writes its config
-            prepare_model(cfg)
-            if unplanned:
-                check_memory(cfg, log)
+            prepare_model(cfg)  # a GGUF file's first load writes the config.json the plan reads
+            check_memory(cfg, log)
             start_ray(cfg)
             signals.install()  # again: ray.init has put its own SIGTERM handler in place
             workers, infos = (
@@ -600,7 +598,7 @@ def main(cfg: Config, argv: Sequence[str] | None = None) -> int:
 def stopped_line(stop: StopRequested, argv: Sequence[str] | None) -> str:
     """One line: what stopped the run, what is kept, and the command that resumes it (the same
     command, with the run_id it got if it had none: a resume is found by run_id)."""
-    command = list(argv or ["latentseek", "run"])
+    command = list(argv or [PROGRAM, "run"])
     if stop.run_id and not any(a.startswith("run_id=") for a in command):
         command.append(f"run_id={stop.run_id}")
     where = f" in {stop.directory}" if stop.directory else ""

@@ -112,7 +112,7 @@ class Config:
         "",
         "a hub id's revision (branch, tag or commit); '' pins, on the driver, the commit the "
         "local HF cache holds (or, with allow_download, the hub's main) for every worker load",
-        roles=(MODEL,),
+        roles=(MODEL, RESULT),
     )
     model_cache_dir: str = _f(
         "~/.cache/latentseek/models",

@@ -118,15 +118,17 @@ def test_the_plan_on_an_80gb_h100_fits_natively_and_refuses_14b_beside_vllm():
 
 
 def test_a_run_that_cannot_fit_is_refused_in_preflight_with_the_numbers(tmp_path):
-    """Before any worker starts: the plan is logged from the directory's config.json (no
-    weights read), and a stated device too small stops the run naming the keys."""
+    """Before any worker starts: a stated device too small stops the run in preflight naming
+    the keys; the plan the driver logs (once it holds the run directory, so that a second
+    driver's one line stays one line) comes from the directory's config.json (no weights read)."""
     model = tmp_path / "qwen14"
     model.mkdir()
     (model / "config.json").write_text(json.dumps(shape_config("qwen2.5-14b")))
     (model / "model.safetensors").write_bytes(b"")  # the source check wants weights to exist
     lines: list[str] = []
     cfg = Config(model=str(model), limit=1, dtype="bfloat16", device_memory_gib=80.0)
-    preflight(cfg, tmp_path / "run", lines.append)  # 14B natively: fits in 80 GiB
+    preflight(cfg, tmp_path / "run", lambda m: None)  # 14B natively: fits in 80 GiB
+    check_memory(cfg, lines.append)
     assert lines[-1].startswith("  total") and "of 80.0 GiB" in lines[-1] and "fits" in lines[-1]
     assert any(line.startswith("memory plan: ") and "14.77B" in line for line in lines)
     with pytest.raises(RunError, match=r"needs \d+\.\d GiB per device, the device has 24\.0 GiB"):

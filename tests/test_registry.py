@@ -34,8 +34,12 @@ SHIPPED_BENCHMARKS = ["gsm8k", "math500", "aime2024"]
 
 # Tools that exist to measure or check particular methods or benchmarks by name: the bench rows
 # (CoT, LatentSeek), the GPU check and the cluster simulation (GSM8K-sized work), and the naive
-# LatentSeek reference loop with its command (`latentseek reference`).
+# LatentSeek reference loop with its command (`latentseek reference`); the chaos run's stand-in
+# workers (CoT-shaped work); the paper comparison, whose budgets (N of BoN and SC, K of LatentSeek)
+# are the paper's own table labels.
 NAMING_TOOLS = {
+    "analysis/paper.py",
+    "jobs/chaos.py",
     "jobs/bench",
     "jobs/gpu_check.py",
     "jobs/simulate.py",
@@ -155,6 +159,7 @@ def test_every_config_key_declares_its_roles():
         "cpus_per_worker", "gpus_per_worker", "ray_address", "max_worker_restarts",
         "max_retries", "batch_timeout_s", "output_dir", "run_id", "mlflow_tracking_uri",
         "mlflow_experiment", "paper_model", "retry_errors", "device_memory_gib",
+        "allow_code_change",
     }  # fmt: skip
     assert keys_with(DERIVABLE) == ("max_iters", "n_samples")
     assert keys_with(BATCHING) == ("batch_size", "batching", "task_size")
