@@ -55,7 +55,6 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -910,19 +909,33 @@ def plot_frontier(result: Laws, path: Path | str) -> Path | None:
     return _save(fig, path)
 
 
-def write_laws(records: Records, out: Path, notes: list[str]) -> dict[str, Any]:
-    """laws.csv, law_points.csv, forecasts.csv, frontier.csv and the figures into `out`;
-    returns {"result": Laws, "laws_png": Path | None, "frontier_png": Path | None}."""
+@dataclass
+class LawsWritten:
+    """What `write_laws` wrote and computed."""
+
+    result: Laws
+    png: dict[str, Path | None]  # "laws", "frontier" -> the figure (None: not drawn)
+    markdown: str  # the report's "Scaling laws" section
+    metrics: dict[str, float]  # `mlflow_values`
+    params: dict[str, str]
+
+
+def write_laws(records: Records, out: Path, notes: list[str]) -> LawsWritten:
+    """laws.csv, law_points.csv, forecasts.csv, frontier.csv, laws.png and frontier.png into
+    `out` (a figure that cannot be drawn is noted in `notes`)."""
     result = fit_laws(records)
     result.laws_table().to_csv(out / "laws.csv", index=False)
     result.points.to_csv(out / "law_points.csv", index=False)
     result.forecasts_table().to_csv(out / "forecasts.csv", index=False)
     result.frontier.to_csv(out / "frontier.csv", index=False)
-    figures: dict[str, Any] = {"result": result}
-    for key, draw in (("laws_png", plot_laws), ("frontier_png", plot_frontier)):
+    png: dict[str, Path | None] = {}
+    for name, draw in (("laws", plot_laws), ("frontier", plot_frontier)):
         try:
-            figures[key] = draw(result, out / f"{key.removesuffix('_png')}.png")
+            png[name] = draw(result, out / f"{name}.png")
         except ImportError as exc:
-            notes.append(f"{key.replace('_', '.')}: not drawn ({exc})")
-            figures[key] = None
-    return figures
+            notes.append(f"{name}.png: not drawn ({exc})")
+            png[name] = None
+    text = laws_markdown(
+        result, *(png[n].name if png[n] is not None else None for n in ("laws", "frontier"))
+    )
+    return LawsWritten(result, png, text, *mlflow_values(result))
