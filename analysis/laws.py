@@ -58,7 +58,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.special import betaln, digamma, gammaln, polygamma
+from scipy.special import betaln, digamma, polygamma
 
 from analysis.curves import _is, _max_k, _returns_best, latent_steps, sample_steps
 from analysis.records import CONFIGURATION_KEY, Records, short_model
@@ -177,12 +177,13 @@ class Laws:
 
 def pass_at_k(n: np.ndarray, c: np.ndarray, k: int) -> np.ndarray:
     """The unbiased pass@k of problems with c of n samples correct: 1 - C(n-c, k) / C(n, k)
-    (Chen et al. 2021); k <= n."""
+    (Chen et al. 2021), k <= n, as the product prod_{i = n-c+1}^{n} (1 - k / i): exactly 0
+    when c = 0 and 1 when n - c < k."""
     n, c = np.asarray(n, float), np.asarray(c, float)
-    fail = n - c
-    with np.errstate(invalid="ignore"):
-        log_ratio = gammaln(fail + 1) - gammaln(fail - k + 1) - gammaln(n + 1) + gammaln(n - k + 1)
-    return np.where(fail < k, 1.0, 1.0 - np.exp(np.where(fail < k, 0.0, log_ratio)))
+    j = np.arange(int(c.max(initial=0)))[None, :]  # [1, max c]
+    i = (n - c + 1)[:, None] + j  # [P, max c]: n-c+1, ..., n (and beyond, masked)
+    terms = np.where(j < c[:, None], 1.0 - k / i, 1.0)
+    return np.where(n - c < k, 1.0, 1.0 - np.prod(terms, axis=1))
 
 
 def beta_pass_at_k(alpha, beta, k: np.ndarray) -> np.ndarray:
