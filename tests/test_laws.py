@@ -236,9 +236,10 @@ def test_frontier_names_the_best_configuration_and_the_crossover():
 
 
 def test_saturating_form_is_what_the_docstring_says():
-    # A - (A - a0) exp(-(x - x0) / s): a0 at x0, A - (A - a0) / e one scale later, A at infinity
-    assert saturating(np.array([2.0, 5.0, 1e9]), 70.0, 20.0, 3.0, 2.0) == pytest.approx(
-        [20.0, 70.0 - 50.0 / math.e, 70.0]
+    # A - (A - a0) exp(-(x - x0) / s): a0 at x0, then 1/e and 1/e^2 of the gap left one and two
+    # scales later, A at infinity
+    assert saturating(np.array([2.0, 5.0, 8.0, 1e9]), 70.0, 20.0, 3.0, 2.0) == pytest.approx(
+        [20.0, 70.0 - 50.0 / math.e, 70.0 - 50.0 / math.e**2, 70.0]
     )
 
 
