@@ -340,6 +340,7 @@ class _Family:
     counts: np.ndarray | None = None  # samples: [P] correct samples (failures: 0 of N)
     sizes: np.ndarray | None = None  # samples: [P] samples (failures: the largest N)
     sample_matrix: np.ndarray | None = None  # samples: [P, N] each sample's grade (NaN: none)
+    ungraded: bool = False  # samples: some record holds no per-sample grades (older records)
 
     def head(self) -> dict[str, str]:
         return {"label": self.label, "method": self.method, "dataset": self.dataset,
@@ -363,13 +364,14 @@ def _families(records: Records) -> list[_Family]:
             for i, x in enumerate(graded):
                 matrix[i, : len(x)] = x
             sizes = np.array([len(x) for x in graded])
-            failed = (g["error"] != "").to_numpy() | (sizes == 0)
+            failed = (g["error"] != "").to_numpy() | (g["samples"].map(len).to_numpy() == 0)
+            ungraded = bool(((sizes != g["samples"].map(len).to_numpy()) & ~failed).any())
             matrix[failed] = 0.0
             sizes = np.where(failed, width, sizes)
             out.append(_Family(**head, kind="samples", budgets=budgets,
                                correct=s["correct"][:, keep], tokens=s["tokens"][:, keep],
                                counts=np.nansum(matrix, axis=1), sizes=sizes,
-                               sample_matrix=matrix))  # fmt: skip
+                               sample_matrix=matrix, ungraded=ungraded))  # fmt: skip
         elif _is("iterations")(method):
             it = records.iterations
             it = it[(it["label"] == label) & (it["dataset"] == dataset) & (it["model"] == model)]
@@ -508,11 +510,11 @@ def _points(fam: _Family, law: str, x: np.ndarray, y: np.ndarray, idx: np.ndarra
     return [
         {**fam.head(), "law": law, "budget": float(b), "tokens": float(t), "value": float(v),
          "lo": float(a), "hi": float(z)}
-        for b, t, v, a, z in zip(x, fam_tokens(fam, x), value, lo, hi, strict=True)
+        for b, t, v, a, z in zip(x, _tokens_at(fam, x), value, lo, hi, strict=True)
     ]  # fmt: skip
 
 
-def fam_tokens(fam: _Family, budgets: np.ndarray) -> np.ndarray:
+def _tokens_at(fam: _Family, budgets: np.ndarray) -> np.ndarray:
     """Mean tokens per problem at each of `budgets` (the nearest recorded budget below)."""
     mean = fam.tokens.mean(axis=0)
     pos = np.clip(np.searchsorted(fam.budgets, budgets, side="right") - 1, 0, len(mean) - 1)
@@ -553,7 +555,12 @@ def fit_laws(records: Records, resamples: int = RESAMPLES, seed: int = SEED) -> 
         b = fam.budgets
         unit = {"samples": "n", "iterations": "k", "point": ""}[fam.kind]
         on = f"{unit} = {b.min():g}..{b.max():g}, {P} problems" if len(b) > 1 else f"{P} problems"
-        if fam.kind == "samples" and fam.sizes is not None and len(fam.sizes):
+        if fam.kind == "samples" and (fam.ungraded or not int(fam.sizes.min(initial=0))):
+            why = ("the records hold no per-sample grades (written before sample_correct)"
+                   if fam.ungraded else "no samples recorded")  # fmt: skip
+            laws += [Law(**fam.head(), law=name, form=form, fitted_on=on, refused=why)
+                     for name, form in (("coverage_power", POWER), ("coverage_beta", BETA))]  # fmt: skip
+        elif fam.kind == "samples":
             N = int(fam.sizes.min())
             ks = np.arange(1, N + 1)
             pk = _passk_matrix(fam.counts, fam.sizes, ks)
