@@ -555,7 +555,7 @@ def fit_laws(records: Records, resamples: int = RESAMPLES, seed: int = SEED) -> 
         b = fam.budgets
         unit = {"samples": "n", "iterations": "k", "point": ""}[fam.kind]
         on = f"{unit} = {b.min():g}..{b.max():g}, {P} problems" if len(b) > 1 else f"{P} problems"
-        if fam.kind == "samples" and (fam.ungraded or not int(fam.sizes.min(initial=0))):
+        if fam.kind == "samples" and (fam.ungraded or not len(fam.sizes) or fam.sizes.min() == 0):
             why = ("the records hold no per-sample grades (written before sample_correct)"
                    if fam.ungraded else "no samples recorded")  # fmt: skip
             laws += [Law(**fam.head(), law=name, form=form, fitted_on=on, refused=why)

@@ -191,6 +191,10 @@ def test_refusals_say_why(tmp_path):
     write(tmp_path / "few", latentseek_results(rng, 5), model="few")
     write(tmp_path / "flat", latentseek_results(rng, 12, a0=30.0, a_inf=30.0), model="flat")
     write(tmp_path / "never", sc_results(rng, 12, p=np.zeros(12)), model="never")
+    old = sc_results(rng, 12, p=np.full(12, 0.5))
+    for r in old:  # records written before per-sample grades were recorded
+        r.sample_correct, r.sample_groups = [], []
+    write(tmp_path / "old", old, model="old")
     result = fit_laws(load_records(tmp_path), resamples=20)
     refused = {(w.model, w.law): w.refused for w in result.laws}
     assert refused[("few", "accuracy_k")] == "5 problems (a law needs 8)"
@@ -199,6 +203,9 @@ def test_refusals_say_why(tmp_path):
         "no variation: no sample of any problem is correct"
     )
     assert refused[("never", "coverage_power")] == "no variation: 0.0% at every budget"
+    assert refused[("old", "coverage_beta")] == (
+        "the records hold no per-sample grades (written before sample_correct)"
+    )
     assert all(f.refused for f in result.forecasts)
     assert all(w.predict is None for w in result.laws if w.refused)
 
