@@ -591,12 +591,9 @@ def fit_laws(records: Records, resamples: int = RESAMPLES, seed: int = SEED) -> 
             w = _curve_law(fam, law, b[small], y[:, small], idx, f"{unit} <= {cut:g}")
             forecasts.append(_forecast(fam, laws[-1], w, float(b.max()), y[:, -1], idx))
             forecasts[-1].cut = cut
-        points += [
-            {**p, "law": "accuracy_compute"}
-            for p in _points(fam, "accuracy_compute", b, fam.correct, idx)
-        ]
+        points += _points(fam, "accuracy_compute", b, fam.correct, idx)
         laws.append(_curve_law(fam, "accuracy_compute", fam.tokens, fam.correct, idx,
-                               f"tokens per problem at {on}"))  # fmt: skip
+                               f"tokens per problem; {on}"))  # fmt: skip
         if len(b) > 1:
             small = b <= _cut(b)
             w = _curve_law(fam, "accuracy_compute", fam.tokens[:, small], fam.correct[:, small],
