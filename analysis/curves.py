@@ -47,13 +47,14 @@ LATENT_CURVE_COLUMNS = [
 ]  # fmt: skip
 
 
-def latent_curve(
+def latent_steps(
     g: pd.DataFrame, iterations: pd.DataFrame, max_k: int, best: bool = False
-) -> pd.DataFrame:
-    """Per k = 0..max_k for one configuration of an iterative method (problem rows `g`, their
-    iteration rows): accuracy, mean reward, share still iterating, tokens and FLOPs per problem.
-    `best` (the run's `return_best`): the answer after k steps is the best-rewarded of steps
-    0..k (ties: the earliest), as an executed run with K = k returns it; else the k-th.
+) -> dict[str, np.ndarray]:
+    """Per problem and k = 0..max_k for one configuration of an iterative method (problem rows
+    `g`, their iteration rows), each [P, K + 1]: `correct` (bool), `reward` (NaN: none),
+    `tokens`, `flops` and `running` (still iterating after k steps). `best` (the run's
+    `return_best`): the answer after k steps is the best-rewarded of steps 0..k (ties: the
+    earliest), as an executed run with K = k returns it; else the k-th.
 
     Tokens after k steps (k' = min(k, iterations)) are estimated from the recorded totals:
     solver prompt tokens + solver generated tokens x (answer tokens of iterations 0..k') /
@@ -91,20 +92,31 @@ def latent_curve(
     flops = g["flops"].to_numpy(float)[:, None]
     flops_k = np.divide(flops * tokens, recorded, out=np.broadcast_to(flops, tokens.shape).copy(),
                         where=recorded > 0)  # fmt: skip
+    return {"correct": correct, "reward": reward, "tokens": tokens, "flops": flops_k,
+            "running": ran_more}  # fmt: skip
+
+
+def latent_curve(
+    g: pd.DataFrame, iterations: pd.DataFrame, max_k: int, best: bool = False
+) -> pd.DataFrame:
+    """Per k = 0..max_k for one configuration of an iterative method: accuracy, mean reward,
+    share still iterating, tokens and FLOPs per problem: the means of `latent_steps`."""
+    s = latent_steps(g, iterations, max_k, best)
+    reward = s["reward"]
     has_reward = ~np.isnan(reward)
     counts = has_reward.sum(axis=0)
     with np.errstate(invalid="ignore"):
         mean_reward = np.where(counts > 0, np.nansum(reward, axis=0) / counts, np.nan)
     return pd.DataFrame(
         {
-            "k": ks,
+            "k": np.arange(max_k + 1),
             "problems": len(g),
-            "accuracy_pct": 100.0 * correct.mean(axis=0),
+            "accuracy_pct": 100.0 * s["correct"].mean(axis=0),
             "mean_reward": mean_reward,
             "reward_problems": counts,
-            "running_pct": 100.0 * ran_more.mean(axis=0),
-            "tokens_per_problem": tokens.mean(axis=0),
-            "flops_per_problem": flops_k.mean(axis=0),
+            "running_pct": 100.0 * s["running"].mean(axis=0),
+            "tokens_per_problem": s["tokens"].mean(axis=0),
+            "flops_per_problem": s["flops"].mean(axis=0),
         }
     )
 
@@ -167,29 +179,41 @@ def sample_correct(row: dict[str, Any], n: int) -> bool | None:
     return bool(graded[pick])
 
 
+def sample_steps(g: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Per problem and n = 1..N for one configuration of a sampling method, each [P, N]:
+    `correct` (the method's answer from the first n samples, `sample_correct`; NaN where the
+    records cannot say), `tokens` and `flops` (the recorded totals x n / N: each sample, and
+    its reward, costs alike)."""
+    rows_ = g.to_dict("records")
+    sizes = g["samples"].map(len).to_numpy(int)[:, None]  # [P, 1]
+    ns = np.arange(1, max(1, int(sizes.max())) + 1)[None, :]  # [1, N]
+    total = (g["solver_tokens"] + g["verifier_tokens"]).to_numpy(float)[:, None]
+    flops = g["flops"].to_numpy(float)[:, None]
+    share = np.where(sizes > 0, np.minimum(ns, sizes) / np.maximum(sizes, 1), 1.0)
+    correct = np.array(
+        [[np.nan if (c := sample_correct(row, n)) is None else float(c) for n in ns[0]]
+         for row in rows_],
+        dtype=float,
+    ).reshape(len(rows_), ns.shape[1])  # fmt: skip
+    return {"correct": correct, "tokens": total * share, "flops": flops * share}
+
+
 def sample_curve(g: pd.DataFrame) -> pd.DataFrame:
     """Per n = 1..N for one configuration of a sampling method: accuracy with the first n
-    samples, and tokens / FLOPs per problem scaled by n / N (each sample, and its reward, costs
-    alike). An n that the records cannot score (older records) is left out."""
-    rows_ = g.to_dict("records")
-    sizes = g["samples"].map(len).to_numpy(int)
-    total = (g["solver_tokens"] + g["verifier_tokens"]).to_numpy(float)
-    flops = g["flops"].to_numpy(float)
-    rows = []
-    for n in range(1, max(1, int(sizes.max())) + 1):
-        share = np.where(sizes > 0, np.minimum(n, sizes) / np.maximum(sizes, 1), 1.0)
-        correct = [sample_correct(row, n) for row in rows_]
-        if any(c is None for c in correct):
-            continue
-        rows.append(
-            {
-                "budget": n,
-                "problems": len(g),
-                "accuracy_pct": 100.0 * float(np.mean(correct)),
-                "tokens_per_problem": float((total * share).mean()),
-                "flops_per_problem": float((flops * share).mean()),
-            }
-        )
+    samples, and tokens / FLOPs per problem (the means of `sample_steps`). An n that the
+    records cannot score (older records) is left out."""
+    s = sample_steps(g)
+    rows = [
+        {
+            "budget": j + 1,
+            "problems": len(g),
+            "accuracy_pct": 100.0 * float(s["correct"][:, j].mean()),
+            "tokens_per_problem": float(s["tokens"][:, j].mean()),
+            "flops_per_problem": float(s["flops"][:, j].mean()),
+        }
+        for j in range(s["correct"].shape[1])
+        if not np.isnan(s["correct"][:, j]).any()
+    ]
     return pd.DataFrame(rows)
 
 

@@ -13,11 +13,16 @@
     tokens_changed.png, .csv  how many prefix tokens one latent step changed
     paper.md, paper.csv       our cells beside the paper's (arXiv 2505.13308 v3), its Tables 6
                               and 8 (`analysis.paper`)
+    laws.png, laws.csv        scaling laws fitted per configuration, with bootstrap intervals
+    law_points.csv            the points they were fitted to; forecasts.csv: the largest budget
+                              predicted from the small ones (`analysis.laws`)
+    frontier.png, .csv        the compute-optimal frontier: the best configuration per budget
 
 The pieces, each in its own module: the records read into labelled configurations
 (`analysis.records`), Table 1 with its intervals (`analysis.accuracy`), the curves after k steps,
 with n samples and against compute (`analysis.curves`); this module draws the figures, writes
-the files and report.md, and is the `latentseek report` command.
+the files and report.md, and is the `latentseek report` command. The scaling laws, their
+forecasts and the frontier are `analysis.laws`.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import pandas as pd
@@ -39,6 +44,7 @@ from analysis.curves import (
     tokens_changed_steps,
     tokens_changed_table,
 )
+from analysis.laws import write_laws
 from analysis.paper import comparison_table, paper_markdown
 from analysis.records import (
     SETTING_COLUMNS,
@@ -68,12 +74,22 @@ class ReportFiles:
     tokens_changed_csv: Path
     paper_md: Path
     paper_csv: Path
+    laws_csv: Path
+    law_points_csv: Path
+    forecasts_csv: Path
+    frontier_csv: Path
     scaling_png: Path | None = None
     compute_png: Path | None = None
     rewards_png: Path | None = None
     iterations_png: Path | None = None
     tokens_changed_png: Path | None = None
+    laws_png: Path | None = None
+    frontier_png: Path | None = None
     notes: tuple[str, ...] = ()
+    laws_section: str = ""  # the "Scaling laws" section (`analysis.laws.laws_markdown`)
+    # the laws as MLflow metrics and params (`analysis.laws.mlflow_values`), for a sweep's run
+    laws_metrics: dict[str, float] = field(default_factory=dict)
+    laws_params: dict[str, str] = field(default_factory=dict)
 
     def paths(self) -> list[Path]:
         """Every file written, report.md first."""
@@ -212,6 +228,7 @@ def write_report(run_dirs: Sequence[Path | str] | Path | str, out_dir: Path | st
 
     notes: list[str] = []
     figures = _figures(out, scaling, compute, iterations, steps, several, notes)
+    laws = write_laws(records, out, notes)
     files = ReportFiles(
         out_dir=out,
         report=out / "report.md",
@@ -223,7 +240,16 @@ def write_report(run_dirs: Sequence[Path | str] | Path | str, out_dir: Path | st
         tokens_changed_csv=out / "tokens_changed.csv",
         paper_md=paper_md,
         paper_csv=out / "paper.csv",
+        laws_csv=out / "laws.csv",
+        law_points_csv=out / "law_points.csv",
+        forecasts_csv=out / "forecasts.csv",
+        frontier_csv=out / "frontier.csv",
+        laws_png=laws.png["laws"],
+        frontier_png=laws.png["frontier"],
         notes=tuple(notes),
+        laws_section=laws.markdown,
+        laws_metrics=laws.metrics,
+        laws_params=laws.params,
         **figures,
     )
     files.report.write_text(_report_markdown(records, table, files))
@@ -285,6 +311,9 @@ def _report_markdown(records: Records, table: pd.DataFrame, files: ReportFiles) 
         "`compat` and prompt style); tokens and FLOPs are the recorded totals x n / N, "
         "as every sample and its reward cost alike on average. At n = N the point equals the "
         "Table 1 row. Numbers: `compute.csv`.\n\n",
+        "# Scaling laws\n\n",
+        files.laws_section,
+        "\n",
         "# Reward trajectories\n\n",
         _image(files, "rewards_png", "mean reward against k"),
         "Mean reward of the answer each problem would return if stopped after k steps, with "

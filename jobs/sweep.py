@@ -11,7 +11,9 @@ Resume: a point whose records are complete is skipped by `run_evaluation` itself
 so re-running the same command finishes what a crash left and redoes nothing. Derived points are
 computed from their executed point's records (`analysis.derive`) after every executed point.
 At the end the sweep's report (`analysis.report`) is written to `<sweep dir>/report/` and logged to
-the parent run, and `<sweep dir>/sweep.yaml` lists every point with its status and wall time.
+the parent run, its scaling laws also as the parent's metrics and params
+(`analysis.laws.mlflow_values`), and `<sweep dir>/sweep.yaml` lists every point with its status
+and wall time.
 
 Before anything starts, every executed point passes the run's preflight (`jobs.preflight`); the
 sweep then holds its directory's lock (`pipeline.run.rundir.hold_run_dir`; each point's evaluation
@@ -145,8 +147,11 @@ def _run_points(
     wall = time.perf_counter() - start
     starts = pool.starts if pool is not None else len([s for s in seconds if seconds[s] > 0])
     tracking.close_sweep_run(
-        points[0].cfg, parent, files, {"sweep_wall_seconds": wall, "worker_starts": starts},
-        tables={"report/table.json": pd.read_csv(report.table_csv)},
+        points[0].cfg, parent, files,
+        {"sweep_wall_seconds": wall, "worker_starts": starts, **report.laws_metrics},
+        tables={"report/table.json": pd.read_csv(report.table_csv),
+                "report/laws.json": pd.read_csv(report.laws_csv)},
+        params=report.laws_params,
     )  # fmt: skip
     uri = points[0].cfg.mlflow_tracking_uri  # every point's (`_placed`)
     return SweepSummary(sweep_dir, points, seconds, starts, parent, uri, files, wall)

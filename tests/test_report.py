@@ -194,7 +194,8 @@ def test_every_listed_file_exists(report):
     assert names == sorted(
         ["report.md", "table.md", "table.csv", "scaling.csv", "scaling.png", "compute.csv",
          "compute.png", "rewards.png", "iterations.csv", "iterations.png",
-         "tokens_changed.csv", "tokens_changed.png", "paper.md", "paper.csv"]
+         "tokens_changed.csv", "tokens_changed.png", "paper.md", "paper.csv", "laws.csv",
+         "law_points.csv", "forecasts.csv", "frontier.csv", "laws.png", "frontier.png"]
     )  # fmt: skip
     assert all(p.is_file() and p.stat().st_size > 0 for p in report.paths())
     assert report.notes == ()
@@ -309,7 +310,8 @@ def test_distributions_of_iterations_and_tokens_changed(report):
 def test_pngs_are_images_and_the_report_embeds_them(report):
     image = pytest.importorskip("PIL.Image")
     pngs = [report.scaling_png, report.compute_png, report.rewards_png,
-            report.iterations_png, report.tokens_changed_png]  # fmt: skip
+            report.iterations_png, report.tokens_changed_png, report.laws_png,
+            report.frontier_png]  # fmt: skip
     for png in pngs:
         with image.open(png) as im:
             im.verify()
@@ -319,7 +321,7 @@ def test_pngs_are_images_and_the_report_embeds_them(report):
     for png in pngs:
         assert f"]({png.name})" in text
     assert "| LatentSeek (PSRM, lr=0.03) | 100.0 [51.0, 100.0] (n=4) |" in text
-    assert text.count("Numbers: `") == 5  # one paragraph per figure says how it was computed
+    assert text.count("Numbers: `") == 7  # one paragraph per figure says how it was computed
 
 
 # --- a single run, no CoT run, no config ------------------------------------------------------

@@ -125,6 +125,11 @@ def test_sweep_runs_derives_and_resumes(tmp_path, local_ray):
     assert sorted(m.step for m in curve) == [0, 1]
     assert max(curve, key=lambda m: m.step).value == pytest.approx(derived["final_accuracy"])
     assert (sweep_dir / "report" / "report.md").is_file()
+    # The report's scaling laws on the sweep's run: with 2 problems each law says why it refused.
+    refusals = {k: v for k, v in client.get_run(first.mlflow_run_id).data.params.items()
+                if k.startswith("law.")}  # fmt: skip
+    assert "law.LatentSeek_PSRM_lr_0.01.accuracy_k.refused" in refusals
+    assert set(refusals.values()) == {"2 problems (a law needs 8)"}
 
     # Re-running the same sweep redoes nothing: no new records, no new MLflow runs.
     shards = sorted(p.name for p in (sweep_dir / "tiny-lr_0.01-max_iters_2" / "problems").iterdir())

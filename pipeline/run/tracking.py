@@ -710,12 +710,14 @@ def close_sweep_run(
     files: Sequence[Path | str],
     scalars: Mapping[str, float],
     tables: Mapping[str, pd.DataFrame] | None = None,
+    params: Mapping[str, str] | None = None,
 ) -> None:
-    """Log the sweep's report files (and `tables` as MLflow tables) and totals to its parent
-    run and mark it finished."""
+    """Log the sweep's report files (and `tables` as MLflow tables), totals and `params` (the
+    scaling laws' forms, for one) to its parent run and mark it finished."""
     with _quiet():
         client, _ = _client_and_experiment(cfg)
         _log_metrics(client, parent, {k: float(v) for k, v in scalars.items()})
+        _log_params(client, parent, {k: str(v) for k, v in (params or {}).items()})
         _log_files(client, parent, files)
         for artifact_file, frame in (tables or {}).items():
             _log_table(client, parent, artifact_file, frame)
