@@ -134,6 +134,8 @@ def stop_on_signals() -> Iterator[_StopSignals]:
         yield signals
     finally:
         signals.restore()
+
+
 LINE_EVERY_S = 30.0  # off a terminal (Ray Jobs logs, files): one progress line this often ...
 LINE_EVERY_FRACTION = 0.1  # ... or each time this share of the records has come in
 
