@@ -20,7 +20,8 @@ NOT_OURS = (*ABSENT, "tqdm")  # tqdm comes with transformers, but our probe must
 
 # Installed first in the child (a sitecustomize on its path): an absent module cannot be imported
 # and `importlib.util.find_spec` finds none (as where it is not installed: accelerate asks), and
-# at exit the child lists the project's modules it loaded.
+# at exit the child lists the project's modules it loaded (not the packages of a venv that
+# lies inside the checkout, as `make setup`'s .venv does).
 BLOCKER = """
 import atexit, json, os, sys
 for name in {absent!r}:
@@ -29,7 +30,8 @@ def _loaded():
     root = {root!r}
     files = sorted({{getattr(m, "__file__", None) or "" for m in list(sys.modules.values())}})
     with open(os.environ["PROBE_LOADED"], "w") as fh:
-        json.dump([f for f in files if f.startswith(root)], fh)
+        ours = tuple(os.path.join(root, d) + os.sep for d in ("pipeline", "jobs", "analysis"))
+        json.dump([f for f in files if f.startswith(ours) and f.endswith(".py")], fh)
 atexit.register(_loaded)
 """
 
