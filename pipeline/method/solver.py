@@ -25,7 +25,13 @@ import torch
 from pipeline.benchmarks import prompt_suffix
 from pipeline.data import Problem
 from pipeline.engine.backends import make_backend
-from pipeline.engine.backends.base import Backend, GenerationRequest, GenerationResult, Task
+from pipeline.engine.backends.base import (
+    Backend,
+    GenerationRequest,
+    GenerationResult,
+    Task,
+    capture_mismatch,
+)
 from pipeline.engine.model import LoadedModel, load_model
 from pipeline.method.compat import decode_rules, make_grader
 from pipeline.method.grading import GRADE_STATUSES, Grade, GradingError
@@ -255,6 +261,8 @@ class Solver:
         text = self.decode(out.tokens)
         r.cot_answer, r.cot_length = text, len(out.tokens)
         r.cot_correct = self.correct(p, text)
+        if out.hidden is not None:
+            r.capture_mismatch = capture_mismatch(self.head, out.hidden, out.tokens)
         return out
 
 
