@@ -99,6 +99,22 @@ class Solver:
             torch.set_num_threads(cfg.threads)
         return cls(cfg, load_model(cfg))
 
+    def reconfigure(self, cfg: Any) -> Solver:
+        """A solver for `cfg` (a sweep's next point) on this solver's model, which it replaces:
+        it keeps this backend when the backend `serves(cfg)` as it is (one serving engine per
+        process for its whole life), and otherwise closes it before the new one starts."""
+        serves = getattr(self.backend, "serves", None)
+        if serves is not None and serves(cfg):
+            return Solver(cfg, self.loaded, backend=self.backend)
+        self.close()
+        return Solver(cfg, self.loaded)
+
+    def close(self) -> None:
+        """Free the backend's engine, if it holds one (the model stays loaded)."""
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
+
     # -------------------------------------------------------------------------------------
     def run(
         self,

@@ -156,10 +156,10 @@ class EvalWorker:
 
     def _configure(self, cfg: Any) -> None:
         """Run the next work with `cfg` (a sweep's next point) on the model already loaded;
-        the driver reuses a worker only for configs that load the same model (MODEL role)."""
-        from pipeline.method.solver import Solver
-
-        self.solver = Solver(self._local(cfg), self.solver.loaded)
+        the driver reuses a worker only for configs that load the same model (MODEL role). A
+        serving engine (backend=vllm) is kept when it serves `cfg` as it is, else closed first:
+        one engine in this process at a time."""
+        self.solver = self.solver.reconfigure(self._local(cfg))
         self.settings = cfg
 
     def info(self) -> dict[str, Any]:
@@ -241,9 +241,13 @@ class EvalWorker:
             return self.name, [error] * len(problems)
         if settings is not None and settings != self.settings:
             self._configure(settings)
+        from pipeline.engine.backends.base import EngineError
+
         hooks = progress_hooks(progress)
         try:
             return self.name, list(self.solver.run(method, problems, **hooks))
+        except EngineError:
+            self._end_engine()
         except Exception:  # noqa: BLE001 - isolate the failing problem(s) below
             if len(problems) == 1:
                 return self.name, [traceback.format_exc(limit=8)]
@@ -251,9 +255,17 @@ class EvalWorker:
         for p in problems:
             try:
                 outcomes.extend(self.solver.run(method, [p], **hooks))
+            except EngineError:
+                self._end_engine()
             except Exception:  # noqa: BLE001 - recorded as the problem's error
                 outcomes.append(traceback.format_exc(limit=8))
         return self.name, outcomes
+
+    def _end_engine(self) -> None:
+        """The engine failed and its state is unknown (`EngineError`): end this process, so the
+        driver re-queues the batch and Ray restarts the worker with a clean engine (as a lost
+        rank does, `_end_replica`)."""
+        os._exit(1)
 
 
 RANK_WAIT_S = 300.0  # rank 0 of a replica waits this long for the others once it is done

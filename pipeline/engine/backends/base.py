@@ -95,6 +95,11 @@ class Backend(Protocol):
         ...
 
 
+class EngineError(RuntimeError):
+    """The engine itself failed (not one request): its state is unknown, so nothing more may run
+    in this process. A Ray worker ends its process on it, and Ray starts a clean one."""
+
+
 def check_fits(r: GenerationRequest, max_positions: int) -> None:
     """Raise ValueError when `r` is empty or prompt + prefix + budget exceed the context
     (`max_positions`; 0: unknown, not checked)."""
