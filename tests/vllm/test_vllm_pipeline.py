@@ -72,7 +72,7 @@ def test_a_two_point_sweep_reuses_one_engine(local_ray, vllm_cfg, monkeypatch):
             assert worker.solver.cfg.lr == cfg.lr
         assert len(starts) == 1 and worker.solver.backend is starts[0]
         # a point with other engine arguments gets a new engine, the old one closed first
-        other = points[1].replace(vllm_engine_args={"max_model_len": 2048})
+        other = points[1].replace(vllm_engine_args={"max_model_len": 4096})  # ours: 2048
         assert not worker.solver.backend.serves(other)
     finally:
         worker.solver.close()
