@@ -48,6 +48,7 @@ def derived_metrics(
                 "cot_accuracy",
                 "mean_initial_reward",
                 "grade_timeouts",
+                "capture_mismatch",
             )
             if key in row and row[key] is not None and np.isfinite(row[key])
         }

@@ -41,6 +41,7 @@ SUMMARY_COLUMNS = [
     "flops_per_problem",
     "problems_per_hour",
     "grade_timeouts",
+    "capture_mismatch",
 ]
 CURVE_COLUMNS = ["method", "iteration", "accuracy"]
 REWARD_CURVE_COLUMNS = ["method", "iteration", "mean_reward"]
@@ -72,7 +73,8 @@ def summary_table(problems: pd.DataFrame) -> pd.DataFrame:
     problem ran no iteration); reward means skip problems without a reward (NaN if none has one).
     `problems_per_hour` is 3600 / mean_wall_seconds: one worker's throughput on that method.
     `grade_timeouts`: problems one of whose answers math-verify did not grade in time (counted
-    wrong; `grade_status`).
+    wrong; `grade_status`). `capture_mismatch`: captured positions whose z_t does not predict
+    the CoT's token, summed over the problems that captured (0 expected; NaN if none did).
     """
     rows = []
     for method, g in problems.groupby("method", sort=False):
@@ -94,9 +96,16 @@ def summary_table(problems: pd.DataFrame) -> pd.DataFrame:
                 "grade_timeouts": int(
                     (g.get("grade_status", pd.Series(dtype=object)) == "timeout").sum()
                 ),
+                "capture_mismatch": _nansum(g.get("capture_mismatch", pd.Series(dtype=float))),
             }
         )
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+def _nansum(values: pd.Series) -> float:
+    arr = pd.to_numeric(values, errors="coerce").astype(float).to_numpy()
+    arr = arr[~np.isnan(arr)]
+    return float(arr.sum()) if arr.size else float("nan")
 
 
 def _nanmean(values: pd.Series) -> float:

@@ -139,6 +139,12 @@ class Config:
         "compat=reference); 'vllm' (vLLM's engine) is being added (docs/backends.md)",
         roles=(RESULT, MODEL),
     )
+    vllm_engine_args: dict = _f(
+        {},
+        "backend=vllm: vLLM engine arguments over ours (a mapping, e.g. "
+        "'{max_model_len: 8192, gpu_memory_utilization: 0.8}'; docs/backends.md)",
+        roles=(MODEL,),
+    )
     device_map: Literal["", "auto"] = _f(
         "",
         "'auto': spread the layers over the GPUs of one worker (gpus_per_worker > 1), for "
@@ -535,6 +541,8 @@ def _type_name(tp: Any) -> str:
         return "one of " + ", ".join(map(repr, get_args(tp)))
     if get_origin(tp) is list:
         return "a list of " + _type_name(get_args(tp)[0])
+    if tp is dict:
+        return "a mapping"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -574,6 +582,14 @@ def _coerce(name: str, raw: str, tp: Any) -> Any:
             return [_coerce(name, str(i), get_args(tp)[0]) for i in items]
         if origin is Literal:
             return text
+        if tp is dict:
+            try:
+                mapping = yaml.safe_load(text) if text else {}
+            except yaml.YAMLError:
+                raise ValueError from None
+            if not isinstance(mapping, dict):
+                raise ValueError
+            return mapping
         if tp is bool:
             low = text.lower()
             if low in ("true", "1", "yes", "on"):

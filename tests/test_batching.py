@@ -121,3 +121,47 @@ def test_rows_that_stop_free_their_place_for_queued_work(gen):
 def test_max_rows_must_be_positive(gen):
     with pytest.raises(ValueError, match="max_rows"):
         run_continuous(gen, [], 0)
+
+
+def test_merge_frees_the_old_caches_layer_by_layer(gen, monkeypatch):
+    # The live KV buffers, counted at every allocation during a merge: the merged cache plus at
+    # most one layer of the two old ones (the old merge held both caches whole beside the new
+    # one: 2x the KV cache at its peak).
+    import weakref
+
+    from pipeline.engine import generation
+
+    live: list[tuple[weakref.ref, int]] = []
+    peak = [0]
+    allocate = generation._kv_buffer
+
+    def counted(like, shape):
+        buf = allocate(like, shape)
+        live[:] = [(ref, n) for ref, n in live if ref() is not None]
+        live.append((weakref.ref(buf), buf.nbytes))
+        peak[0] = max(peak[0], sum(n for _, n in live))
+        return buf
+
+    monkeypatch.setattr(generation, "_kv_buffer", counted)
+    running, _ = gen.open([GenerationRequest(p, 12) for p in PROMPTS[:3]])
+    for _ in range(3):
+        running.step()
+    fresh, _ = gen.open([GenerationRequest(p, 12) for p in PROMPTS[3:]])
+
+    def nbytes(layer) -> int:
+        return layer._keys_buffer.nbytes + layer._values_buffer.nbytes
+
+    old = [nbytes(a) + nbytes(b) for a, b in zip(running.cache.layers, fresh.cache.layers)]
+    peak[0] = 0
+    merged = running.merge(fresh)
+    new = sum(nbytes(layer) for layer in merged.cache.layers)
+    assert len(old) == 2 and peak[0] <= new + max(old)  # the old caches' largest layer
+    assert peak[0] < new + sum(old)  # not both caches whole
+    assert running.cache is None and fresh.cache is None  # consumed
+    # the merged batch decodes what the rows decode alone
+    done = []
+    while merged.rows:
+        done += merged.step()
+    by_prompt = {tuple(row.request.prompt_ids): row.result.tokens for row in done}
+    for p in PROMPTS:
+        assert by_prompt[tuple(p)] == gen.generate([GenerationRequest(p, 12)])[0].tokens

@@ -244,3 +244,38 @@ def test_one_device_to_host_transfer_per_decode_step(gen, monkeypatch):
         batch.step()
         steps.append(list(calls))
     assert len(steps) == 8 and all(s == ["tolist"] for s in steps), steps
+
+
+def _sample_one(logits, temperature, top_p, generator, top_k=0):
+    """The per-row draw the engine made before sampling was batched (one sort per row)."""
+    scaled = logits.float() / temperature
+    if 0 < top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        cum = sorted_probs.cumsum(-1)
+        sorted_probs[cum - sorted_probs > top_p] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator)[0])
+
+
+def test_batched_sampling_draws_what_each_row_draws_alone():
+    # Rows with their own temperature, top_k and top_p, sampled at once: the same tokens and the
+    # same generator states as a multinomial per row, over 50 steps of random logits.
+    from pipeline.engine.generation import Row, _sample
+
+    settings = [(1.0, 1.0, 0), (0.7, 0.9, 0), (1.3, 1.0, 5), (0.5, 0.5, 40), (1.0, 0.99, 1)]
+    logits_gen = torch.Generator().manual_seed(0)
+    rows, alone = [], []
+    for i, (t, p, k) in enumerate(settings):
+        req = GenerationRequest([1], 1, sample=True, temperature=t, top_p=p, top_k=k, seed=i)
+        rows.append(Row(i, req, None, set(), torch.Generator().manual_seed(i)))
+        alone.append(torch.Generator().manual_seed(i))
+    for _ in range(50):
+        logits = torch.randn(len(rows), 300, generator=logits_gen) * 4
+        batched = _sample(logits, rows).tolist()
+        single = [_sample_one(logits[i], t, p, alone[i], k) for i, (t, p, k) in enumerate(settings)]
+        assert batched == single
+    assert all(torch.equal(r.sampler.get_state(), g.get_state()) for r, g in zip(rows, alone))

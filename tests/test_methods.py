@@ -377,3 +377,25 @@ def test_a_grading_failure_is_the_problems_error():
     (r,) = solver.run("cot", [problem()])
     assert r.grade_status == "error" and r.error.startswith("GradingError: math-verify failed")
     assert r.final_correct is False
+
+
+def test_capture_mismatch_is_zero_on_the_native_engine():
+    # The CoT's captured z_t are the states the engine chose x_t from: none may disagree.
+    (r,), _ = run([-1.0, -1.0, -1.0, -1.0])
+    assert r.update_length == 8 and r.capture_mismatch == 0
+    (c,), _ = run([-1.0], method="cot")  # nothing captured: no count
+    assert c.capture_mismatch is None
+
+
+def test_capture_mismatch_counts_positions_whose_z_predicts_another_token():
+    from pipeline.engine.backends.base import capture_mismatch
+
+    loaded = tiny_loaded()
+    solver = Solver(make_cfg(), loaded)
+    (out,) = solver.backend.generate([GenerationRequest([5, 6, 7], 6, capture=6)])
+    assert capture_mismatch(solver.head, out.hidden, out.tokens) == 0
+    wrong = list(out.tokens)
+    wrong[2] = (wrong[2] + 1) % 256
+    wrong[4] = (wrong[4] + 1) % 256
+    assert capture_mismatch(solver.head, out.hidden, wrong) == 2
+    assert capture_mismatch(solver.head, out.hidden[:3], wrong) == 1  # only captured positions

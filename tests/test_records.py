@@ -72,7 +72,7 @@ def make_results(dataset: str = "gsm8k", prefix: str = "") -> list[ProblemResult
         iterations=2, update_length=4, cot_length=40, final_length=12, stop_reason="threshold",
         iteration_stats=[_stats(1, -0.5, False), _stats(2, -0.1, True)],
         compute=Compute(100, 50, 30, 20, forward_calls=7, flops=1e9, wall_seconds=2.0),
-        device="cuda:0", dtype="bfloat16",
+        device="cuda:0", dtype="bfloat16", capture_mismatch=0,
     )  # fmt: skip
     p2 = ProblemResult(
         problem_id="p2", dataset=dataset, method="latentseek", question="2+2?", gold="4",
@@ -85,7 +85,7 @@ def make_results(dataset: str = "gsm8k", prefix: str = "") -> list[ProblemResult
         cot_answer="6", final_answer="7", final_extracted="7", cot_correct=True,
         final_correct=False, initial_reward=-0.9, rewards=[-0.6], iterations=1,
         stop_reason="max_iters", iteration_stats=[_stats(1, -0.6, False)],
-        compute=Compute(wall_seconds=1.0),
+        compute=Compute(wall_seconds=1.0), capture_mismatch=2,
     )  # fmt: skip
     p4 = ProblemResult(
         problem_id="p4", dataset=dataset, method="latentseek", question="?", gold="0",
@@ -380,9 +380,10 @@ def test_device_and_dtype_are_recorded_and_older_shards_read_as_null(store):
     assert schema.field("device").type == pa.string() and schema.field("dtype").nullable
 
     # A shard written before the columns existed: same schema without device and dtype.
-    old_schema = pa.schema([f for f in PROBLEM_SCHEMA if f.name not in ("device", "dtype")])
+    gone = ("device", "dtype", "capture_mismatch")
+    old_schema = pa.schema([f for f in PROBLEM_SCHEMA if f.name not in gone])
     row = problem_row(make_results(prefix="old-")[1], RUN, MODEL, "w9", 1)
-    del row["device"], row["dtype"]
+    del row["device"], row["dtype"], row["capture_mismatch"]
     old_iter = iteration_rows(make_results(prefix="old-")[1], RUN)
     store._write_pair(
         "part-00000000000000000000-old.parquet",
@@ -394,6 +395,8 @@ def test_device_and_dtype_are_recorded_and_older_shards_read_as_null(store):
     ).names.count("device")
     problems = store.read_problems().set_index(["problem_id", "method"])
     assert len(problems) == 6 and pd.isna(problems.loc[("old-p2", "latentseek"), "device"])
+    assert pd.isna(problems.loc[("old-p2", "latentseek"), "capture_mismatch"])
+    assert problems.loc[("p3", "latentseek"), "capture_mismatch"] == 2
     assert store.distinct("device") == {"cuda:0", ""} and store.distinct("dtype") == {
         "bfloat16",
         "",
@@ -437,9 +440,11 @@ def test_summary_table_by_hand(store):
     assert ls["tokens_per_problem"] == 50  # (150 + 50) / 4
     assert ls["mean_wall_seconds"] == 1.0 and ls["problems_per_hour"] == 3600
     assert ls["flops_per_problem"] == 0.25e9
+    assert ls["capture_mismatch"] == 2  # p1 0 + p3 2; p2, p4 captured nothing
     cot = summary.loc["cot"]
     assert cot["problems"] == 1 and cot["final_accuracy"] == 0
     assert math.isnan(cot["mean_initial_reward"]) and math.isnan(cot["mean_final_reward"])
+    assert math.isnan(cot["capture_mismatch"])
 
 
 def test_accuracy_by_iteration_carries_the_last_answer_forward(store):

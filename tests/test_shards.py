@@ -327,3 +327,26 @@ def test_a_replica_larger_than_any_node_stops_with_what_it_needs(shard_ray, tmp_
         RunError, match=r"tensor_parallel=4 needs 4 x \{.CPU.: 1\} on one node"
     ):  # 3 CPUs
         run_evaluation(cfg, progress=False, log=lambda m: None)
+
+
+def test_deepspeed_shards_a_model_that_stays_on_the_host(tmp_path, monkeypatch):
+    # AutoTP gets the model on the host and places the shards itself; the whole model never goes
+    # to the rank's device first (a model larger than one GPU could not load). "meta" stands in
+    # for the GPU here: where the weights were when init_inference got them, and where they end.
+    deepspeed = pytest.importorskip("deepspeed")
+    from conftest import make_tiny_model
+
+    from pipeline.engine.shards import FullGradientHead, load_sharded
+
+    make_tiny_model().save_pretrained(tmp_path)
+    seen = []
+
+    def init_inference(model, **kwargs):
+        seen.append({p.device.type for p in model.parameters()})
+        return type("Engine", (), {"module": model})()
+
+    monkeypatch.setattr(deepspeed, "init_inference", init_inference)
+    model = load_sharded(str(tmp_path), torch.float32, "meta", 2, "deepspeed")
+    assert seen == [{"cpu"}]
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert isinstance(model.get_output_embeddings(), FullGradientHead)

@@ -374,7 +374,9 @@ class DecodeBatch:
     def merge(self, other: DecodeBatch) -> DecodeBatch:
         """This batch's rows followed by `other`'s, in new buffers: each batch's used columns are
         right-aligned at the wider of the two widths, with room for every row's remaining
-        tokens."""
+        tokens. Both batches are consumed: layer by layer, their buffers are freed as soon as
+        they are copied, so the peak is the merged cache plus one layer of the old ones (not
+        both caches whole)."""
         if not other.rows:
             return self
         if not self.rows:
@@ -386,11 +388,16 @@ class DecodeBatch:
         for mine, theirs in zip(self.cache.layers, other.cache.layers):
             merged = []
             for a, b in ((mine.keys, theirs.keys), (mine.values, theirs.values)):
-                buf = a.new_zeros((a.shape[0] + b.shape[0], a.shape[1], capacity, a.shape[3]))
+                shape = (a.shape[0] + b.shape[0], a.shape[1], capacity, a.shape[3])
+                buf = _kv_buffer(a, shape)
                 buf[: a.shape[0], :, width - self.width : width] = a[:, :, : self.width]
                 buf[a.shape[0] :, :, width - other.width : width] = b[:, :, : other.width]
                 merged.append(buf)
+            del a, b
+            mine.release()
+            theirs.release()
             layers.append(_BufferLayer(merged[0], merged[1], width))
+        self.cache = other.cache = None
         cache = DynamicCache(config=self.gen.model.config)
         cache.layers = layers
         mask = self.mask.new_zeros((len(self.rows) + len(other.rows), capacity))
@@ -405,6 +412,12 @@ class DecodeBatch:
             torch.cat([self.next_pos, other.next_pos]),
             torch.cat([self.z, other.z]),
         )
+
+
+def _kv_buffer(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A zeroed KV cache buffer of `shape` with `like`'s dtype and device: every batch cache's
+    buffer is made here (the tests count the live ones around a merge)."""
+    return like.new_zeros(shape)
 
 
 class _BufferLayer(DynamicLayer):
@@ -441,6 +454,10 @@ class _BufferLayer(DynamicLayer):
         self._values_buffer = self._values_buffer[indices]
         self._views()
 
+    def release(self) -> None:
+        """Drop this layer's buffers (a merge has copied them)."""
+        self._keys_buffer = self._values_buffer = self.keys = self.values = None
+
 
 def _preallocated_cache(config: Any, states: Sequence[PromptState], capacity: int) -> DynamicCache:
     """A batch cache whose layers hold each prompt right-aligned at `max(length)` in buffers of
@@ -450,8 +467,8 @@ def _preallocated_cache(config: Any, states: Sequence[PromptState], capacity: in
     for layer in range(len(states[0].keys)):
         ref_k, ref_v = states[0].keys[layer], states[0].values[layer]
         b, heads = len(states), ref_k.shape[0]
-        keys = ref_k.new_zeros((b, heads, capacity, ref_k.shape[2]))
-        values = ref_v.new_zeros((b, heads, capacity, ref_v.shape[2]))
+        keys = _kv_buffer(ref_k, (b, heads, capacity, ref_k.shape[2]))
+        values = _kv_buffer(ref_v, (b, heads, capacity, ref_v.shape[2]))
         for row, s in enumerate(states):
             keys[row, :, p_max - s.length : p_max] = s.keys[layer]
             values[row, :, p_max - s.length : p_max] = s.values[layer]
@@ -477,7 +494,7 @@ def _cache_layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]
 def _choose(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
     """Each row's next token, [b] on the device: the argmax, after the row's repetition penalty
     (HF's rule: a seen token's logit divided by the penalty if positive, else multiplied), or a
-    draw from the row's own seeded generator."""
+    draw from the row's own seeded generator (`_sample`, all sampled rows at once)."""
     penalised = [b for b, row in enumerate(rows) if row.seen is not None]
     if penalised:
         logits = logits.clone()
@@ -487,31 +504,40 @@ def _choose(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
             penalty = rows[b].request.repetition_penalty
             logits[b, ids] = torch.where(values > 0, values / penalty, values * penalty)
     chosen = logits.argmax(dim=-1)  # [b]
-    for b, row in enumerate(rows):
-        if row.sampler is not None:
-            req = row.request
-            chosen[b] = _sample(logits[b], req.temperature, req.top_p, row.sampler, req.top_k)
+    sampled = [b for b, row in enumerate(rows) if row.sampler is not None]
+    if sampled:
+        index = torch.tensor(sampled, device=logits.device)
+        chosen[index] = _sample(logits[index], [rows[b] for b in sampled])
     return chosen
 
 
-def _sample(
-    logits: torch.Tensor,  # [V] in the head's dtype
-    temperature: float,
-    top_p: float,
-    generator: torch.Generator,
-    top_k: int = 0,
-) -> torch.Tensor:
-    """A draw from softmax(logits / temperature), restricted to the top_k logits (0: all, then
-    renormalised) and to the smallest set of tokens whose mass reaches top_p."""
-    scaled = logits.float() / temperature
-    if 0 < top_k < scaled.shape[-1]:
-        kth = torch.topk(scaled, top_k).values[-1]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+def _sample(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
+    """A draw per row from softmax(logits / temperature), restricted to the row's top_k logits
+    (0: all, then renormalised) and to the smallest set of tokens whose mass reaches its top_p:
+    [n, V] in the head's dtype -> [n]. Batched over the rows (one softmax, one top-k, one sort
+    when a row asks for top_p); only the noise is per row, from the row's own generator:
+    argmax(p / q), q ~ Exp(1) over the vocabulary, which is `torch.multinomial(p, 1)`'s own
+    draw (the same tokens and generator states as a per-row multinomial)."""
+    n, vocab = logits.shape
+    device = logits.device
+    reqs = [row.request for row in rows]
+    temperature = torch.tensor([r.temperature for r in reqs], device=device)[:, None]
+    scaled = logits.float() / temperature  # [n, V]
+    ks = [r.top_k if 0 < r.top_k < vocab else 0 for r in reqs]
+    if any(ks):
+        top = torch.topk(scaled, max(ks), dim=-1).values  # [n, max k], descending
+        kth = top.gather(1, torch.tensor([max(k, 1) - 1 for k in ks], device=device)[:, None])
+        limited = torch.tensor([k > 0 for k in ks], device=device)[:, None]
+        scaled = scaled.masked_fill(limited & (scaled < kth), float("-inf"))
     probs = torch.softmax(scaled, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
+    if any(r.top_p < 1.0 for r in reqs):
+        top_p = torch.tensor([r.top_p for r in reqs], device=device)[:, None]
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
         cum = sorted_probs.cumsum(-1)
-        cut = cum - sorted_probs > top_p  # drop tokens once the mass before them exceeds top_p
-        sorted_probs[cut] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator)[0]
+        # drop tokens once the mass before them exceeds top_p (rows with top_p = 1 keep all)
+        cut = (cum - sorted_probs > top_p) & (top_p < 1.0)
+        probs = torch.zeros_like(probs).scatter_(1, order, sorted_probs.masked_fill(cut, 0.0))
+    noise = torch.stack(
+        [torch.empty(vocab, device=device).exponential_(1, generator=row.sampler) for row in rows]
+    )  # [n, V]
+    return (probs / noise).argmax(dim=-1)

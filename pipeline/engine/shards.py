@@ -147,15 +147,17 @@ def load_sharded(path: str, dtype: torch.dtype, device: torch.device, world: int
             "shard_backend=deepspeed needs the deepspeed package, built against this torch: "
             "DS_BUILD_OPS=0 pip install --no-build-isolation 'deepspeed>=0.19' (make setup does)"
         ) from exc
+    # The whole model stays on the host: AutoTP slices its weights there and DeepSpeed moves
+    # this rank's shards (and the unsplit rest) to the rank's current device (`join_group` set
+    # it), so a model larger than one GPU loads.
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **kw)
-    model.to(device)
     model.eval()
     model.requires_grad_(False)
     unsharded = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     engine = deepspeed.init_inference(
         model, tensor_parallel={"tp_size": world}, dtype=dtype, replace_with_kernel_inject=False
     )
-    model = engine.module
+    model = engine.module.to(device)  # already there: only this rank's shard is moved
     model.set_output_embeddings(FullGradientHead(model.get_output_embeddings()))
     model.requires_grad_(False)
     model.unsharded_parameters = unsharded  # the FLOP estimate counts the whole model

@@ -78,6 +78,9 @@ class ProblemResult:
     sample_groups: list[int] = field(default_factory=list)  # sc: equivalent-answer group, -1 none
     unparsed_verdicts: int = 0  # self-reward verifier outputs without a verdict
     grade_status: str = "ok"  # the worst of its grades: ok | timeout (counted wrong) | error
+    # Captured positions whose z_t does not predict the token the CoT holds there
+    # (argmax(head(z_t)) != x_t); 0 expected on every backend. None: nothing was captured.
+    capture_mismatch: int | None = None
     compute: Compute = field(default_factory=Compute)
     device: str = ""  # the resolved device the problem ran on ("cpu", "cuda:0")
     dtype: str = ""  # the resolved weights dtype ("float32", "bfloat16")

@@ -26,7 +26,13 @@ import torch
 from pipeline.benchmarks import prompt_suffix
 from pipeline.data import Problem
 from pipeline.engine.backends import make_backend
-from pipeline.engine.backends.base import Backend, GenerationRequest, GenerationResult, Task
+from pipeline.engine.backends.base import (
+    Backend,
+    GenerationRequest,
+    GenerationResult,
+    Task,
+    capture_mismatch,
+)
 from pipeline.engine.model import LoadedModel, load_model
 from pipeline.method.compat import decode_rules, make_grader
 from pipeline.method.grading import GRADE_STATUSES, Grade, GradingError
@@ -93,6 +99,22 @@ class Solver:
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         return cls(cfg, load_model(cfg))
+
+    def reconfigure(self, cfg: Any) -> Solver:
+        """A solver for `cfg` (a sweep's next point) on this solver's model, which it replaces:
+        it keeps this backend when the backend `serves(cfg)` as it is (one serving engine per
+        process for its whole life), and otherwise closes it before the new one starts."""
+        serves = getattr(self.backend, "serves", None)
+        if serves is not None and serves(cfg):
+            return Solver(cfg, self.loaded, backend=self.backend)
+        self.close()
+        return Solver(cfg, self.loaded)
+
+    def close(self) -> None:
+        """Free the backend's engine, if it holds one (the model stays loaded)."""
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
 
     # -------------------------------------------------------------------------------------
     def run(
@@ -259,6 +281,8 @@ class Solver:
         text = self.decode(out.tokens)
         r.cot_answer, r.cot_length = text, len(out.tokens)
         r.cot_correct = self.correct(p, text)
+        if out.hidden is not None:
+            r.capture_mismatch = capture_mismatch(self.head, out.hidden, out.tokens)
         return out
 
 

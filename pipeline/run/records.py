@@ -111,6 +111,10 @@ PROBLEM_SCHEMA = pa.schema(
         # The worst of the problem's grades: ok, timeout (math-verify did not decide in time: the
         # answer counts as wrong) or error; null in records written before this column existed.
         _opt("grade_status", pa.string()),
+        # Captured positions (LatentSeek's CoT) whose z_t does not predict the CoT's token there
+        # (argmax(head(z_t)) != x_t; 0 expected); null when nothing was captured, and in records
+        # written before this column existed.
+        _opt("capture_mismatch", pa.int64()),
         _req("worker", pa.string()),
         _req("attempts", pa.int64()),
         _req("error", pa.string()),  # "" when the problem ran to completion
@@ -198,6 +202,7 @@ def problem_row(result: ProblemResult, run_id: str, model: str, worker: str, att
         "wall_seconds": float(c.wall_seconds),
         "unparsed_verdicts": int(result.unparsed_verdicts),
         "grade_status": result.grade_status,
+        "capture_mismatch": result.capture_mismatch,
         "worker": worker,
         "attempts": int(attempts),
         "error": result.error,

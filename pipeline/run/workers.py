@@ -169,10 +169,10 @@ class EvalWorker:
 
     def _configure(self, cfg: Any) -> None:
         """Run the next work with `cfg` (a sweep's next point) on the model already loaded;
-        the driver reuses a worker only for configs that load the same model (MODEL role)."""
-        from pipeline.method.solver import Solver
-
-        self.solver = Solver(self._local(cfg), self.solver.loaded)
+        the driver reuses a worker only for configs that load the same model (MODEL role). A
+        serving engine (backend=vllm) is kept when it serves `cfg` as it is, else closed first:
+        one engine in this process at a time."""
+        self.solver = self.solver.reconfigure(self._local(cfg))
         self.settings = cfg
 
     def info(self) -> dict[str, Any]:
@@ -274,9 +274,13 @@ class EvalWorker:
             finished.put(("result", r))
 
         def work() -> None:
+            from pipeline.engine.backends.base import EngineError
+
             try:
                 self.solver.run(method, problems, on_done, hooks.get("on_iteration"))
                 finished.put(("end", None))
+            except EngineError:
+                self._end_engine()
             except BaseException:  # noqa: BLE001 - the unfinished problems run one by one
                 finished.put(("raised", traceback.format_exc(limit=8)))
 
@@ -299,9 +303,13 @@ class EvalWorker:
             return
 
     def _one(self, method: str, problem: Problem, hooks: dict[str, Any]) -> Any:
+        from pipeline.engine.backends.base import EngineError
+
         try:
             (result,) = self.solver.run(method, [problem], **hooks)
             return result
+        except EngineError:
+            self._end_engine()
         except Exception:  # noqa: BLE001 - recorded as the problem's error
             return traceback.format_exc(limit=8)
 
@@ -326,13 +334,23 @@ class EvalWorker:
     ) -> tuple[str, list[Any]]:
         if (fault := self._prepare(settings)) is not None:
             return self.name, [fault] * len(problems)
+        from pipeline.engine.backends.base import EngineError
+
         hooks = progress_hooks(progress)
         try:
             return self.name, list(self.solver.run(method, problems, **hooks))
+        except EngineError:
+            self._end_engine()
         except Exception:  # noqa: BLE001 - isolate the failing problem(s) below
             if len(problems) == 1:
                 return self.name, [traceback.format_exc(limit=8)]
         return self.name, [self._one(method, p, hooks) for p in problems]
+
+    def _end_engine(self) -> None:
+        """The engine failed and its state is unknown (`EngineError`): end this process, so the
+        driver re-queues the batch and Ray restarts the worker with a clean engine (as a lost
+        rank does, `_end_replica`)."""
+        os._exit(1)
 
 
 RANK_WAIT_S = 300.0  # rank 0 of a replica waits this long for the others once it is done

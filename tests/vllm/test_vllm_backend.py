@@ -1,7 +1,11 @@
 """backend=vllm against the native engine (fp32, CPU, the embedded SmolLM2): tokens, z_t, seeds,
-stop ids, max_new_tokens=0, forced prefixes and continuous batching of tasks."""
+stop ids, max_new_tokens=0, forced prefixes and continuous batching of tasks. Requests that
+capture z decode on the native engine by default (capture="native"); the tests of vLLM's own
+tokens with z from an HF prefill switch the session's backend to capture="prefill" (`route`)."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -15,6 +19,16 @@ pytestmark = pytest.mark.vllm
 TOKENS = 48  # the first 48 CoT tokens of GSM8K rows 0..3 agree between the engines (measured)
 
 
+@contextlib.contextmanager
+def route(backend, capture: str):
+    """Where `backend` decodes capture requests, for the duration."""
+    before, backend.capture_on = backend.capture_on, capture
+    try:
+        yield backend
+    finally:
+        backend.capture_on = before
+
+
 @pytest.fixture(scope="module")
 def native_cot(native_generator, boxed_prompts):
     return native_generator.generate(
@@ -24,9 +38,10 @@ def native_cot(native_generator, boxed_prompts):
 
 @pytest.fixture(scope="module")
 def vllm_cot(vllm_backend, boxed_prompts):
-    return vllm_backend.generate(
-        [GenerationRequest(p, TOKENS, capture=TOKENS) for p in boxed_prompts]
-    )
+    with route(vllm_backend, "prefill"):
+        return vllm_backend.generate(
+            [GenerationRequest(p, TOKENS, capture=TOKENS) for p in boxed_prompts]
+        )
 
 
 def test_greedy_tokens_equal_native(native_cot, vllm_cot):
@@ -44,13 +59,15 @@ def test_captured_z_equals_native(native_cot, vllm_cot, vllm_backend):
         assert vllm_backend.logits(v.hidden).argmax(-1).tolist() == v.tokens
 
 
-def test_capture_shorter_than_answer_and_longer(vllm_backend, boxed_prompts, native_cot):
-    short, long_ = vllm_backend.generate(
-        [
-            GenerationRequest(boxed_prompts[0], 12, capture=5),
-            GenerationRequest(boxed_prompts[0], 6, capture=50),
-        ]
-    )
+@pytest.mark.parametrize("capture", ["native", "prefill"])
+def test_capture_shorter_than_answer_and_longer(vllm_backend, boxed_prompts, native_cot, capture):
+    with route(vllm_backend, capture):
+        short, long_ = vllm_backend.generate(
+            [
+                GenerationRequest(boxed_prompts[0], 12, capture=5),
+                GenerationRequest(boxed_prompts[0], 6, capture=50),
+            ]
+        )
     assert short.hidden.shape[0] == 5 and long_.hidden.shape[0] == 6
     assert float((short.hidden - native_cot[0].hidden[:5]).abs().max()) < 1e-4
     assert float((long_.hidden - native_cot[0].hidden[:6]).abs().max()) < 1e-4
@@ -101,7 +118,9 @@ def test_stop_ids_like_native(vllm_backend, native_generator, boxed_prompts, nat
     k = cot.index(stop)
     stops = frozenset({stop, 49000})
     reqs = [GenerationRequest(boxed_prompts[0], TOKENS, stop_ids=stops, capture=TOKENS)]
-    v, n = vllm_backend.generate(reqs)[0], native_generator.generate(reqs)[0]
+    with route(vllm_backend, "prefill"):
+        v = vllm_backend.generate(reqs)[0]
+    n = native_generator.generate(reqs)[0]
     assert v.tokens == n.tokens == cot[: k + 1]  # the stop token is kept
     assert v.finish_reason == n.finish_reason == "eos"
     assert v.hidden.shape == n.hidden.shape and float((v.hidden - n.hidden).abs().max()) < 1e-4
@@ -130,7 +149,9 @@ def test_forced_prefix_continuation_like_native(
         top2 = torch.topk(native_generator.logits(cot.hidden[5]), 2).indices.tolist()
         prefix[5] = top2[1]  # the runner-up: a perturbed prefix, as after a latent step
         reqs.append(GenerationRequest(p, 24, prefix_ids=prefix, capture=4))
-    v, n = vllm_backend.generate(reqs), native_generator.generate(reqs)
+    with route(vllm_backend, "prefill"):
+        v = vllm_backend.generate(reqs)
+    n = native_generator.generate(reqs)
     for a, b in zip(v, n):
         assert a.tokens == b.tokens
         assert float((a.hidden - b.hidden).abs().max()) < 1e-4
@@ -205,4 +226,52 @@ def test_failing_task_leaves_the_engine_clean(vllm_backend, boxed_prompts):
     with pytest.raises(RuntimeError, match="boom"):
         vllm_backend.run([bad(), slow()], max_rows=4)
     assert not vllm_backend.engine.has_unfinished_requests()
+    assert len(vllm_backend.generate([GenerationRequest(boxed_prompts[0], 2)])[0].tokens) == 2
+
+
+def test_capture_requests_decode_on_the_native_engine(
+    vllm_backend, native_generator, boxed_prompts, native_cot
+):
+    # capture="native": z is the state each token was chosen from; the other requests of the
+    # same batch go to vLLM as before.
+    from pipeline.engine.backends.base import capture_mismatch
+
+    requests_before = vllm_backend.stats["requests"]
+    got = vllm_backend.generate(
+        [GenerationRequest(p, TOKENS, capture=TOKENS) for p in boxed_prompts]
+        + [GenerationRequest(boxed_prompts[0], 6)]
+    )
+    assert vllm_backend.stats["requests"] == requests_before + 1  # only the last went to vLLM
+    for v, n in zip(got, native_cot):
+        assert v.tokens == n.tokens and torch.equal(v.hidden, n.hidden)
+        assert capture_mismatch(vllm_backend.logits, v.hidden, v.tokens) == 0
+        assert v.prompt_state is None  # continuations run on vLLM
+    assert got[-1].tokens == native_cot[0].tokens[:6]
+
+
+def test_max_model_len_is_the_runs_need_and_every_check_uses_it(vllm_backend, vllm_cfg):
+    from pipeline.engine.backends.vllm import needed_model_len
+
+    model_limit = vllm_backend.model.config.max_position_embeddings  # 8192 for SmolLM2
+    need = needed_model_len(vllm_cfg, model_limit)  # 1024 + 1024 + 256, rounded up
+    assert need == 3072 < model_limit
+    assert vllm_backend.max_positions == vllm_backend.engine.model_config.max_model_len == need
+    assert vllm_backend.engine_kwargs["enforce_eager"] is True  # CPU
+    with pytest.raises(ValueError, match="context \\(3072\\)"):
+        vllm_backend.generate([GenerationRequest([1, 2, 3], need)])
+
+
+def test_a_failed_engine_step_is_an_engine_error(vllm_backend, boxed_prompts, monkeypatch):
+    from pipeline.engine.backends.base import EngineError
+
+    def broken():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    engine = vllm_backend.engine
+    monkeypatch.setattr(engine, "step", broken)
+    with pytest.raises(EngineError, match="illegal memory access"):
+        vllm_backend.generate([GenerationRequest(boxed_prompts[0], 3)])
+    monkeypatch.undo()
+    while engine.has_unfinished_requests():  # what the failed run left (a worker would exit)
+        engine.step()
     assert len(vllm_backend.generate([GenerationRequest(boxed_prompts[0], 2)])[0].tokens) == 2

@@ -29,6 +29,54 @@ def test_every_method_runs_on_vllm(vllm_loaded, vllm_backend, vllm_cfg, method):
     results = Solver(cfg, vllm_loaded, backend=vllm_backend).run(method, _problems())
     assert [r.error for r in results] == ["", "", ""]
     assert all(r.final_answer and r.cot_answer for r in results)
+    if method == "latentseek":  # z belongs to the CoT's tokens
+        assert [r.capture_mismatch for r in results] == [0, 0, 0]
+
+
+def test_capture_mismatch_is_zero_with_z_from_the_prefill_in_fp32(
+    vllm_loaded, vllm_backend, vllm_cfg
+):
+    from pipeline.method.solver import Solver
+
+    cfg = vllm_cfg.replace(method=["latentseek"], reward="self", backend="vllm", **SMALL)
+    before, vllm_backend.capture_on = vllm_backend.capture_on, "prefill"
+    try:
+        results = Solver(cfg, vllm_loaded, backend=vllm_backend).run("latentseek", _problems())
+    finally:
+        vllm_backend.capture_on = before
+    assert [r.capture_mismatch for r in results] == [0, 0, 0]
+
+
+def test_a_two_point_sweep_reuses_one_engine(local_ray, vllm_cfg, monkeypatch):
+    # What a worker does for a sweep: its first point in the constructor, the next one sent
+    # with the batch (`settings`): one engine in the process, kept for the second point.
+    from pipeline.engine.backends.vllm import VllmBackend
+    from pipeline.run.workers import EvalWorker
+
+    starts = []
+    start = VllmBackend._start_engine
+
+    def counted(self):
+        starts.append(self)
+        return start(self)
+
+    monkeypatch.setattr(VllmBackend, "_start_engine", counted)
+    point = vllm_cfg.replace(backend="vllm", method=["latentseek"], reward="self", **SMALL)
+    points = [point.replace(lr=0.05), point.replace(lr=0.1)]
+    worker = EvalWorker(points[0])
+    assert worker.start_error == ""
+    try:
+        for cfg in points:
+            _, outcomes = worker.run("latentseek", _problems()[:1], settings=cfg)
+            assert outcomes[0].error == "" and outcomes[0].capture_mismatch == 0
+            assert worker.solver.cfg.lr == cfg.lr
+        assert len(starts) == 1 and worker.solver.backend is starts[0]
+        # a point with other engine arguments gets a new engine, the old one closed first
+        other = points[1].replace(vllm_engine_args={"max_model_len": 4096})  # ours: 2048
+        assert not worker.solver.backend.serves(other)
+    finally:
+        worker.solver.close()
+    assert starts[0].engine is None
 
 
 def test_latentseek_trajectory_equals_native_where_the_cot_agrees(

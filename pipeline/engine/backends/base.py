@@ -95,6 +95,11 @@ class Backend(Protocol):
         ...
 
 
+class EngineError(RuntimeError):
+    """The engine itself failed (not one request): its state is unknown, so nothing more may run
+    in this process. A Ray worker ends its process on it, and Ray starts a clean one."""
+
+
 def check_fits(r: GenerationRequest, max_positions: int) -> None:
     """Raise ValueError when `r` is empty or prompt + prefix + budget exceed the context
     (`max_positions`; 0: unknown, not checked)."""
@@ -106,3 +111,18 @@ def check_fits(r: GenerationRequest, max_positions: int) -> None:
             f"prompt ({len(r.prompt_ids)}) + prefix ({len(r.prefix_ids)}) + "
             f"max_new_tokens ({r.max_new_tokens}) exceeds the model's context ({max_positions})"
         )
+
+
+@torch.no_grad()
+def capture_mismatch(
+    head: Any,  # the backend's LM head (`Backend.logits`): [..., D] -> [..., V]
+    hidden: torch.Tensor,  # [n, D] the captured z_1..z_n
+    tokens: Sequence[int],  # the decoded tokens, at least n of them
+) -> int:
+    """How many captured positions t have argmax(head(z_t)) != x_t: 0 when z belongs to the
+    greedy tokens (what the latent step assumes; a sampled or penalised request may differ)."""
+    n = hidden.shape[0]
+    if n == 0:
+        return 0
+    predicted = head(hidden).argmax(-1).cpu()  # [n]
+    return int((predicted != torch.tensor(list(tokens[:n]), dtype=torch.long)).sum())

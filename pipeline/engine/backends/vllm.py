@@ -5,8 +5,18 @@ of the latent step.
 One engine per backend, in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`: `LLMEngine.step()`
 runs one scheduler + model step here, with no engine-core process and no busy loop), on the same
 weights as the loaded HF model: its local directory (for `model=embedded`, the safetensors cache
-that `pipeline.engine.model` writes). Eager mode (`enforce_eager`) and an explicit KV cache size by
-default: on CPU, vLLM's default compile step costs minutes at start-up for a few % of speed.
+that `pipeline.engine.model` writes; a hub id's snapshot in the local HF cache). A worker keeps
+one backend for its life (`serves`: a sweep's next point with the same engine arguments reuses
+it; `close` frees it). Engine arguments (`default_engine_kwargs`, then `vllm_engine_args`):
+- `max_model_len`: what the run needs (a prompt allowance + the answer and verifier budgets,
+  rounded up), not the model's 128k positions; read back from the engine as `max_positions`,
+  which every context check uses;
+- on a GPU, `gpu_memory_utilization` = (free now, the HF copy resident, - a margin) / total,
+  measured just before the engine starts (vLLM refuses to start below it), CUDA graphs on, the KV
+  pool vLLM's own sizing; on CPU, eager mode (vLLM's CPU compile step costs minutes at start-up
+  for a few % of speed) and an explicit KV cache that holds one full-length request.
+A failed engine step raises `EngineError` (the worker ends its process; Ray starts a clean one);
+a request that ends other than by a stop token or its budget is an error (`finish_reason`).
 
 Request semantics (`GenerationRequest`):
 - the vLLM prompt is `prompt_ids + prefix_ids` (the forced prefix is fed, not decoded); prefix
@@ -20,9 +30,12 @@ Request semantics (`GenerationRequest`):
   not the native engine's draws); `repetition_penalty` is vLLM's (the same rule as HF's);
 - `max_new_tokens=0` never reaches the engine (vLLM wants max_tokens >= 1): empty tokens,
   "length", nothing run;
-- `capture=n`: z_t for the first n decoded tokens comes from one forward pass of the HF model
-  over prompt + prefix + those tokens (the base model's `last_hidden_state`, post final norm),
-  batched over the capture requests that finish in the same engine step;
+- `capture=n` (capture="native", the default): the request decodes on the native engine over
+  the same resident model, in its own continuous batch stepped beside vLLM's, so z_t is the
+  state x_t was chosen from (argmax(head(z_t)) = x_t in every dtype: `capture_mismatch` 0).
+  capture="prefill": vLLM decodes it, and z_t comes from one forward pass of the HF model over
+  prompt + prefix + those tokens (post final norm), batched over the capture requests that finish
+  in the same engine step; in bf16 its argmax can differ from vLLM's token at near-ties;
 - `prompt_state` / `keep_prompt_state` are ignored (`prompt_state=None`): vLLM's prefix cache
   plays that role.
 
@@ -35,12 +48,14 @@ engine steps the request took part in, counting a chunked long prefill as one.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import random
 import time
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -48,13 +63,25 @@ import torch
 
 from pipeline.engine.backends.base import (
     Capabilities,
+    EngineError,
     GenerationRequest,
     GenerationResult,
     Task,
     check_fits,
 )
 from pipeline.engine.batching import Waiting, advance, run_static
-from pipeline.engine.generation import eos_token_ids, head_logits, kv_bytes_per_token
+from pipeline.engine.generation import (
+    DecodeBatch,
+    Generator,
+    eos_token_ids,
+    head_logits,
+    kv_bytes_per_token,
+)
+
+# Where the requests that capture z (LatentSeek's CoT) decode: "native", the native engine on
+# the same resident model (z is the state each token was chosen from); "prefill", vLLM, then one
+# HF forward pass over prompt + answer for z (in bf16 its argmax may differ at near-ties).
+CAPTURE_ROUTES = ("native", "prefill")
 
 # Tokens per capture prefill chunk (rows x longest row), bounding the attention buffers.
 CAPTURE_CHUNK_TOKENS = 16384
@@ -76,7 +103,9 @@ def requirement() -> str:
 
 
 def model_directory(loaded: Any, cfg: Any) -> str:
-    """The local directory (or hub id) holding the loaded model's weights, for vLLM."""
+    """The local directory holding the loaded model's weights, for vLLM. A hub id is resolved to
+    its snapshot in the local Hugging Face cache (downloading only with `allow_download`), so vLLM
+    never fetches anything of its own."""
     spec = getattr(cfg, "model", "") if cfg is not None else ""
     if spec == "embedded" or str(spec).endswith(".gguf"):
         from pipeline.engine.model import _gguf_file, gguf_cache_dir
@@ -88,32 +117,100 @@ def model_directory(loaded: Any, cfg: Any) -> str:
     )
     if not name:
         raise ValueError("backend=vllm: cannot tell where the loaded model's weights are")
-    return str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    from huggingface_hub import snapshot_download
+
+    allow = bool(getattr(cfg, "allow_download", False))
+    return snapshot_download(name, local_files_only=not allow)
 
 
-def default_engine_kwargs(loaded: Any, cfg: Any) -> dict[str, Any]:
-    """vLLM engine arguments for this model and config (override any with `engine_kwargs`)."""
+# The run's longest prompt is not known when the engine starts: this many tokens are allowed for
+# it (GSM8K, MATH-500 and AIME prompts are well under), on top of the answer and verifier budgets.
+# A longer prompt is refused per problem by the context check; `vllm_engine_args` may raise it.
+PROMPT_ALLOWANCE = 1024
+CONTEXT_ROUND = 1024  # max_model_len is a multiple of this (or the model's own limit)
+# Left free on the GPU when the engine is sized (`gpu_memory_utilization`): the HF copy's
+# activations (the capture pass, the latent step) and allocator slack.
+GPU_MARGIN_BYTES = 2 << 30
+
+
+def needed_model_len(cfg: Any, max_positions: int) -> int:
+    """The context the run needs: a prompt (`PROMPT_ALLOWANCE`) + the answer budget + the
+    verifier budget (a verifier's prompt holds the question and the answer), rounded up to
+    `CONTEXT_ROUND`, at most the model's `max_positions` (0: unknown)."""
+    answer = int(getattr(cfg, "max_new_tokens", 0) or 0)
+    verifier = int(getattr(cfg, "verifier_budget", 0) or 0)
+    need = PROMPT_ALLOWANCE + answer + verifier
+    need = -(-need // CONTEXT_ROUND) * CONTEXT_ROUND
+    return min(need, max_positions) if max_positions else need
+
+
+def gpu_memory_utilization(device: torch.device, margin: int = GPU_MARGIN_BYTES) -> float:
+    """The share of the GPU that vLLM may take: what is free now (the HF copy already resident)
+    minus `margin`, over the total. vLLM refuses to start when free memory is below
+    `gpu_memory_utilization` x total, whatever its KV cache size."""
+    free, total = torch.cuda.mem_get_info(device)
+    share = (free - margin) / total
+    if share < 0.05:
+        raise RuntimeError(
+            f"backend=vllm: {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB on {device} "
+            f"after loading the model; the engine needs room for its own copy and a KV cache "
+            "(a smaller model or dtype, or backend=native)"
+        )
+    return int(share * 1000) / 1000  # rounded down
+
+
+def default_engine_kwargs(
+    loaded: Any, cfg: Any, device: torch.device | None = None, measure: bool = True
+) -> dict[str, Any]:
+    """vLLM engine arguments for this model and config, before `vllm_engine_args` (the user's,
+    which win). On a GPU the engine takes what is free now (`gpu_memory_utilization`) and sizes
+    its KV cache from that, with CUDA graphs; on CPU it runs eager (vLLM's CPU compile step costs
+    minutes at start-up) with an explicit KV cache."""
+    device = device if device is not None else next(loaded.model.parameters()).device
     max_positions = int(getattr(loaded.model.config, "max_position_embeddings", 0) or 0)
-    max_model_len = max_positions or 4096
+    max_model_len = needed_model_len(cfg, max_positions)
     max_num_seqs = int(getattr(cfg, "batch_size", 32) or 32)
-    # KV cache: every row at min(context, 2048) tokens, at least 512 MiB.
-    per_token = kv_bytes_per_token(loaded.model)
-    kv_bytes = max(512 << 20, per_token * max_num_seqs * min(max_model_len, 2048))
-    dtype = str(loaded.dtype).removeprefix("torch.")
-    return {
-        "dtype": dtype,
+    kwargs: dict[str, Any] = {
+        "dtype": str(loaded.dtype).removeprefix("torch."),
         "enable_prefix_caching": True,
-        # The prefix cache reuses whole blocks: at vLLM's CPU default of 128 tokens a prompt
-        # shorter than that (most GSM8K prompts) is never reused; 32 is the CPU kernels' least.
-        "block_size": 32,
-        "enforce_eager": True,
         "max_model_len": max_model_len,
         "max_num_seqs": max_num_seqs,
-        "kv_cache_memory_bytes": kv_bytes,
         "seed": int(getattr(cfg, "seed", 0) or 0),
         "disable_log_stats": True,
         "trust_remote_code": bool(getattr(cfg, "trust_remote_code", False)),
     }
+    if device.type == "cuda":
+        if measure:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization(device)
+        return kwargs
+    # KV cache: every row at min(context, 2048) tokens, and one row at the full context (vLLM
+    # refuses a pool that cannot hold one), at least 512 MiB.
+    per_token = kv_bytes_per_token(loaded.model)
+    rows = max(max_model_len, max_num_seqs * min(max_model_len, 2048))
+    kwargs.update(
+        # The prefix cache reuses whole blocks: at vLLM's CPU default of 128 tokens a prompt
+        # shorter than that (most GSM8K prompts) is never reused; 32 is the CPU kernels' least.
+        block_size=32,
+        enforce_eager=True,
+        kv_cache_memory_bytes=max(512 << 20, per_token * rows),
+    )
+    return kwargs
+
+
+# Engine arguments measured when the engine starts, not asked for by the config.
+MEASURED = ("gpu_memory_utilization",)
+
+
+def engine_kwargs_for(
+    loaded: Any, cfg: Any, device: torch.device | None = None, measure: bool = True
+) -> dict[str, Any]:
+    """`default_engine_kwargs` with the config's `vllm_engine_args` over them (a user's own
+    `gpu_memory_utilization` is taken as it is, not measured)."""
+    extra = dict(getattr(cfg, "vllm_engine_args", None) or {})
+    measure = measure and "gpu_memory_utilization" not in extra
+    return {**default_engine_kwargs(loaded, cfg, device, measure), **extra}
 
 
 class VllmBackend:
@@ -121,8 +218,14 @@ class VllmBackend:
     capabilities = Capabilities(exact_reference=False, prompt_state=False, static_batching=True)
 
     def __init__(
-        self, loaded: Any, cfg: Any = None, engine_kwargs: dict[str, Any] | None = None
+        self,
+        loaded: Any,
+        cfg: Any = None,
+        engine_kwargs: dict[str, Any] | None = None,
+        capture: str = "native",
     ) -> None:
+        if capture not in CAPTURE_ROUTES:
+            raise ValueError(f"capture={capture!r}: allowed {', '.join(CAPTURE_ROUTES)}")
         if getattr(cfg, "tensor_parallel", 1) > 1 or getattr(cfg, "device_map", ""):
             raise ValueError("backend=vllm runs one whole model per worker (tensor_parallel=1)")
         self.loaded = loaded
@@ -135,15 +238,34 @@ class VllmBackend:
             raise ValueError("the model and tokenizer define no EOS token id")
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.device = next(self.model.parameters()).device
-        self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
         self.stats = {"engine_steps": 0, "requests": 0, "capture_passes": 0, "capture_rows": 0}
+        self.capture_on = capture
+        self.native = Generator(self.model, self.tokenizer)  # capture="native": z's requests
         self.path = model_directory(loaded, cfg)
-        kwargs = default_engine_kwargs(loaded, cfg)
-        kwargs.update(engine_kwargs or {})
-        self.engine_kwargs = kwargs
         self.start_seconds = 0.0
         self._ids = itertools.count()
+        self._extra = dict(engine_kwargs or {})
+        # Measured (gpu_memory_utilization) just before the engine starts, the HF copy resident.
+        self.engine_kwargs = {**engine_kwargs_for(loaded, cfg, self.device), **self._extra}
+        self._shape = self._engine_shape(cfg)
         self.engine = self._start_engine()
+        # The context every check uses: the engine's own (max_model_len, not the model's).
+        self.max_positions = int(self.engine.model_config.max_model_len)
+
+    def _engine_shape(self, cfg: Any) -> dict[str, Any]:
+        """The engine arguments `cfg` asks for, except those measured at start-up."""
+        kwargs = {**engine_kwargs_for(self.loaded, cfg, self.device, measure=False), **self._extra}
+        return {k: v for k, v in kwargs.items() if k not in MEASURED}
+
+    def serves(self, cfg: Any) -> bool:
+        """Whether this engine can run `cfg` as its own would (a sweep's next point on the same
+        model): same backend, same engine arguments. The worker then keeps it instead of
+        starting a second engine in its process."""
+        return (
+            getattr(cfg, "backend", "") == self.name
+            and self.engine is not None
+            and self._engine_shape(cfg) == self._shape
+        )
 
     # -------------------------------------------------------------------------------------
     def _start_engine(self) -> Any:
@@ -175,12 +297,17 @@ class VllmBackend:
         return engine
 
     def close(self) -> None:
-        """Shut the engine down (frees its KV cache)."""
+        """Shut the engine down and free its weights and KV cache (idempotent)."""
         engine, self.engine = getattr(self, "engine", None), None
-        if engine is not None:
-            shutdown = getattr(engine.engine_core, "shutdown", None)
-            if shutdown is not None:
-                shutdown()
+        if engine is None:
+            return
+        shutdown = getattr(engine.engine_core, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+        del engine
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # -------------------------------------------------------------------------------------
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -224,7 +351,18 @@ class VllmBackend:
         completion = out.outputs[0]
         tokens = [int(t) for t in completion.token_ids]
         stops = r.stop_ids or self.eos_ids
-        finish = "eos" if tokens and tokens[-1] in stops else "length"
+        # vLLM's reason: "stop" (a stop token, kept as the last), "length" (max_tokens reached);
+        # anything else ("abort", or a row cut short by the engine's context) is not an answer.
+        reason = completion.finish_reason
+        if reason == "stop" and tokens and tokens[-1] in stops:
+            finish = "eos"
+        elif reason == "length" and len(tokens) == r.max_new_tokens:
+            finish = "length"
+        else:
+            raise RuntimeError(
+                f"vLLM ended a request with finish_reason={reason!r} after {len(tokens)} of "
+                f"{r.max_new_tokens} tokens (stop_reason={completion.stop_reason!r})"
+            )
         cached = int(out.num_cached_tokens or 0)
         fed = len(r.prompt_ids) + len(r.prefix_ids)
         return GenerationResult(
@@ -310,13 +448,21 @@ class VllmBackend:
                 waiting = Waiting(task)
                 submit(waiting, advance(task, None))
             self._drive(queue, inflight, deliver, max_rows)
+        except EngineError:
+            inflight.clear()  # nothing to abort on an engine that failed
+            raise
         finally:
             if inflight:  # a task or a request failed: nothing of this run stays in the engine
                 self.engine.abort_request(list(inflight))
 
     def _drive(self, queue: deque, inflight: dict, deliver: Any, max_rows: int) -> None:
-        """Admit queued requests (up to `max_rows` in the engine), step, deliver, repeat."""
-        while queue or inflight:
+        """Admit queued requests (up to `max_rows` in the engine; with `capture="native"` the
+        capture requests to the native engine's own batch, up to `max_rows` rows), step both,
+        deliver, repeat."""
+        native = self.capture_on == "native"
+        side: deque[tuple[Waiting, int]] = deque()  # capture requests for the native engine
+        batch = DecodeBatch.empty(self.native)
+        while queue or inflight or side or batch.rows:
             immediate = []
             while queue and len(inflight) < max_rows:
                 waiting, index = queue.popleft()
@@ -325,22 +471,49 @@ class VllmBackend:
                     immediate.append(
                         (waiting, index, GenerationResult(tokens=[], finish_reason="length"))
                     )
+                elif native and request.capture:
+                    side.append((waiting, index))
                 else:
                     inflight[self._add(request)] = (waiting, index)
             if immediate:
                 deliver(immediate)
                 continue  # delivering may have queued more work
-            outputs = self.engine.step()
-            self.stats["engine_steps"] += 1
+            if side and len(batch) < max_rows:
+                taken = [side.popleft() for _ in range(min(max_rows - len(batch), len(side)))]
+                # No prompt handle: continuations run on vLLM, which has its prefix cache.
+                requests = [
+                    replace(w.requests[i], prompt_state=None, keep_prompt_state=False)
+                    for w, i in taken
+                ]
+                fresh, done = self.native.open(requests, handles=taken)
+                batch = batch.merge(fresh)
+                deliver([(*row.handle, row.result) for row in done])
+                continue
             finished = []
-            for out in outputs:
-                if not out.finished or out.request_id not in inflight:
-                    continue
-                waiting, index = inflight.pop(out.request_id)
-                request = waiting.requests[index]
-                finished.append((waiting, index, self._result(request, out)))
-            self.capture([(w.requests[i], res) for w, i, res in finished if w.requests[i].capture])
+            if inflight:
+                finished += self._step(inflight)
+            if batch.rows:
+                finished += [(*row.handle, row.result) for row in batch.step()]
             deliver(finished)
+
+    def _step(self, inflight: dict) -> list[tuple[Waiting, int, GenerationResult]]:
+        """One engine step: the requests it finished, with z captured for those that ask."""
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:
+            # The engine's state is unknown after a failed step (a CUDA error, out of memory, a
+            # dead core): no later request may run on it.
+            raise EngineError(f"vLLM engine step failed: {exc!r}") from exc
+        self.stats["engine_steps"] += 1
+        finished = []
+        for out in outputs:
+            if not out.finished or out.request_id not in inflight:
+                continue
+            waiting, index = inflight.pop(out.request_id)
+            request = waiting.requests[index]
+            finished.append((waiting, index, self._result(request, out)))
+        self.capture([(w.requests[i], res) for w, i, res in finished if w.requests[i].capture])
+        return finished
 
     def _run_static(self, tasks: Sequence[Task]) -> None:
         run_static(self, tasks)  # rounds of one `generate` each, as the native engine's
