@@ -159,7 +159,7 @@ def test_every_config_key_declares_its_roles():
         "cpus_per_worker", "gpus_per_worker", "ray_address", "max_worker_restarts",
         "max_retries", "batch_timeout_s", "output_dir", "run_id", "mlflow_tracking_uri",
         "mlflow_experiment", "paper_model", "retry_errors", "device_memory_gib",
-        "allow_code_change",
+        "allow_code_change", "vllm_engine_args",
     }  # fmt: skip
     assert keys_with(DERIVABLE) == ("max_iters", "n_samples")
     assert keys_with(BATCHING) == ("batch_size", "batching", "task_size")
