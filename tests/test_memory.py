@@ -90,8 +90,8 @@ def test_vllm_plan_holds_two_copies_and_a_pool_of_at_least_one_full_context():
     vllm = plan_memory(shape, "bfloat16", load, backend="vllm")
     items = {what: b for what, b, _ in vllm.items}
     assert items["HF copy: weights"] == items["vLLM: weights"] == shape.parameters() * 2
-    assert load.context == 2048  # 1793 tokens rounded up to 256
-    assert items["vLLM: KV pool"] == 2048 * 128 * 1024  # one row: a full context at 128 KiB
+    assert load.context == 3072  # 1024 (prompt allowance) + 1024 + 256, rounded up to 1024
+    assert items["vLLM: KV pool"] == 3072 * 128 * 1024  # one row: a full context at 128 KiB
     assert items["vLLM: runtime"] == VLLM_RUNTIME_BYTES
     assert vllm.total > native.total + shape.parameters() * 2
 

@@ -39,7 +39,13 @@ PLAN_PROMPT_TOKENS = 512  # prompt tokens assumed per row (chat-formatted GSM8K/
 PREFILL_CHUNK = 16  # prompts prefilled together (pipeline.engine.generation.Generator)
 RUNTIME_BYTES = 1 << 30  # CUDA context, cuBLAS workspace, allocator slack
 VLLM_RUNTIME_BYTES = 3 << 30  # vLLM's activations at its profiled batch, CUDA graphs, sampler
-CONTEXT_ROUND = 256  # the vLLM context is rounded up to this many tokens
+# The context a vLLM engine is started with (`max_model_len`, `backends/vllm.py` asks
+# `needed_model_len`): the run's longest prompt is not known when the engine starts, so this many
+# tokens are allowed for it (GSM8K, MATH-500 and AIME prompts are well under), on top of the
+# answer and verifier budgets, rounded up to CONTEXT_ROUND. A longer prompt is refused per
+# problem by the context check; `vllm_engine_args` may raise it.
+PROMPT_ALLOWANCE = 1024
+CONTEXT_ROUND = 1024
 H100_GIB = 79.2  # an 80 GB H100 as torch.cuda reports it (85.0e9 bytes)
 GIB = 1 << 30
 ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -141,8 +147,23 @@ class Workload:
 
     @property
     def context(self) -> int:
-        """The context a vLLM engine needs for this run, rounded up."""
-        return math.ceil(self.row_tokens / CONTEXT_ROUND) * CONTEXT_ROUND
+        """The context a vLLM engine is started with for this run (`needed_model_len`)."""
+        return context_tokens(self.answer_tokens, self.verifier_tokens)
+
+
+def context_tokens(answer_tokens: int, verifier_tokens: int) -> int:
+    """PROMPT_ALLOWANCE + the answer and verifier budgets, rounded up to CONTEXT_ROUND."""
+    need = PROMPT_ALLOWANCE + answer_tokens + verifier_tokens
+    return math.ceil(need / CONTEXT_ROUND) * CONTEXT_ROUND
+
+
+def needed_model_len(cfg: Any, max_positions: int) -> int:
+    """The context a run needs from a serving engine (`context_tokens` of its answer and
+    verifier budgets), at most the model's `max_positions` (0: unknown)."""
+    answer = int(getattr(cfg, "max_new_tokens", 0) or 0)
+    verifier = int(getattr(cfg, "verifier_budget", 0) or 0)
+    need = context_tokens(answer, verifier)
+    return min(need, max_positions) if max_positions else need
 
 
 def workload(cfg: Any, prompt_tokens: int = PLAN_PROMPT_TOKENS) -> Workload:

@@ -77,6 +77,7 @@ from pipeline.engine.generation import (
     head_logits,
     kv_bytes_per_token,
 )
+from pipeline.engine.memory import needed_model_len
 
 # Where the requests that capture z (LatentSeek's CoT) decode: "native", the native engine on
 # the same resident model (z is the state each token was chosen from); "prefill", vLLM, then one
@@ -125,25 +126,9 @@ def model_directory(loaded: Any, cfg: Any) -> str:
     return snapshot_download(name, local_files_only=not allow)
 
 
-# The run's longest prompt is not known when the engine starts: this many tokens are allowed for
-# it (GSM8K, MATH-500 and AIME prompts are well under), on top of the answer and verifier budgets.
-# A longer prompt is refused per problem by the context check; `vllm_engine_args` may raise it.
-PROMPT_ALLOWANCE = 1024
-CONTEXT_ROUND = 1024  # max_model_len is a multiple of this (or the model's own limit)
 # Left free on the GPU when the engine is sized (`gpu_memory_utilization`): the HF copy's
 # activations (the capture pass, the latent step) and allocator slack.
 GPU_MARGIN_BYTES = 2 << 30
-
-
-def needed_model_len(cfg: Any, max_positions: int) -> int:
-    """The context the run needs: a prompt (`PROMPT_ALLOWANCE`) + the answer budget + the
-    verifier budget (a verifier's prompt holds the question and the answer), rounded up to
-    `CONTEXT_ROUND`, at most the model's `max_positions` (0: unknown)."""
-    answer = int(getattr(cfg, "max_new_tokens", 0) or 0)
-    verifier = int(getattr(cfg, "verifier_budget", 0) or 0)
-    need = PROMPT_ALLOWANCE + answer + verifier
-    need = -(-need // CONTEXT_ROUND) * CONTEXT_ROUND
-    return min(need, max_positions) if max_positions else need
 
 
 def gpu_memory_utilization(device: torch.device, margin: int = GPU_MARGIN_BYTES) -> float:
