@@ -23,6 +23,8 @@ run FAILED (KILLED) before the error goes on.
 
 from __future__ import annotations
 
+import shlex
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -220,5 +222,20 @@ def format_summary(s: SweepSummary) -> str:
 
 
 def main(path: Path, overrides: list[str]) -> int:
-    print(format_summary(run_sweep(path, overrides)))
+    """Exits 128 + N when signal N stopped the sweep (SIGTERM from `ray job stop`, Slurm or
+    Kubernetes; Ctrl-C), with one line saying how to go on: the same command, which keeps the
+    points and records already made."""
+    from jobs.run import StopRequested
+
+    try:
+        summary = run_sweep(path, overrides)
+    except StopRequested as stop:
+        command = shlex.join(["latentseek", "sweep", str(path), *overrides])
+        print(
+            f"stopped by {signal.Signals(stop.signum).name}: what was recorded is kept; "
+            f"the same command goes on from there: {command}",
+            file=sys.stderr,
+        )
+        return stop.exit_code
+    print(format_summary(summary))
     return 0

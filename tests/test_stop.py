@@ -59,6 +59,21 @@ def test_main_turns_a_stop_into_one_line_and_the_signal_exit_code(monkeypatch, c
     assert stopped_line(stop, ["latentseek", "run", "run_id=mine"]).endswith("run run_id=mine")
 
 
+def test_a_stopped_sweep_is_one_line_and_the_signal_exit_code(monkeypatch, capsys):
+    """A sweep's StopRequested reached Ray's excepthook (a traceback, and a driver that hung in
+    it); now it is one line naming the command that goes on."""
+    from jobs import sweep as sweep_mod
+
+    def stopped(path, overrides):
+        raise StopRequested(signal.SIGTERM)
+
+    monkeypatch.setattr(sweep_mod, "run_sweep", stopped)
+    assert sweep_mod.main(Path("configs/sweeps/x.yaml"), ["workers=1"]) == 143
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("stopped by SIGTERM")
+    assert err.rstrip().endswith("latentseek sweep configs/sweeps/x.yaml workers=1")
+
+
 def _mlflow_status(out: Path, run_id: str) -> str:
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     experiments = [e.experiment_id for e in client.search_experiments()]
