@@ -225,12 +225,12 @@ def main(path: Path, overrides: list[str]) -> int:
     """Exits 128 + N when signal N stopped the sweep (SIGTERM from `ray job stop`, Slurm or
     Kubernetes; Ctrl-C), with one line saying how to go on: the same command, which keeps the
     points and records already made."""
-    from jobs.run import StopRequested
+    from jobs.run import PROGRAM, StopRequested
 
     try:
         summary = run_sweep(path, overrides)
     except StopRequested as stop:
-        command = shlex.join(["latentseek", "sweep", str(path), *overrides])
+        command = shlex.join([PROGRAM, "sweep", str(path), *overrides])
         print(
             f"stopped by {signal.Signals(stop.signum).name}: what was recorded is kept; "
             f"the same command goes on from there: {command}",

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_model
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from jobs.run import RunError, run_evaluation
@@ -334,8 +335,6 @@ def test_deepspeed_shards_a_model_that_stays_on_the_host(tmp_path, monkeypatch):
     # to the rank's device first (a model larger than one GPU could not load). "meta" stands in
     # for the GPU here: where the weights were when init_inference got them, and where they end.
     deepspeed = pytest.importorskip("deepspeed")
-    from conftest import make_tiny_model
-
     from pipeline.engine.shards import FullGradientHead, load_sharded
 
     make_tiny_model().save_pretrained(tmp_path)

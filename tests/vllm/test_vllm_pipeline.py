@@ -47,38 +47,6 @@ def test_capture_mismatch_is_zero_with_z_from_the_prefill_in_fp32(
     assert [r.capture_mismatch for r in results] == [0, 0, 0]
 
 
-def test_a_two_point_sweep_reuses_one_engine(local_ray, vllm_cfg, monkeypatch):
-    # What a worker does for a sweep: its first point in the constructor, the next one sent
-    # with the batch (`settings`): one engine in the process, kept for the second point.
-    from pipeline.engine.backends.vllm import VllmBackend
-    from pipeline.run.workers import EvalWorker
-
-    starts = []
-    start = VllmBackend._start_engine
-
-    def counted(self):
-        starts.append(self)
-        return start(self)
-
-    monkeypatch.setattr(VllmBackend, "_start_engine", counted)
-    point = vllm_cfg.replace(backend="vllm", method=["latentseek"], reward="self", **SMALL)
-    points = [point.replace(lr=0.05), point.replace(lr=0.1)]
-    worker = EvalWorker(points[0])
-    assert worker.start_error == ""
-    try:
-        for cfg in points:
-            _, outcomes = worker.run("latentseek", _problems()[:1], settings=cfg)
-            assert outcomes[0].error == "" and outcomes[0].capture_mismatch == 0
-            assert worker.solver.cfg.lr == cfg.lr
-        assert len(starts) == 1 and worker.solver.backend is starts[0]
-        # a point with other engine arguments gets a new engine, the old one closed first
-        other = points[1].replace(vllm_engine_args={"max_model_len": 4096})  # ours: 2048
-        assert not worker.solver.backend.serves(other)
-    finally:
-        worker.solver.close()
-    assert starts[0].engine is None
-
-
 def test_latentseek_trajectory_equals_native_where_the_cot_agrees(
     vllm_loaded, vllm_backend, vllm_cfg
 ):
