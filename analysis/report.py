@@ -348,17 +348,6 @@ def _report_markdown(records: Records, table: pd.DataFrame, files: ReportFiles) 
 # Command line: latentseek report RUN_OR_SWEEP_DIR [--out DIR]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "paths", nargs="+", type=Path, metavar="RUN_OR_SWEEP_DIR",
-        help="a run directory, or a sweep directory whose subdirectories are run directories",
-    )  # fmt: skip
-    parser.add_argument(
-        "--out", type=Path, default=None,
-        help="where to write the report (default: <first dir>/report)",
-    )  # fmt: skip
-
-
 def main(args: argparse.Namespace) -> int:
     out = args.out if args.out is not None else Path(args.paths[0]) / "report"
     try:
@@ -371,9 +360,3 @@ def main(args: argparse.Namespace) -> int:
     for note in files.notes:
         print(f"note: {note}", file=sys.stderr)
     return 0
-
-
-if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="latentseek report", description=__doc__.split("\n")[0])
-    add_arguments(_parser)
-    sys.exit(main(_parser.parse_args()))

@@ -28,17 +28,14 @@ from pipeline.config import DEFAULT_CONFIG, ConfigError, describe_keys, load_con
 def _quiet_libraries() -> None:
     # Idle OpenMP threads sleep instead of spinning: on a shared or small CPU, spinning threads
     # of one process starve the others (measured: 2-thread decoding 6x slower). Set before
-    # torch is imported; Ray workers started from here inherit it.
+    # torch is imported; Ray workers started from here inherit all of these. transformers reads
+    # its verbosity and the hub's progress-bar switch from the environment when it is imported,
+    # so a bad key is refused before torch or transformers load (a second, not five).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no downloads unless allow_download=true
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _config(args: argparse.Namespace):
@@ -106,17 +103,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path)
     p = sub.add_parser("chaos", help="the driver under faults on two local Ray nodes (stand-ins)")
     p.add_argument("options", nargs="*", metavar="key=value", help="problems=N, out=DIR")
-    from analysis import report
+    p = sub.add_parser("report", help="tables and plots from a run's records")
+    p.add_argument(
+        "paths", nargs="+", type=Path, metavar="RUN_OR_SWEEP_DIR",
+        help="a run directory, or a sweep directory whose subdirectories are run directories",
+    )  # fmt: skip
+    p.add_argument(
+        "--out", type=Path, default=None,
+        help="where to write the report (default: <first dir>/report)",
+    )  # fmt: skip
     from jobs import submit
 
-    report.add_arguments(sub.add_parser("report", help="tables and plots from a run's records"))
     submit.add_arguments(sub)
     return parser
 
 
 def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
-    """Run the subcommand `args` names; its exit code."""
-    from analysis import report
+    """Run the subcommand `args` names; its exit code. A command's config is read and checked
+    before its heavy imports (Ray, torch, transformers), so bad input is refused at once."""
     from jobs import submit
 
     if args.command == "config":
@@ -128,9 +132,10 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         print(yaml.safe_dump(_config(args).to_dict(), sort_keys=False), end="")
         return 0
     if args.command == "run":
+        cfg = _config(args)
         from jobs.run import main as run_main
 
-        return run_main(_config(args), argv=argv)
+        return run_main(cfg, argv=argv)
     if args.command == "summary":
         from analysis.tables import accuracy_by_iteration, load_run, markdown, summary_table
 
@@ -143,15 +148,18 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
 
         return sweep_main(args.sweep_file, args.overrides)
     if args.command == "report":
+        from analysis import report
+
         return report.main(args)
     if args.command == "chaos":
         from jobs.chaos import main as chaos_main
 
         return chaos_main(args.options)
     if args.command == "reference":
+        cfg = _config(args)
         from jobs.reference import main as reference_main
 
-        return reference_main(_config(args), compare=args.compare)
+        return reference_main(cfg, compare=args.compare)
     if args.command in submit.COMMANDS:
         return submit.main(args)
     if args.command == "bench":

@@ -182,7 +182,7 @@ def replica_variant(cfg: Config, problems: list[Any], sequences: list[list[int]]
 
     gpu = cfg.device.startswith("cuda")
     world = cfg.tensor_parallel
-    ray.init(num_cpus=max(world, os.cpu_count() or 1), include_dashboard=False,
+    ray.init(address="local", num_cpus=max(world, os.cpu_count() or 1), include_dashboard=False,
              log_to_driver=False)  # fmt: skip
     try:
         with tempfile.TemporaryDirectory() as out:

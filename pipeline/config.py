@@ -293,7 +293,10 @@ class Config:
         roles=(RUN,),
     )
     ray_address: str = _f(
-        "", "Ray cluster address; '' starts a local Ray in-process", roles=(MODEL,)
+        "",
+        "Ray cluster address ('auto': the cluster of this node, or HOST:6379); '' starts a new "
+        "local Ray in-process, never joining a cluster already running here nor $RAY_ADDRESS",
+        roles=(MODEL,),
     )
     max_retries: int = _f(
         1, "retries of a problem that raises before its error is recorded", roles=(RUN,)

@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rows", default="1,8")
     args = ap.parse_args()
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
     even = even_heads_model(tempfile.mkdtemp(prefix="even-heads-"))
     cases = [
         ("embedded", "embedded", "transformers", 1),

@@ -46,7 +46,10 @@ def main() -> None:
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1" if a.multiprocess else "0"}
     root = str(Path(__file__).resolve().parent.parent)
     ray.init(
-        num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {**env, "PYTHONPATH": root}}
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        runtime_env={"env_vars": {**env, "PYTHONPATH": root}},
     )
 
     @ray.remote(num_cpus=1)

@@ -220,7 +220,8 @@ def local_ray(_ray_started: list[bool]) -> Iterator[None]:
     if not ray.is_initialized():
         paths = [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-        ray.init(num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False)
+        # address="local": a Ray of its own, never one running on the machine (nor $RAY_ADDRESS)
+        ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False)
         _ray_started.append(True)
     yield
 

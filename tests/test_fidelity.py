@@ -96,12 +96,14 @@ def reference_mode_b1(make_solver, embedded_cfg, problems):
 def test_engine_matches_reference_loop(
     embedded, make_solver, embedded_cfg, problems, reference_mode_b1, compat
 ):
+    # One problem in the default suite (the naive loop recomputes the whole sequence per token:
+    # about 30 s a problem here); the slow and long variants compare more.
     if compat == "reference":
-        engine = reference_mode_b1[:2]
+        engine = reference_mode_b1[:1]
     else:
         solver = make_solver(engine_cfg(embedded_cfg, compat))
         engine = [solver.run("latentseek", [p])[0] for p in problems[:2]]
-    for p, mine in zip(problems[:2], engine):
+    for p, mine in zip(problems, engine):
         ref = run_reference(embedded, p, compat, SETTINGS)
         # No 24-token answer of this model is right, so r stays -1 and every problem runs K
         # iterations: the comparison covers the whole loop, not only the CoT pass.

@@ -28,10 +28,10 @@ def bf16():
 
 @pytest.fixture(scope="module")
 def captured(bf16):
-    """Greedy answers of eight GSM8K problems with every z_t captured, in bf16."""
+    """Greedy answers of four GSM8K problems with every z_t captured, in bf16."""
     gen = Generator(bf16.model, bf16.tokenizer)
     template = load_solver_template("boxed")
-    problems = load_dataset(Config(dataset="gsm8k", limit=8)).problems
+    problems = load_dataset(Config(dataset="gsm8k", limit=4)).problems
     prompts = [render_chat(bf16.tokenizer, template.messages(p.question)) for p in problems]
     return gen, gen.generate([GenerationRequest(p, 48, capture=48) for p in prompts])
 
@@ -50,8 +50,8 @@ def test_captured_states_give_back_the_decoded_tokens(captured):
 
 def test_a_float32_copy_of_the_head_would_not(captured):
     # Why one function: the float32 product of the same bf16 weights picks another token at a few
-    # positions (measured: 6 of 512 on GSM8K rows 0-7), so a latent step computed that way would
-    # start from a prefix that is not the answer it optimises.
+    # positions (measured: 7 of the 192 of GSM8K rows 0-3), so a latent step computed that way
+    # would start from a prefix that is not the answer it optimises.
     gen, outs = captured
     weight = gen.lm_head.weight.float()  # [V, D]
     differ = sum(
@@ -69,10 +69,12 @@ def test_a_float32_copy_of_the_head_would_not(captured):
 @pytest.mark.parametrize("reference", [False, True])
 def test_zero_reward_step_keeps_the_prefix(captured, reference):
     # r = 0: the loss and its gradient are zero, Adam does not move Z, so the new prefix must be
-    # the CoT's own first U tokens, in either mode's numerics (Z float32, or Z in bf16).
+    # the CoT's own first U tokens, in either mode's numerics (Z float32, or Z in bf16). Two of
+    # the four answers: a step's backward through the bf16 head takes seconds on a CPU (torch's
+    # bf16 matmul of [U, V] by [V, D]: 3.3 s here, 0.08 s in float32), the same on each answer.
     gen, outs = captured
     head = functools.partial(head_logits, gen.lm_head)
-    for out in outs:
+    for out in outs[:2]:
         u = len(out.hidden)
         dtype = torch.bfloat16 if reference else torch.float32
         z = out.hidden[None, :u].to(dtype).clone().requires_grad_(True)  # [1, U, D]

@@ -21,15 +21,14 @@ Solver tokens of a LatentSeek problem: prompt 20 + generated = the sum of its an
 
 from __future__ import annotations
 
-import argparse
-
 import pandas as pd
 import pytest
 
 from analysis.accuracy import paired_gain, wilson_interval
 from analysis.records import find_run_dirs
-from analysis.report import ReportFiles, add_arguments, main, write_report
+from analysis.report import ReportFiles, write_report
 from analysis.tables import accuracy_by_iteration
+from jobs import cli
 from pipeline.config import Config
 from pipeline.method.results import Compute, IterationStats, ProblemResult
 from pipeline.run.records import RecordStore, read_records
@@ -346,9 +345,7 @@ def test_single_run_without_config_uses_its_own_cot_pass(tmp_path):
 def test_cli_writes_into_the_default_folder_and_prints_the_files(tmp_path, capsys):
     run = tmp_path / "r"
     _write(run, [cot("p1", True, 10)], Config(method=["cot"]))
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    assert main(parser.parse_args([str(run)])) == 0
+    assert cli.main(["report", str(run)]) == 0
     printed = capsys.readouterr().out.split()
     assert (
         str(run / "report" / "report.md") in printed
@@ -358,5 +355,5 @@ def test_cli_writes_into_the_default_folder_and_prints_the_files(tmp_path, capsy
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main(parser.parse_args([str(empty), "--out", str(tmp_path / "o")])) == 2
+    assert cli.main(["report", str(empty), "--out", str(tmp_path / "o")]) == 2
     assert "no problem records" in capsys.readouterr().err

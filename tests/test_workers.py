@@ -20,6 +20,7 @@ import torch
 from jobs.run import RunError, check_resume, run_evaluation
 from pipeline.config import Config, ConfigError
 from pipeline.method.results import ProblemResult
+from pipeline.run.pool import start_ray
 from pipeline.run.records import RecordStore
 from pipeline.run.rundir import read_invocations, write_config
 from pipeline.run.scheduler import batch_timeout
@@ -331,6 +332,24 @@ def test_resume_with_different_settings_is_refused(tmp_path, local_ray):
     assert again.recorded == 0 and again.skipped == 2
     assert (tmp_path / "out" / "r1" / "config.yaml").read_text() == config_text
     assert len(read_invocations(tmp_path / "out" / "r1")) == 2  # refused ones are not logged
+
+
+# --- which Ray (no Ray started) ---------------------------------------------------------------
+
+
+def test_a_local_run_starts_a_ray_of_its_own_beside_any_other(monkeypatch):
+    """ray_address='' asks Ray for a new local instance (address='local'). Ray's default
+    (address=None) joins $RAY_ADDRESS or the cluster `ray start` left on this node and then
+    refuses num_cpus (seen here: a sweep beside another session's cluster ended with "When
+    connecting to an existing cluster, num_cpus and num_gpus must not be provided")."""
+    calls: list[dict] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # what `export RAY_ADDRESS` for submit leaves
+    start_ray(Config(workers=3))
+    start_ray(Config(ray_address="auto"))
+    assert calls[0]["address"] == "local" and calls[0]["num_cpus"] >= 3
+    assert calls[1]["address"] == "auto" and "num_cpus" not in calls[1]
 
 
 # --- the batch deadline (no Ray) ------------------------------------------------------------

@@ -73,6 +73,7 @@ def start_ray(cfg: Config) -> None:
         per_rank = cfg.cpus_per_worker if cfg.gpus_per_worker == 0 else 1
         need = cfg.workers * cfg.tensor_parallel * per_rank
         ray.init(
+            address="local",  # a new Ray of its own, never a cluster left running nearby
             num_cpus=max(need, os.cpu_count() or 1),
             include_dashboard=False,
             log_to_driver=False,
