@@ -101,6 +101,25 @@ BOXED = (PROMPTS / "boxed.yaml").read_text()
 VERIFIERS = (PROMPTS / "verifiers-short.yaml").read_text()
 
 CASES = [
+    # --- the model, templates, dataset and device named on the command line -----------------
+    Case("cli-model-dir", run("model=no/such/dir"), "model='no/such/dir'", "no such directory"),
+    Case(
+        "cli-model-hub-id",
+        run("model=no-org/no-such-model-xyz"),  # HF_HOME is an empty cache: not downloaded
+        "model='no-org/no-such-model-xyz'",
+        "not in the local Hugging Face cache",
+    ),
+    Case("cli-model-gguf", run("model=/no/such/model.gguf"), "/no/such/model.gguf", "GGUF file"),
+    Case(
+        "cli-prompt-file",
+        run("prompt=/no/such/prompt.yaml"),
+        "prompt='/no/such/prompt.yaml'",
+        "template file not found",
+    ),
+    Case("cli-verifier-name", run("verifier_prompts=nosuch"), "'nosuch'", "known: boxed"),
+    Case("cli-dataset", run("dataset=/no/such/data.jsonl"), "/no/such/data.jsonl", "not found"),
+    Case("cli-device-cuda", run("device=cuda"), "device='cuda'", "needs gpus_per_worker > 0"),
+    Case("cli-rho", run("rho=2"), "rho=2.0", "must be in [0, 1]"),
     # --- config YAML -------------------------------------------------------------------------
     Case("yaml-syntax", with_config("lr: [0.1\nrho: 0.2\n"), "c.yaml", "not valid YAML"),
     Case("yaml-list", with_config("- lr\n- rho\n"), "c.yaml", "expected a mapping"),
@@ -313,6 +332,8 @@ CASES = [
 # Each case is a process that imports torch: these run by default, one or more of each input
 # kind and every case a fix was made for; the others with the slow tests (`make test-slow`).
 DEFAULT = {
+    "cli-model-dir", "cli-model-hub-id", "cli-model-gguf", "cli-prompt-file", "cli-verifier-name",
+    "cli-dataset", "cli-device-cuda", "cli-rho",
     "yaml-not-utf8", "yaml-include-number", "kv-infinite", "kv-run-id-dots", "kv-broken-list",
     "kv-newline-in-path", "data-10mb-question", "data-nested-deep", "data-duplicate-ids",
     "prompt-no-question", "verifier-weight-text", "sweep-nothing", "sweep-bad-point",
