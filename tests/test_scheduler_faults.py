@@ -181,6 +181,37 @@ def test_workers_that_cannot_be_placed_stop_the_start_with_the_free_resources(lo
     assert "needs {'num_gpus': 1.0" in str(err.value) and "free {" in str(err.value)
 
 
+def test_a_worker_whose_node_holds_other_model_files_stops_the_start(local_ray):
+    """Each worker reports what the model files it loaded hold, read on its node; the driver
+    compares them with its own (the embedded model here) before any work is sent."""
+    from pipeline.engine.model import model_digest
+
+    @ray.remote(num_cpus=0)
+    class Reporting:
+        def __init__(self, name, digest):
+            self.name, self.digest = name, digest
+
+        def info(self):
+            return {"name": self.name, "start_error": "", "model_digest": self.digest}
+
+        def pid(self):
+            return os.getpid()
+
+    cfg = Config(workers=2)
+    here = model_digest(cfg)
+    assert here["sha256"]  # the embedded model: one file, by content
+    other = {**here, "sha256": "0" * 64}  # an older copy on the second node
+    digests = iter([("node-a", here), ("node-b", other)])
+    with pytest.raises(RunError, match=r"worker node-b loaded other model files") as err:
+        start_workers(cfg, lambda c: Reporting.remote(*next(digests)))
+    assert "'" + "0" * 64 + "' on its node" in str(err.value)
+    same = iter([("node-a", here), ("node-b", dict(here))])
+    workers, infos = start_workers(cfg, lambda c: Reporting.remote(*next(same)))
+    assert [i["name"] for i in infos] == ["node-a", "node-b"]
+    for w in workers:
+        ray.kill(w)
+
+
 def test_ray_errors_are_classified():
     assert classify(RuntimeEnvSetupError("pip failed")) == "config"
     for lost in (

@@ -334,6 +334,18 @@ def test_resume_with_different_settings_is_refused(tmp_path, local_ray):
     assert len(read_invocations(tmp_path / "out" / "r1")) == 2  # refused ones are not logged
 
 
+def test_a_worker_reports_what_its_model_files_hold(local_ray):
+    """What the driver compares with its own digest before sending work (pipeline.run.pool
+    check_model_digests; a node with another copy stops the start: tests/test_scheduler_faults)."""
+    from pipeline.engine.model import model_digest
+    from pipeline.run.workers import EvalWorker
+
+    cfg = small_cfg(Path("unused"), method=["cot"])
+    info = EvalWorker(cfg).info()
+    assert info["start_error"] == ""
+    assert info["model_digest"] == model_digest(cfg) and info["model_digest"]["sha256"]
+
+
 # --- which Ray (no Ray started) ---------------------------------------------------------------
 
 

@@ -129,7 +129,38 @@ def start_workers(
     if errors:
         stop_workers(workers)
         raise RunError(f"a worker could not start: {errors[0]}")
+    try:
+        check_model_digests(cfg, infos)
+    except RunError:
+        stop_workers(workers)
+        raise
     return workers, infos
+
+
+def check_model_digests(cfg: Config, infos: Sequence[dict[str, Any]]) -> None:
+    """Every worker loaded the files the driver digested for this run (`inputs.yaml`'s model):
+    a node with another copy of a model directory (an older download, a half-synced copy) would
+    mix results. A RunError naming the worker, its node and the first file that differs. A
+    worker that reports no digest (a stand-in, a hub id unknown there) is not compared."""
+    reported = [i for i in infos if i.get("model_digest")]
+    if not reported:
+        return
+    from pipeline.engine.model import model_digest
+
+    expected = model_digest(cfg)
+    for info in reported:
+        theirs = info["model_digest"]
+        differ = sorted(
+            k for k in expected.keys() | theirs.keys() if expected.get(k) != theirs.get(k)
+        )
+        if expected and differ:
+            key = differ[0]
+            raise RunError(
+                f"worker {info.get('name', '?')} loaded other model files than the driver "
+                f"reads: {key} is {theirs.get(key, 'missing')!r} on its node, "
+                f"{expected.get(key, 'missing')!r} here ({len(differ)} of {len(expected)} "
+                "entries differ); every node must hold the same copy of the model"
+            )
 
 
 class WorkerPool:

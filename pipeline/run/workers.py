@@ -101,6 +101,18 @@ def worker_device(device: str, gpus_per_worker: float) -> str:
     return device
 
 
+def model_files_digest(cfg: Any) -> dict[str, str]:
+    """What the model files this worker loaded hold (`pipeline.engine.model.model_digest`, read
+    on this node: its weights by content, once per file and node), for the driver to compare
+    with its own (`pipeline.run.pool.check_model_digests`); {} if it cannot be taken here."""
+    from pipeline.engine.model import model_digest
+
+    try:
+        return model_digest(cfg)
+    except OSError:
+        return {}
+
+
 class EvalWorker:
     """Runs batches on one model, or on rank `rank` of a tensor-parallel replica. Wrapped with
     `ray.remote` by `make_worker_class`."""
@@ -113,12 +125,14 @@ class EvalWorker:
         self.start_error = ""  # one line: why this worker has no model (see the module doc)
         self.rank = rank
         self.ranks: list[Any] = []  # rank 0 of a replica: the handles of ranks 1..G-1
+        self.model_digest: dict[str, str] = {}  # what this node's model files hold (info())
         try:
             if cfg.tensor_parallel > 1:
                 self._join_replica(cfg, group)
             from pipeline.method.solver import Solver  # heavy imports happen in the worker process
 
             self.solver = Solver.from_config(self._local(cfg))
+            self.model_digest = model_files_digest(cfg)
             if self.ranks:
                 infos = ray.get([r.info.remote() for r in self.ranks])
                 failed = [
@@ -191,6 +205,7 @@ class EvalWorker:
             "model": loaded.name if loaded else "",
             "device": str(loaded.device) if loaded else "",
             "load_seconds": loaded.load_seconds if loaded else 0.0,
+            "model_digest": self.model_digest,
             # per device: a rank holds 1/G of the KV heads (about, when they do not divide)
             "kv_bytes_per_token": kv_bytes_per_token(loaded.model) // world if loaded else 0,
         }
