@@ -173,11 +173,13 @@ def chaos(
     faults: Faults,
     workers: int = 3,
     on_batch: Callable[[dict[str, Any]], None] | None = None,
+    echo: Callable[[str], None] | None = None,
     **cfg_keys: Any,
 ) -> ChaosReport:
     """One run (or the resume of one) of `problems` stand-in problems through `run_evaluation`
     on the Ray that is running (or a local one), with `faults`; asserts every problem recorded
-    exactly once. `on_batch` as for run_evaluation (faults of the driver's surroundings)."""
+    exactly once. `on_batch` as for run_evaluation (faults of the driver's surroundings);
+    `echo` is given the driver's log lines as they come."""
     from jobs.run import run_evaluation
     from jobs.simulate import check_exactly_once
     from pipeline.run.records import RecordStore
@@ -193,6 +195,8 @@ def chaos(
     def note(line: str) -> None:
         log.append(line)
         log_at.append(time.monotonic())
+        if echo:
+            echo(line)
 
     def batch(state: dict[str, Any]) -> None:
         outcomes_at.append(time.monotonic())
@@ -219,7 +223,7 @@ def chaos(
 
 
 DEFAULT_FAULTS = {
-    "problems-3": "exit_once", "problems-11": "exit", "problems-17": "stop_once",
+    "problems-3": "exit_once", "problems-11": "exit", "problems-33": "stop_once",
     "problems-23": "raise", "problems-29": "surrogate", "problems-31": "exit_once",
 }  # fmt: skip
 BATCH_TIMEOUT_S = 5.0  # the full run's deadline: the SIGSTOPped worker is caught in seconds
@@ -324,6 +328,7 @@ class Stopped:
     stop_s: float  # from the signal to its exit
     status: str  # its MLflow run's status after it
     stop_line: str  # its line saying it was stopped, and how to resume
+    lost: int  # the workers it lost before (its log's "worker lost" lines)
 
 
 def mlflow_status(cfg: Config) -> tuple[str, dict[str, str]]:
@@ -377,10 +382,12 @@ def sigterm_driver(out: Path, problems: int, address: str) -> Stopped:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)  # our own child's group, past its bound
             proc.wait()
-    said = [line for line in err_path.read_text().splitlines() if line.startswith("stopped by")]
+    lines = err_path.read_text().splitlines()
+    said = [line for line in lines if line.startswith("stopped by")]
+    lost = sum(line.startswith("worker lost") for line in lines)
     status, _ = mlflow_status(chaos_config(out, problems, **FULL_KEYS, ray_address=address))
     kept = len(RecordStore(out / "chaos").read_problems())
-    return Stopped(proc.returncode, kept, stop_s, status, said[-1] if said else "")
+    return Stopped(proc.returncode, kept, stop_s, status, said[-1] if said else "", lost)
 
 
 def _stay_on_localhost() -> None:
@@ -401,7 +408,8 @@ def drive(options: dict[str, str], argv: Sequence[str]) -> int:
     out, problems, address = Path(options["out"]), int(options["problems"]), options["address"]
     ray.init(address=address, log_to_driver=False, _node_ip_address="127.0.0.1")
     try:
-        chaos(out, problems, default_faults(), **FULL_KEYS, ray_address=address)
+        chaos(out, problems, default_faults(), echo=lambda line: print(line, file=sys.stderr),
+              **FULL_KEYS, ray_address=address)  # fmt: skip
     except StopRequested as stop:
         print(stopped_line(stop, ["python", "-m", "jobs.chaos", *argv]), file=sys.stderr)
         return stop.exit_code
@@ -523,14 +531,15 @@ def summary_lines(run: FullRun, faults: Faults, bound_s: float) -> list[str]:
         f"{list(faults.sick)}; driver SIGTERM + resume, MLflow stall, raylet kill",
         f"records:  {r.records} over both drivers (every problem exactly once); errors {r.errors}",
         f"sigterm:  driver 1 gone {s.stop_s:.1f} s after SIGTERM (bound {STOP_BOUND_S:.0f} s), "
-        f"exit {s.exit_code}, MLflow {s.status}, {s.kept} records kept",
+        f"exit {s.exit_code}, MLflow {s.status}, {s.kept} records kept; workers lost before it: "
+        f"{s.lost}",
         f"resume:   driver 2 skipped {r.summary.skipped}, recorded {r.summary.recorded}; MLflow "
         f"{run.status}, incomplete={run.incomplete_tag}",
         f"mlflow:   live metrics stalled {stall.ended - stall.began:.1f} s (batch_timeout_s "
-        f"{BATCH_TIMEOUT_S:g}); {during} results came in meanwhile; {timeouts} batches timed "
-        f"out, {run.stop_once_here} of them SIGSTOPped",
-        f"raylet:   worker node killed {kill.at - r.started:.1f} s into driver 2 with "
-        f"{kill.on_node} stand-ins on it; {len(node_lost)} workers unavailable after it{first}; "
+        f"{BATCH_TIMEOUT_S:g}); {during} results came in meanwhile; batches timed out: "
+        f"{timeouts}, workers SIGSTOPped in driver 2: {run.stop_once_here}",
+        f"raylet:   worker node killed {kill.at - r.started:.1f} s into driver 2 (stand-ins "
+        f"on it: {kill.on_node}); workers lost after it: {len(node_lost)}{first}; "
         f"{fresh}; "
         f"driver 2 ended {r.started + r.wall_s - kill.at:.1f} s after the kill",
         f"recovery: driver 2 lost {r.workers_lost} batches with their worker, {r.retried} retries",
