@@ -101,7 +101,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="measure a GPU machine with the paper's shapes (gpu-probe --help)")  # fmt: skip
     p = sub.add_parser("summary", help="print a run's summary tables from its records")
     p.add_argument("run_dir", type=Path)
-    p = sub.add_parser("chaos", help="the driver under faults on two local Ray nodes (stand-ins)")
+    p = sub.add_parser(
+        "chaos",
+        help="the driver under faults on two local Ray nodes (stand-ins; SIGTERM and resume, "
+        "an MLflow stall, a raylet killed)",
+    )
     p.add_argument("options", nargs="*", metavar="key=value", help="problems=N, out=DIR")
     p = sub.add_parser("report", help="tables and plots from a run's records")
     p.add_argument(

@@ -100,17 +100,41 @@ class StopRequested(KeyboardInterrupt):
 class _StopSignals:
     """SIGTERM and SIGINT raise `StopRequested` in the main thread; the first one only (a
     second signal while the driver stops is ignored, so that the cleanup is not cut short).
-    `install` again after something else took the signals (`ray.init` takes SIGTERM)."""
+    Inside `held` (a window of records being committed and counted) the stop waits for the
+    block's end. `install` again after something else took the signals (`ray.init` takes
+    SIGTERM)."""
 
     def __init__(self) -> None:
         self.signum = 0  # the signal that asked for the stop; 0: none yet
         self.saved: dict[int, Any] = {}
+        self.holding = False  # inside `held`
+        self.deferred = False  # the stop arrived inside `held`: raised at its end
 
     def handler(self, signum: int, frame: Any) -> None:
         if self.signum:
             return
         self.signum = signum
+        if self.holding:
+            self.deferred = True
+            return
         raise StopRequested(signum)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """For the block, a stop signal waits: `StopRequested` is raised when the block ends.
+        Around a window's commit and its count, so that a stop landing just after the commit
+        does not leave the window pending, to be written again by the loop's last flush."""
+        if self.holding:
+            yield
+            return
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        if self.deferred:
+            self.deferred = False
+            raise StopRequested(self.signum)
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -215,8 +239,9 @@ def _run(
                     cfg, {"run_dir": str(directory.resolve()), **(tags or {})}
                 )
                 loop = BatchLoop(
-                    cfg, workers, infos, store, counts, work.total, work.skipped, log, mlflow_run
-                )
+                    cfg, workers, infos, store, counts, work.total, work.skipped, log, mlflow_run,
+                    hold=signals.held,
+                )  # fmt: skip
                 try:
                     loop.run(work.todo, dataset.problems, progress, on_batch)
                 except BaseException as exc:
@@ -404,10 +429,12 @@ class BatchLoop:
         skipped: int,
         log: Callable[[str], None],
         mlflow_run: str = "",
+        hold: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
     ) -> None:
         self.cfg, self.workers, self.infos, self.store = cfg, workers, infos, store
         self.counts, self.total, self.skipped = counts, total, skipped
         self.log, self.mlflow_run = log, mlflow_run
+        self.hold = hold  # a stop signal waits while a window is committed and counted
         self.last_logged = float("-inf")
         self.bar: Any = None
         self.mlflow = Background("MLflow progress logging", log)
@@ -478,7 +505,9 @@ class BatchLoop:
     def flush(self, scheduler: Any) -> None:
         """Write the window's results (one shard pair), then advance the bar and the metrics.
         A result that cannot be written (text Parquet cannot encode, such as a lone surrogate)
-        is recorded as that problem's error instead (`encodable`)."""
+        is recorded as that problem's error instead (`encodable`). A stop signal waits until
+        the window is written and counted (`hold`): else a stop just after the commit left it
+        pending, and the loop's last flush committed the same records again."""
         from pipeline.run.records import encodable
 
         if not self.pending:
@@ -487,17 +516,18 @@ class BatchLoop:
         workers = [w for _, w, _ in self.pending]
         attempts = {(r.problem_id, r.method): n for r, _, n in self.pending}
         model = model_name(self.cfg)
-        try:
-            self.store.write(results, self.cfg.run_id, model, workers, attempts)
-        except (pa.ArrowException, UnicodeError):
-            results = [encodable(r) for r in results]
-            self.store.write(results, self.cfg.run_id, model, workers, attempts)
-        self.pending = []
         c = self.counts
-        c.recorded += len(results)
-        c.failures += sum(bool(r.error) for r in results)
-        c.correct += sum(r.final_correct for r in results)
-        c.iterations += sum(r.iterations for r in results)
+        with self.hold():
+            try:
+                self.store.write(results, self.cfg.run_id, model, workers, attempts)
+            except (pa.ArrowException, UnicodeError):
+                results = [encodable(r) for r in results]
+                self.store.write(results, self.cfg.run_id, model, workers, attempts)
+            self.pending = []
+            c.recorded += len(results)
+            c.failures += sum(bool(r.error) for r in results)
+            c.correct += sum(r.final_correct for r in results)
+            c.iterations += sum(r.iterations for r in results)
         for method in dict.fromkeys(r.method for r in results):
             mine = [r for r in results if r.method == method]
             self.bar.recorded_batch(method, len(mine), sum(r.compute.wall_seconds for r in mine))

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import ray
 from ray.exceptions import (
+    ActorUnavailableError,
     ActorUnschedulableError,
     NodeDiedError,
     OutOfMemoryError,
@@ -219,6 +220,7 @@ def test_ray_errors_are_classified():
         OutOfMemoryError("oom"),
         NodeDiedError("node"),
         ActorUnschedulableError("no gpu"),
+        ActorUnavailableError("socket closed", None),  # a killed raylet's actors (jobs.chaos)
     ):
         assert classify(lost) == "lost", lost
     raised = RayTaskError("stream", "Traceback ...", ValueError("bad"))

@@ -42,6 +42,18 @@ def test_a_stop_signal_raises_stop_requested_once_and_the_old_handlers_come_back
     assert {s: signal.getsignal(s) for s in run_mod.STOP_SIGNALS} == before
 
 
+def test_a_stop_signal_inside_held_waits_for_the_block_to_end():
+    done: list[str] = []
+    with pytest.raises(StopRequested) as stop:
+        with stop_on_signals() as signals:
+            with signals.held():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)  # the handler has run: the stop waits
+                done.append("committed and counted")
+            done.append("not reached")
+    assert done == ["committed and counted"] and stop.value.signum == signal.SIGTERM
+
+
 def test_main_turns_a_stop_into_one_line_and_the_signal_exit_code(monkeypatch, capsys):
     def stopped(cfg, argv):
         stop = StopRequested(signal.SIGTERM)
@@ -124,3 +136,28 @@ def test_a_driver_sent_sigterm_ends_killed_and_its_resume_records_each_problem_o
     keys = list(zip(problems["problem_id"], problems["method"]))
     assert len(keys) == len(set(keys)) == 6
     assert _mlflow_status(out, "st") == "FINISHED"
+
+
+def test_a_stop_signal_during_a_records_commit_waits_for_it_and_nothing_is_written_twice(
+    tmp_path, local_ray, monkeypatch
+):
+    """SIGTERM lands just after a shard pair's commit (here: sent by the write itself; in
+    `latentseek chaos`, by a parent that sees the first shard): the stop waits until the window
+    is counted as written, so the loop's last flush does not write it again (before: the same
+    records committed twice, and the run directory unreadable: DuplicateRecordError)."""
+    from jobs.chaos import Faults, chaos
+
+    real, calls = RecordStore.write, []
+
+    def write_then_sigterm(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler runs here, inside the commit's section
+
+    monkeypatch.setattr(RecordStore, "write", write_then_sigterm)
+    with pytest.raises(StopRequested) as stop:
+        chaos(tmp_path, 12, Faults(seconds_per_problem=0.2), workers=1)
+    problems = RecordStore(tmp_path / "chaos").read_problems()  # raises if written twice
+    assert len(calls) == 1 and 1 <= len(problems) == stop.value.recorded < 12

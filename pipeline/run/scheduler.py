@@ -200,6 +200,12 @@ def _escaped(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def _ids(problems: Sequence[Problem], most: int = 6) -> str:
+    """The problems' ids for a log line: the first `most`, and how many more."""
+    ids = ", ".join(p.problem_id for p in problems[:most])
+    return ids + (f" and {len(problems) - most} more" if len(problems) > most else "")
+
+
 def error_result(method: str, p: Problem, error: str, kind: str) -> ProblemResult:
     """The row of a problem recorded with its error (the last line of `error`); `kind` says
     whose fault: "problem" (it raised, or killed or hung its worker alone every time) or
@@ -403,6 +409,7 @@ class Scheduler:
             then = f"{len(left)} of its {len(batch.problems)} problems unfinished, re-queued" + (
                 f" ({len(suspects)} that died before, alone)" if suspects else ""
             )
+            then += f": {_ids(left)}"
             if not left:
                 then = f"all of its {len(batch.problems)} problems had come back"
         self.queue.extendleft(reversed(front))
