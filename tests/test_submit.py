@@ -173,7 +173,8 @@ def test_stop_ends_a_running_job_as_stopped(head, tmp_path, capsys):
 
     # Running means evaluating: the driver's progress bar (named after the run) has appeared.
     deadline = time.monotonic() + 150
-    while not re.search(rf"{job.run_id}:\s+\d+%", client.get_job_logs(job_id)):
+    # a job's log is no terminal: plain progress lines, `<run_id>: 4/50 rec (8%) [...]`
+    while not re.search(rf"{job.run_id}: \d+/\d+ rec", client.get_job_logs(job_id)):
         status = client.get_job_status(job_id)
         assert status in ("PENDING", "RUNNING"), client.get_job_logs(job_id)[-3000:]
         assert time.monotonic() < deadline, client.get_job_logs(job_id)[-3000:]
