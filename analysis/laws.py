@@ -101,6 +101,7 @@ class Law:
     predict: Callable[[np.ndarray], np.ndarray] | None = None  # budgets -> % (the fit)
     band: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None  # 95% band
     resamples: int = 0  # bootstrap fits that converged
+    note: str = ""  # what a reader must know to read the parameters (a fit at its bound)
 
 
 @dataclass
@@ -148,7 +149,8 @@ class Laws:
         for w in self.laws:
             head = {"label": w.label, "method": w.method, "dataset": w.dataset, "model": w.model,
                     "law": w.law, "form": w.form, "fitted_on": w.fitted_on}  # fmt: skip
-            tail = {"r2": w.r2, "rmse_pts": w.rmse, "resamples": w.resamples, "refused": w.refused}
+            tail = {"r2": w.r2, "rmse_pts": w.rmse, "resamples": w.resamples,
+                    "refused": w.refused, "note": w.note}  # fmt: skip
             if w.refused:
                 rows.append({**head, "param": "", "value": math.nan, "lo": math.nan,
                              "hi": math.nan, **tail})  # fmt: skip
@@ -156,7 +158,8 @@ class Laws:
                 lo, hi = w.intervals.get(name, (math.nan, math.nan))
                 rows.append({**head, "param": name, "value": value, "lo": lo, "hi": hi, **tail})
         columns = ["label", "method", "dataset", "model", "law", "form", "fitted_on", "param",
-                   "value", "lo", "hi", "r2", "rmse_pts", "resamples", "refused"]  # fmt: skip
+                   "value", "lo", "hi", "r2", "rmse_pts", "resamples", "refused",
+                   "note"]  # fmt: skip
         return pd.DataFrame(rows, columns=columns)
 
     def forecasts_table(self) -> pd.DataFrame:
@@ -191,6 +194,9 @@ def beta_pass_at_k(alpha, beta, k: np.ndarray) -> np.ndarray:
     (alpha, beta: scalars or [R, 1] columns)."""
     k = np.asarray(k, float)
     return 100.0 * (1.0 - np.exp(betaln(alpha, beta + k) - betaln(alpha, beta)))
+
+
+LOG_BOUND = 9.0  # |log alpha|, |log beta| at most this (e^9 ~ 8100: the binomial limit)
 
 
 def fit_beta_binomial(
@@ -232,7 +238,7 @@ def fit_beta_binomial(
         g, h = grad_hess(t)
         step = -np.linalg.solve(h + lam[:, None, None] * np.eye(2), g[..., None])[..., 0]
         step = np.clip(np.nan_to_num(step), -2.0, 2.0)
-        trial = np.clip(t + step, -9.0, 9.0)
+        trial = np.clip(t + step, -LOG_BOUND, LOG_BOUND)
         ft = nll(trial)
         better = ft < f
         t = np.where(better[:, None], trial, t)
@@ -492,6 +498,13 @@ def _beta_law(fam: _Family, c: np.ndarray, n: np.ndarray, idx: np.ndarray, on: s
     boot[degenerate] = np.nan  # a resample with no variation has no Beta
     _attach(w, ("alpha", "beta"), params, boot,
             lambda p, k: beta_pass_at_k(p[:, :1], p[:, 1:2], k))  # fmt: skip
+    if np.log(params).max() >= LOG_BOUND - 1e-6:
+        mean = params[0] / params.sum()
+        w.note = (
+            f"at the fit's bound e^{LOG_BOUND:g}: these samples show no spread of the problems' "
+            f"success rates beyond chance, so only alpha / (alpha + beta) = {_g(mean)} (one rate "
+            "for every problem) is estimated, and the Beta's shape, hence its forecast, is not"
+        )
     ks = np.arange(1, int(n.min()) + 1)
     observed = 100.0 * np.array([pass_at_k(n, c, k).mean() for k in ks])
     w.r2, w.rmse = _r2_rmse(observed, w.predict(ks))
@@ -705,7 +718,7 @@ def laws_markdown(result: Laws, laws_png: str | None, frontier_png: str | None) 
                 f"{n} = {_g(v)} [{_g(w.intervals[n][0])}, {_g(w.intervals[n][1])}]"
                 for n, v in w.params.items()
                 if n != "x0"
-            )
+            ) + (f" ({w.note})" if w.note else "")
         lrows.append({"configuration": w.label, "dataset": w.dataset, "law": w.law,
                       "fitted on": w.fitted_on, "parameters (95% interval)": params,
                       "R^2": _f(w.r2, 3), "RMSE (points)": _f(w.rmse, 2)})  # fmt: skip

@@ -210,6 +210,22 @@ def test_refusals_say_why(tmp_path):
     assert all(w.predict is None for w in result.laws if w.refused)
 
 
+def test_a_beta_at_its_bound_says_that_only_the_mean_rate_is_known(tmp_path):
+    # Every problem has one success rate (0.05: no spread beyond chance), as in the embedded
+    # model's study (docs/sweeps-and-reports.md): the likelihood grows towards the binomial limit,
+    # alpha and beta stop at the bound, and the law says what of it can be read.
+    rng = np.random.default_rng(3)
+    write(tmp_path / "flat", sc_results(rng, 60, p=np.full(60, 0.05)))
+    w = law(fit_laws(load_records(tmp_path), resamples=20), "SC", "coverage_beta")
+    assert not w.refused and max(w.params.values()) > 1000
+    assert w.note.startswith("at the fit's bound") and "one rate for every problem" in w.note
+    assert re.search(r"alpha / \(alpha \+ beta\) = 0\.0[3-7]", w.note), w.note
+
+
+def test_the_known_beta_is_read_without_a_note(known):
+    assert law(known, "SC", "coverage_beta").note == ""
+
+
 def test_frontier_names_the_best_configuration_and_the_crossover():
     """Configuration X: 30% whatever the budget (100..1000 tokens); Y: 10% at 100 tokens rising
     linearly to 50% at 1000, so Y overtakes X at 550 tokens."""
