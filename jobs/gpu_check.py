@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     vllm_note = "not installed"
     if args.no_vllm:
         vllm_note = "skipped (--no-vllm)"
-    elif importlib.util.find_spec("vllm") is not None:
+    elif getattr(importlib.util.find_spec("vllm"), "origin", None):  # not a namespace folder
         try:
             variants.append(vllm_variant(device_cfg, problems))
             vllm_note = "run"

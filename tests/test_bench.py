@@ -177,7 +177,7 @@ def test_bench_runs_every_row_end_to_end(tmp_path):
     """`make bench` shrunk (2 problems, 8 tokens, K=1): every row kind completes in its own
     process, the report has them all, and rows that should agree give the same answers. The
     vLLM rows point at a Python that does not exist: they are left out, saying what to install
-    (the vLLM rows run for real in tests/vllm)."""
+    (the vLLM rows run for real in tests/backend_vllm)."""
     out = tmp_path / "bench"
     args = [
         str(Path(sys.executable).parent / "latentseek"), "bench", "limit=2", "batch_sizes=1,2",

@@ -1,7 +1,7 @@
 """`backend=vllm` without vLLM (the default suite): the engine arguments it would start with on a
 GPU node (a fake `torch.cuda.mem_get_info`, a Llama-3.1-shaped config), the hub id it hands
 vLLM, how it reads vLLM's finish reasons, and what a worker does with an engine that failed or
-a sweep point that the engine serves. The engine itself: tests/vllm (`make test-vllm`)."""
+a sweep point that the engine serves. The engine itself: tests/backend_vllm (`make test-vllm`)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """backend=vllm in a worker across a sweep (`make test-vllm`): one engine per process, reused
 for the next point. Its own module, run after the others: closing an engine tears down the
-process's vLLM parallel groups, which the session's engine (tests/vllm/conftest.py) also uses."""
+process's vLLM parallel groups, which the session's engine (tests/backend_vllm/conftest.py) also uses."""
 
 from __future__ import annotations
 
