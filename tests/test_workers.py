@@ -297,11 +297,11 @@ def test_rank_zero_stops_waiting_for_a_rank_stream_that_hangs_ends_or_dies(local
 class TinyRank(EvalWorker):
     """A replica's rank on the tiny model, built by hand (no model load, no process group: these
     ranks share no collectives); rank 0 when it is given the other ranks' handles. Problem "a"
-    is accepted at its CoT answer; "b" runs two iterations, each of its answers scored a second
-    late, so that "a" ends seconds before "b". `b_rewards`: what this rank scores "b" (another
-    rank's answers then differ from rank 0's)."""
+    is accepted at its CoT answer; "b" is scored only once the file `gate` exists (the driver
+    makes it when "a" has reached it; a minute without it: "b" raises). `b_rewards`: what this
+    rank scores "b" (another rank's answers then differ from rank 0's)."""
 
-    def __init__(self, b_rewards: list[float], ranks: list[Any] | None = None) -> None:
+    def __init__(self, b_rewards: list[float], gate: str, ranks: list[Any] | None = None) -> None:
         from conftest import ScriptedReward, tiny_loaded
 
         from pipeline.method.solver import Solver
@@ -309,7 +309,11 @@ class TinyRank(EvalWorker):
         def script(problem: Any) -> list[float]:
             if problem.problem_id == "a":
                 return [0.0]
-            time.sleep(1.0)
+            deadline = time.monotonic() + 60
+            while not os.path.exists(gate):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("b was scored before a reached the driver")
+                time.sleep(0.05)
             return b_rewards
 
         cfg = Config(method=["latentseek"], rho=0.5, lr=1.0, max_iters=2, max_new_tokens=8,
@@ -319,29 +323,31 @@ class TinyRank(EvalWorker):
         self.solver = Solver(cfg, tiny_loaded(), reward=ScriptedReward(script))
 
 
-def test_a_replica_streams_each_agreed_problem_as_it_ends(local_ray):
+def test_a_replica_streams_each_agreed_problem_as_it_ends(local_ray, tmp_path):
     """Rank 0 of a replica hands each problem to the driver once its other rank has ended that
-    problem too, not the batch at the end: "a" arrives while "b" still runs. Rank 1 scores "b"
-    otherwise, so "b" arrives as the ranks' disagreement, in place of rank 0's result."""
+    problem too, not the batch at the end: "b" is scored only after "a" has reached the driver
+    (a replica that returned its batch at the end would wait a minute, then "b" raises). Rank 1
+    scores "b" otherwise, so "b" arrives as the ranks' disagreement, in place of rank 0's."""
+    gate = tmp_path / "a-arrived"
     rank = ray.remote(num_cpus=0, max_restarts=0)(TinyRank)
-    rank1 = rank.remote([-1.0, -0.5])
-    rank0 = rank.remote([-1.0], [rank1])
+    rank1 = rank.remote([-1.0, -0.5], str(gate))
+    rank0 = rank.remote([-1.0], str(gate), [rank1])
     problems = [problem(pid="a"), problem("What is 2+3?", "5", "b")]
     try:
         arrived = {}
         for ref in rank0.stream.options(num_returns="streaming").remote("latentseek", problems):
             _, i, outcome = ray.get(ref)
-            arrived[problems[i].problem_id] = (time.monotonic(), outcome)
+            arrived[problems[i].problem_id] = outcome
+            gate.touch()
     finally:
         ray.kill(rank0, no_restart=True)
         ray.kill(rank1, no_restart=True)
-    (t_a, a), (t_b, b) = arrived["a"], arrived["b"]
-    assert isinstance(a, ProblemResult) and a.stop_reason == "cot_accepted"
-    assert b == (
+    assert list(arrived) == ["a", "b"]
+    assert isinstance(arrived["a"], ProblemResult) and arrived["a"].stop_reason == "cot_accepted"
+    assert arrived["b"] == (
         "RuntimeError: tensor-parallel ranks disagree: rank 1's answers to this problem differ "
         "from rank 0's"
     )
-    assert t_b - t_a > 1.5, "a reached the driver only with b, at the end of the batch"
 
 
 def test_progress_moves_per_problem_before_the_task_returns(tmp_path, local_ray, capfd):
