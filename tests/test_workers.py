@@ -10,12 +10,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
 import ray
 import torch
+from conftest import problem
 
 from jobs.run import RunError, check_resume, run_evaluation
 from pipeline.config import Config, ConfigError
@@ -24,7 +27,7 @@ from pipeline.run.pool import start_ray
 from pipeline.run.records import RecordStore
 from pipeline.run.rundir import read_invocations, write_config
 from pipeline.run.scheduler import batch_timeout
-from pipeline.run.workers import gather_ranks, worker_device
+from pipeline.run.workers import EvalWorker, RankStreams, gather_ranks, worker_device
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -252,6 +255,99 @@ def test_rank_zero_stops_waiting_for_a_rank_that_hangs_or_dies(local_ray):
     assert gather_ranks([ready.run.remote(0), hung.run.remote(3600)], 2) is None
     assert time.monotonic() - start < 30
     assert gather_ranks([dying.exit.remote()], 60) is None
+
+
+def test_rank_zero_stops_waiting_for_a_rank_stream_that_hangs_ends_or_dies(local_ray):
+    """`RankStreams`, rank 0's wait for each problem of its other ranks' streams: their outcomes
+    by index, in whatever order they came, or None for a rank that has not yielded the problem
+    in time, ended its stream without it, or whose process is gone."""
+
+    @ray.remote(num_cpus=0, max_restarts=0)
+    class Rank:
+        def stream(self, then: str) -> Iterator[tuple[str, int, str]]:
+            yield "rank", 1, "one"
+            yield "rank", 0, "zero"
+            if then == "hang":
+                time.sleep(3600)
+            elif then == "exit":
+                os._exit(1)
+
+    ranks = [Rank.remote() for _ in range(3)]
+
+    def streams(*calls: tuple[int, str]) -> RankStreams:
+        return RankStreams(
+            [ranks[r].stream.options(num_returns="streaming").remote(then) for r, then in calls]
+        )
+
+    try:
+        ended = streams((0, "end"))
+        assert ended.outcomes(0, 60) == ["zero"] and ended.outcomes(1, 0) == ["one"]
+        assert ended.outcomes(2, 60) is None
+        hung = streams((1, "hang"), (0, "end"))
+        assert hung.outcomes(0, 60) == ["zero", "zero"]
+        start = time.monotonic()
+        assert hung.outcomes(2, 2) is None
+        assert 1.9 < time.monotonic() - start < 30  # it waited its 2 s, no more
+        assert streams((2, "exit")).outcomes(2, 60) is None
+    finally:
+        for r in ranks:
+            ray.kill(r, no_restart=True)
+
+
+class TinyRank(EvalWorker):
+    """A replica's rank on the tiny model, built by hand (no model load, no process group: these
+    ranks share no collectives); rank 0 when it is given the other ranks' handles. Problem "a"
+    is accepted at its CoT answer; "b" is scored only once the file `gate` exists (the driver
+    makes it when "a" has reached it; a minute without it: "b" raises). `b_rewards`: what this
+    rank scores "b" (another rank's answers then differ from rank 0's)."""
+
+    def __init__(self, b_rewards: list[float], gate: str, ranks: list[Any] | None = None) -> None:
+        from conftest import ScriptedReward, tiny_loaded
+
+        from pipeline.method.solver import Solver
+
+        def script(problem: Any) -> list[float]:
+            if problem.problem_id == "a":
+                return [0.0]
+            deadline = time.monotonic() + 60
+            while not os.path.exists(gate):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("b was scored before a reached the driver")
+                time.sleep(0.05)
+            return b_rewards
+
+        cfg = Config(method=["latentseek"], rho=0.5, lr=1.0, max_iters=2, max_new_tokens=8,
+                     reward_threshold=-0.2, device="cpu")  # fmt: skip
+        self.name, self.rank, self.ranks = "tiny", 0, list(ranks or [])
+        self.settings, self.start_error, self.model_digest = cfg, "", {}
+        self.solver = Solver(cfg, tiny_loaded(), reward=ScriptedReward(script))
+
+
+def test_a_replica_streams_each_agreed_problem_as_it_ends(local_ray, tmp_path):
+    """Rank 0 of a replica hands each problem to the driver once its other rank has ended that
+    problem too, not the batch at the end: "b" is scored only after "a" has reached the driver
+    (a replica that returned its batch at the end would wait a minute, then "b" raises). Rank 1
+    scores "b" otherwise, so "b" arrives as the ranks' disagreement, in place of rank 0's."""
+    gate = tmp_path / "a-arrived"
+    rank = ray.remote(num_cpus=0, max_restarts=0)(TinyRank)
+    rank1 = rank.remote([-1.0, -0.5], str(gate))
+    rank0 = rank.remote([-1.0], str(gate), [rank1])
+    problems = [problem(pid="a"), problem("What is 2+3?", "5", "b")]
+    try:
+        arrived = {}
+        for ref in rank0.stream.options(num_returns="streaming").remote("latentseek", problems):
+            _, i, outcome = ray.get(ref)
+            arrived[problems[i].problem_id] = outcome
+            gate.touch()
+    finally:
+        ray.kill(rank0, no_restart=True)
+        ray.kill(rank1, no_restart=True)
+    assert list(arrived) == ["a", "b"]
+    assert isinstance(arrived["a"], ProblemResult) and arrived["a"].stop_reason == "cot_accepted"
+    assert arrived["b"] == (
+        "RuntimeError: tensor-parallel ranks disagree: rank 1's answers to this problem differ "
+        "from rank 0's"
+    )
 
 
 def test_progress_moves_per_problem_before_the_task_returns(tmp_path, local_ray, capfd):

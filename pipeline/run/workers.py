@@ -11,16 +11,18 @@ model, a config it cannot take) comes back as a `WorkerFault` per problem.
 A worker process that dies (killed, out of memory, a segfault) fails its in-flight call with a
 Ray actor error, and the actor is restarted by Ray (up to `max_worker_restarts` times; it
 reloads the model); what the scheduler then does with the batch is in `pipeline.run.scheduler`.
-Rank 0 of a replica waits for its other ranks at most `RANK_WAIT_S` after its own part.
+Rank 0 of a replica waits at most `RANK_WAIT_S` for its other ranks to finish each problem it
+has finished.
 
 Tensor-parallel replicas (`tensor_parallel` = G > 1): the driver reserves a placement group of
 G bundles (one device each, `STRICT_PACK`: one node) and starts rank 0 in bundle 0; rank 0 starts
 ranks 1..G-1 in the other bundles, and the G processes form one torch.distributed group over
 which the model is sharded (`pipeline.engine.shards`). The scheduler sees rank 0 only: rank 0 takes a
-batch, sends the same call to every other rank, runs it itself and returns its results once the
-others agree with them. A rank that dies breaks the group: rank 0 then ends its own process, so
-the scheduler re-queues the batch as for any lost worker, and Ray restarts rank 0, whose
-constructor builds the replica again (the other ranks, owned by rank 0, die with it).
+batch, sends the same call to every other rank, runs it itself and streams each problem's result
+as for any worker, once every other rank has finished that problem too and agrees with it. A rank
+that dies breaks the group: rank 0 then ends its own process, so the scheduler re-queues the
+batch's unfinished problems as for any lost worker, and Ray restarts rank 0, whose constructor
+builds the replica again (the other ranks, owned by rank 0, die with it).
 
 A worker whose constructor fails (the model cannot be loaded, a reward cannot be imported) stays
 alive and reports the error from `info()` (`start_error`), so that the driver can show it as one
@@ -36,6 +38,7 @@ import queue
 import re
 import socket
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -268,13 +271,32 @@ class EvalWorker:
         as it finishes (called with `num_returns="streaming"`), so that the driver records it
         at once and a lost task costs only its unfinished problems. The batch runs on a thread
         of this process while this generator hands its results on; if it raises, the problems
-        not yet finished run one by one. A replica (rank 0 with other ranks) yields its batch
-        at the end, once the ranks agree (`run`)."""
-        if self.ranks:
-            name, outcomes = self.run(method, problems, settings, progress)
-            for i, outcome in enumerate(outcomes):
-                yield name, i, outcome
+        not yet finished run one by one.
+
+        Rank 0 of a replica streams the same call from every other rank (`RankStreams`), runs
+        the batch itself, and yields each of its problems once every other rank has yielded
+        that problem too and their answers agree (`rank_agrees`: an error in its place if not).
+        A rank lost on the way, or not done with a problem `RANK_WAIT_S` after rank 0, ends this
+        process (module doc); the problems already yielded are recorded."""
+        if not self.ranks:
+            yield from self._stream(method, problems, settings, progress)
             return
+        calls = [r.stream.options(num_returns="streaming") for r in self.ranks]
+        others = RankStreams([call.remote(method, problems, settings) for call in calls])
+        for name, i, outcome in self._stream(method, problems, settings, progress):
+            theirs = others.outcomes(i, RANK_WAIT_S)
+            if theirs is None:
+                self._end_replica()
+            yield name, i, rank_agrees(outcome, theirs)
+
+    def _stream(
+        self,
+        method: str,
+        problems: Sequence[Problem],
+        settings: Any = None,
+        progress: tuple[Any, int] | None = None,
+    ) -> Iterator[tuple[str, int, Any]]:
+        """This process's part of `stream`: the batch on a thread, each outcome as it ends."""
         if (fault := self._prepare(settings)) is not None:
             for i in range(len(problems)):
                 yield self.name, i, fault
@@ -382,6 +404,32 @@ def gather_ranks(pending: Sequence[Any], timeout_s: float) -> list[list[Any]] | 
         return None
 
 
+class RankStreams:
+    """The other ranks' `EvalWorker.stream` calls as rank 0 reads them: each rank's outcomes by
+    problem index, taken from its stream as they come (in whatever order that rank ends them)."""
+
+    def __init__(self, streams: Sequence[Any]) -> None:
+        self.streams = list(streams)  # ray.ObjectRefGenerator per rank 1..G-1
+        self.taken: list[dict[int, Any]] = [{} for _ in self.streams]
+
+    def outcomes(self, index: int, timeout_s: float) -> list[Any] | None:
+        """Every other rank's outcome for problem `index`, or None when a rank is gone, ended
+        its stream without it, or has not yielded it within `timeout_s` (as `gather_ranks`: the
+        ranks move in lockstep, so one that has not is hung)."""
+        deadline = time.monotonic() + timeout_s
+        for stream, taken in zip(self.streams, self.taken):
+            while index not in taken:
+                left = max(0.0, deadline - time.monotonic())
+                if not ray.wait([stream], timeout=left)[0]:
+                    return None
+                try:
+                    _, i, outcome = ray.get(next(stream))
+                except (StopIteration, RayActorError):
+                    return None
+                taken[i] = outcome
+        return [taken.pop(index) for taken in self.taken]
+
+
 def progress_hooks(progress: tuple[Any, int] | None) -> dict[str, Any]:
     """`Solver.run`'s progress callbacks that post to (board, ticket); none without a board."""
     if progress is None:
@@ -407,17 +455,23 @@ def _answer_key(outcome: Any) -> Any:
 
 
 def ranks_agree(outcomes: list[Any], others: Sequence[list[Any]]) -> list[Any]:
-    """Rank 0's outcomes, with an error in place of each problem on which another rank's answers
-    differ (its collectives would no longer line up; recorded as an error, never as a result)."""
-    agreed = list(outcomes)
-    for rank, theirs in enumerate(others, start=1):
-        for i, (mine, other) in enumerate(zip(outcomes, theirs)):
-            if _answer_key(mine) != _answer_key(other) and isinstance(agreed[i], ProblemResult):
-                agreed[i] = (
-                    f"RuntimeError: tensor-parallel ranks disagree: rank {rank}'s answers to "
-                    f"this problem differ from rank 0's"
-                )
-    return agreed
+    """Rank 0's outcomes, each checked against the other ranks' (`rank_agrees`)."""
+    return [rank_agrees(mine, [theirs[i] for theirs in others]) for i, mine in enumerate(outcomes)]
+
+
+def rank_agrees(mine: Any, theirs: Sequence[Any]) -> Any:
+    """Rank 0's outcome for a problem, or an error in its place when another rank's answers (in
+    `theirs`, ranks 1..G-1) differ (its collectives would no longer line up; recorded as an
+    error, never as a result)."""
+    if not isinstance(mine, ProblemResult):
+        return mine
+    for rank, other in enumerate(theirs, start=1):
+        if _answer_key(mine) != _answer_key(other):
+            return (
+                f"RuntimeError: tensor-parallel ranks disagree: rank {rank}'s answers to "
+                f"this problem differ from rank 0's"
+            )
+    return mine
 
 
 def one_line(exc: BaseException) -> str:
