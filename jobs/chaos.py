@@ -70,6 +70,7 @@ class Faults:
     sick: tuple[int, ...] = ()
     slow_restart: tuple[int, ...] = ()
     seconds_per_problem: float = 0.05
+    progress_every: float = 0.0  # > 0: post an "iteration" every this many seconds of a problem
     marks: str = ""  # a directory for the once-only faults' claims
 
 
@@ -99,7 +100,7 @@ class FaultyWorker:
 
         each = self.faults.seconds_per_problem
         for i, p in enumerate(problems):
-            time.sleep(each)
+            self._work(each, p.problem_id, progress)
             fault = self.faults.problems.get(p.problem_id, "")
             marks = self.faults.marks
             if fault == "exit" or (fault == "exit_once" and claim(marks, p.problem_id)):
@@ -119,6 +120,20 @@ class FaultyWorker:
                 if fault == "surrogate":
                     result.final_answer += "\ud800"
                 yield self.name, i, result
+
+    def _work(self, seconds: float, problem_id: str, progress: Any) -> None:
+        """Sleep `seconds`, posting an iteration to the scheduler's board every
+        `progress_every` seconds (what a long LatentSeek problem does) when asked to."""
+        every = self.faults.progress_every
+        if every <= 0 or progress is None:
+            time.sleep(seconds)
+            return
+        board, ticket = progress
+        end, k = time.monotonic() + seconds, 0
+        while (left := end - time.monotonic()) > 0:
+            time.sleep(min(every, left))
+            k += 1
+            board.post.remote("iteration", ticket, problem_id, k)
 
 
 def faulty_starter(faults: Faults, max_restarts: int) -> Any:

@@ -273,3 +273,48 @@ def hold_in_child(directory: Path) -> subprocess.Popen:
     )  # fmt: skip
     assert proc.stdout.readline().strip() == "held", "the child did not take the lock"
     return proc
+
+
+# --- make test in several processes (pytest-xdist, --dist loadgroup) --------------------------
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests are spread over the processes one by one, except a module's tests that share a
+    module-scoped fixture (a server, a model in bf16, the engine's reference runs, the fuzz
+    processes): those run in one process, so that the fixture is made once."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        defs = info.name2fixturedefs.values() if info is not None else ()
+        if any(d.scope == "module" for group in defs for d in group):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
+# --- MLflow stores --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _migrated_mlflow_store(tmp_path_factory) -> Iterator[None]:
+    """A new SQLite MLflow store runs MLflow's schema migrations (2-3 s of CPU each), and most
+    runs here open a store of their own: a store the pipeline opens in this process that does not
+    exist yet starts as a copy of one migrated once, the state MLflow would leave it in."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.run import tracking
+
+    template = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
+
+    def client(tracking_uri: str | None = None, *args: Any, **kwargs: Any) -> MlflowClient:
+        if tracking_uri and tracking_uri.startswith("sqlite:///"):
+            db = Path(tracking_uri.removeprefix("sqlite:///"))
+            if not db.exists():
+                db.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(template, db)
+        return MlflowClient(tracking_uri, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tracking, "MlflowClient", client)
+        yield

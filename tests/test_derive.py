@@ -25,7 +25,7 @@ def _run(make_solver, cfg, script, run_dir):
     return results
 
 
-@pytest.mark.parametrize("return_best", [True, False])
+@pytest.mark.parametrize("return_best", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_a_derived_k_equals_the_executed_k(tmp_path, make_solver, embedded_cfg, return_best):
     cfg = embedded_cfg.replace(
         dataset="gsm8k", limit=2, max_new_tokens=16, rho=0.5, reward="psrm", max_iters=2,

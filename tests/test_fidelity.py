@@ -16,8 +16,11 @@ Batch size > 1 must give the same outputs as batch size 1 in compat=reference, a
 batching the same as static batching in both modes (padding and batch composition change matrix
 shapes, so this is measured on real problems, not assumed).
 
-Cost on a 2-core CPU: the naive loop runs ~0.1-0.5 s per token; the default tests take ~3 min;
-the slow variant (the setting SPEC §6 names: 5 problems, K 3, 128 tokens) ~25 min.
+Cost on a 2-core CPU: the naive loop runs ~0.1-0.5 s per token. The default suite compares one
+problem in compat=reference with the engine (about a minute) and batch size 3 with batch size 1;
+`slow` the threshold path, the self-reward, SE, continuous batching and the engine in
+compat=none; `long` the others in compat=none and the setting SPEC §6 names (5 problems, K 3,
+128 tokens: ~25 min).
 """
 
 from __future__ import annotations
@@ -31,6 +34,11 @@ from pipeline.data import load_dataset
 from pipeline.method import reference
 from pipeline.method.rewards import CallableReward
 
+# compat=reference in `make test-slow` (CI), compat=none in `make test-long`
+REFERENCE_SLOW_NONE_LONG = [
+    pytest.param("none", marks=pytest.mark.long),
+    pytest.param("reference", marks=pytest.mark.slow),
+]
 SETTINGS = dict(lr=0.05, rho=0.2, max_iters=2, max_new_tokens=24, reward_threshold=-0.2)
 
 
@@ -115,7 +123,9 @@ def test_engine_matches_reference_loop(
         assert all(e.cot_answer.endswith(("<|im_end|>", "<|endoftext|>")) for e in stopped)
 
 
-@pytest.mark.parametrize("compat", [pytest.param("none", marks=pytest.mark.slow), "reference"])
+# slow: the naive loop decodes a ~90-token answer here; the threshold logic itself is tested
+# fast (tests/test_methods.py), the engine against this loop on the whole loop above
+@pytest.mark.parametrize("compat", REFERENCE_SLOW_NONE_LONG)
 def test_threshold_path_matches_reference_loop(embedded, make_solver, embedded_cfg, compat):
     settings = {**SETTINGS, "max_iters": 3}
     cfg = engine_cfg(embedded_cfg, compat).replace(max_iters=3)
@@ -139,7 +149,8 @@ def test_reference_mode_batch_equals_batch_size_1(
     assert differ == [], f"batch size 3 differs from batch size 1 on {differ}"
 
 
-@pytest.mark.parametrize("compat", [pytest.param("none", marks=pytest.mark.slow), "reference"])
+# slow: a repeat on the embedded model of tests/test_batching.py (the tiny model, every row count)
+@pytest.mark.parametrize("compat", REFERENCE_SLOW_NONE_LONG)
 def test_continuous_batching_equals_static_batching(
     make_solver, embedded_cfg, problems, reference_mode_b1, compat
 ):
@@ -204,8 +215,7 @@ def _self_reward_matches(embedded, make_solver, embedded_cfg, compat, settings, 
         assert mine.iterations >= 1  # the loop ran: rewards after steps are compared too
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("compat", [pytest.param("none", marks=pytest.mark.slow), "reference"])
+@pytest.mark.parametrize("compat", REFERENCE_SLOW_NONE_LONG)
 def test_self_reward_matches_reference_loop(embedded, make_solver, embedded_cfg, compat):
     # The paper's verifiers: the engine's batched self-reward (verifier prompts of all answers
     # decoded in the same batches as the solver's rows) against the reference's one-by-one
@@ -222,8 +232,7 @@ def test_self_reward_matches_reference_loop_long(embedded, make_solver, embedded
     _self_reward_matches(embedded, make_solver, embedded_cfg, compat, SETTINGS, 12, 2)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("compat", [pytest.param("none", marks=pytest.mark.slow), "reference"])
+@pytest.mark.parametrize("compat", REFERENCE_SLOW_NONE_LONG)
 def test_se_matches_reference_loop(embedded, make_solver, embedded_cfg, compat):
     from pipeline.method.methods import problem_seed
 

@@ -7,8 +7,11 @@ record written. The cases are generated below (no fuzzing library): config YAML 
 values, dataset files, prompt and verifier templates, sweep files, `reward=module:function`.
 
 Each case is a process that imports torch (seconds), so the selected cases are started together,
-a few at a time, when the first of them is checked (`launched`), and each test reads its own; a
-representative part runs by default, the rest with the slow tests (`DEFAULT`).
+a few at a time, when the first of them is checked (`launched`), and each test reads its own. As
+processes, a few cases run by default (`PROCESS`), every case with the slow tests; in the default
+suite the representative cases (`DEFAULT`) also run through the same entry point in this process
+(`jobs.cli.main`, its libraries already imported: a fraction of a second each) with Ray's start
+refused, which checks the same line, exit status and files.
 """
 
 from __future__ import annotations
@@ -329,8 +332,9 @@ CASES = [
 ]
 
 
-# Each case is a process that imports torch: these run by default, one or more of each input
-# kind and every case a fix was made for; the others with the slow tests (`make test-slow`).
+# One or more of each input kind and every case a fix was made for: by default in this process
+# (`test_bad_input_is_refused_by_the_entry_point_in_process`); every case as a process of its own
+# in the slow tests (`make test-slow`).
 DEFAULT = {
     "cli-model-dir", "cli-model-hub-id", "cli-model-gguf", "cli-prompt-file", "cli-verifier-name",
     "cli-dataset", "cli-device-cuda", "cli-rho",
@@ -339,9 +343,15 @@ DEFAULT = {
     "prompt-no-question", "verifier-weight-text", "sweep-nothing", "sweep-bad-point",
     "reward-no-module", "reward-syntax-error",
 }  # fmt: skip
+# As processes by default: the case whose input is the process's environment (an empty Hugging
+# Face cache), one that imports torch before it is refused, and three refused before any import.
+PROCESS = {
+    "cli-model-hub-id", "cli-model-dir", "yaml-not-utf8", "yaml-include-number", "kv-broken-list",
+}  # fmt: skip
 PARAMS = [
-    pytest.param(c, id=c.id, marks=() if c.id in DEFAULT else pytest.mark.slow) for c in CASES
+    pytest.param(c, id=c.id, marks=() if c.id in PROCESS else pytest.mark.slow) for c in CASES
 ]
+IN_PROCESS = [pytest.param(c, id=c.id) for c in CASES if c.id in DEFAULT - {"cli-model-hub-id"}]
 
 
 @dataclass
@@ -351,12 +361,17 @@ class Outcome:
     ray_started: bool  # whether Ray made its session directory
 
 
-def run_case(case: Case, directory: Path) -> Outcome:
+def case_args(case: Case, directory: Path) -> list[str]:
+    """The command line of `case` (its files written under `directory`)."""
     command, *rest = case.build(directory)
     common = [f"output_dir={directory / 'out'}"]  # the case's own values come after, and win
     if command == "run":
         common += ["limit=1", "method=cot"]
-    args = [command, *common, *rest] if command == "run" else [command, *rest, *common]
+    return [command, *common, *rest] if command == "run" else [command, *rest, *common]
+
+
+def run_case(case: Case, directory: Path) -> Outcome:
+    args = case_args(case, directory)
     ray_parent = Path(tempfile.mkdtemp(prefix="lsk-", dir="/tmp"))  # Ray's sockets: short paths
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
@@ -388,19 +403,56 @@ def launched(request, tmp_path_factory) -> dict[str, Future]:
     pool.shutdown(cancel_futures=True)
 
 
-@pytest.mark.parametrize("case", PARAMS)
-def test_bad_input_ends_in_one_line_before_anything_starts(case: Case, launched):
-    outcome = launched[case.id].result(timeout=900)
-    done = outcome.done
-    assert done.returncode == 2, done.stderr[-3000:]
-    assert "Traceback" not in done.stderr, done.stderr[-3000:]
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1, done.stderr[-3000:]
+def assert_refused(case: Case, code: int, stderr: str, directory: Path) -> None:
+    """Exit status 2, one line on stderr naming the input, no traceback, nothing written."""
+    assert code == 2, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr[-3000:]
     line = lines[0]
     assert line.startswith(("config error: ", "error: ")), line
     assert len(line) < 2000, f"a {len(line)}-character line"
     assert case.names in line and case.says in line, line
-    assert not outcome.ray_started, "Ray was started"
-    out = outcome.directory / "out"
+    out = directory / "out"
     assert not list(out.rglob("problems")), "a record was written"
     assert not list(out.rglob("config.yaml")), "a run was opened"
+
+
+@pytest.mark.parametrize("case", PARAMS)
+def test_bad_input_ends_in_one_line_before_anything_starts(case: Case, launched):
+    outcome = launched[case.id].result(timeout=900)
+    assert_refused(case, outcome.done.returncode, outcome.done.stderr, outcome.directory)
+    assert not outcome.ray_started, "Ray was started"
+
+
+class RayStarted(Exception):
+    """The entry point got as far as starting Ray: the input was not refused."""
+
+
+@pytest.mark.parametrize("case", IN_PROCESS)
+def test_bad_input_is_refused_by_the_entry_point_in_process(
+    case: Case, tmp_path, monkeypatch, capsys
+):
+    import ray
+
+    import jobs.run
+    from jobs.cli import main
+
+    def refuse(*args, **kwargs):
+        raise RayStarted
+
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr(jobs.run, "start_ray", refuse)  # also while another test's Ray runs
+    for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
+        monkeypatch.delenv(key)
+    for key, value in [("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
+                       ("HF_HUB_DISABLE_PROGRESS_BARS", "1")]:  # fmt: skip
+        monkeypatch.setenv(key, os.environ.get(key, value))  # main's defaults, undone after
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path / "mods"))
+    monkeypatch.delitem(sys.modules, "fuzz_reward", raising=False)  # another case's module
+    args = case_args(case, tmp_path)
+    capsys.readouterr()
+    code = main(args)
+    sys.modules.pop("fuzz_reward", None)
+    assert_refused(case, code, capsys.readouterr().err, tmp_path)

@@ -278,7 +278,7 @@ def test_a_recipe_runs_end_to_end_on_the_embedded_model(tmp_path, local_ray):
 
     recipe = ROOT / "configs" / "paper" / "qwen2.5-1.5b-instruct" / "gsm8k-boxed.yaml"
     overrides = [
-        "model=embedded", "device=cpu", "dtype=float32", "limit=2", "max_new_tokens=12",
+        "model=embedded", "device=cpu", "dtype=float32", "limit=1", "max_new_tokens=8",
         "max_iters=1", "verifier_max_new_tokens=4", "workers=1", f"output_dir={tmp_path}",
     ]  # fmt: skip
     summary = run_sweep(recipe, overrides, progress=False, log=lambda msg: None)
@@ -290,7 +290,7 @@ def test_a_recipe_runs_end_to_end_on_the_embedded_model(tmp_path, local_ray):
     # K = 10: listed without a paper value.
     assert {r["paper_table"] for r in rows} == {"Table 1", "Table 5", ""}, rows
     assert len(rows) == 5 + 3, rows
-    assert {(r["paper_model"], r["problems"]) for r in rows} == {("Qwen2.5-1.5B-Instruct", "2")}
+    assert {(r["paper_model"], r["problems"]) for r in rows} == {("Qwen2.5-1.5B-Instruct", "1")}
     unmatched = [r for r in rows if not r["paper_table"]]
     assert len(unmatched) == 1 and unmatched[0]["label"].startswith("LatentSeek (self"), rows
     assert unmatched[0]["note"].startswith("no paper cell at this budget; the paper has K=10")

@@ -136,6 +136,28 @@ def test_a_stopped_worker_is_killed_then_given_up_and_its_batch_runs_elsewhere(
     assert took < 60
 
 
+@pytest.mark.parametrize("reports", [True, False])
+def test_a_batch_that_reports_progress_outlasts_its_deadline_and_a_silent_one_does_not(
+    tmp_path, local_ray, reports
+):
+    """The deadline counts from a batch's last progress, not from its dispatch: one worker,
+    one problem of 7 s against batch_timeout_s=5 (room for the progress board's own start on a
+    loaded machine). Posting an iteration every 0.2 s (a long LatentSeek problem), it is never
+    killed; silent, it is killed at its deadline and recorded with its error (max_retries=0)."""
+    (w,) = start(tmp_path, 1, seconds_per_problem=7.0, progress_every=0.2 if reports else 0.0)
+    ray.get(w.info.remote())  # started, as run_evaluation's workers are before any batch
+    log: list[str] = []
+    settings = Config(batch_timeout_s=5.0, method=["cot"])
+    outcomes, s = drive([w], [Batch(0, "cot", problems(1))], log, settings=settings, max_retries=0)
+    rows = recorded(outcomes)
+    errors = {p: r.error for p, r in rows.items()}
+    assert len(rows) == 1
+    if reports:
+        assert s.worker_failures == 0 and not any(errors.values()), (log, errors)
+    else:
+        assert s.worker_failures >= 1 and all(errors.values()), (log, errors)
+
+
 def test_a_restart_that_never_comes_back_is_given_up(tmp_path, local_ray):
     """The only worker exits at p-0 and its restart hangs (no placement, a load that stalls):
     after `restart_timeout` it is retired, naming what the cluster has free, and the run stops

@@ -154,8 +154,18 @@ def run_cfg(tmp_path: Path, run_id: str, **kw: Any) -> Config:
 TRAJECTORY = ["problem_id", "cot_answer", "final_answer", "rewards", "stop_reason", "error"]
 
 
-@pytest.mark.slow  # the default suite: rank 1 with another reward follows rank 0 (below)
-@pytest.mark.parametrize("model,backend,world", CASES)
+# Whole runs on both backends: the tiny model in `slow` (the default suite: rank 1 with another
+# reward follows rank 0, below), the embedded model in `long` (its ranks' agreement at this size:
+# test_sharded_model_matches_the_whole_model, in `slow`).
+TRAJECTORY_CASES = [
+    pytest.param("tiny", "transformers", 2, marks=pytest.mark.slow),
+    pytest.param("tiny", "deepspeed", 2, marks=pytest.mark.slow),
+    pytest.param("embedded", "transformers", 3, marks=pytest.mark.long),
+    pytest.param("embedded", "deepspeed", 2, marks=pytest.mark.long),
+]
+
+
+@pytest.mark.parametrize("model,backend,world", TRAJECTORY_CASES)
 def test_a_replica_runs_the_same_latentseek_trajectory(shard_ray, tmp_path, tiny_dir, model,
                                                        backend, world):  # fmt: skip
     spec = model_spec(model, tiny_dir)

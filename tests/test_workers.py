@@ -120,7 +120,8 @@ def test_run_records_every_problem_once_and_uses_both_workers(tmp_path, local_ra
     assert second["time"].endswith("Z") and second["git_commit"]
 
 
-@pytest.mark.slow
+# long: a whole-pipeline repeat of a branch tests/test_scheduler_faults.py tests fast
+@pytest.mark.long
 def test_sigkilled_worker_is_replaced_and_nothing_is_lost(tmp_path, local_ray):
     cfg = small_cfg(tmp_path, limit=8, method=["cot"], batch_size=1, max_new_tokens=12)
     killed: list[int] = []
@@ -140,7 +141,8 @@ def test_sigkilled_worker_is_replaced_and_nothing_is_lost(tmp_path, local_ray):
     assert (problems["error"] == "").all()
 
 
-@pytest.mark.slow
+# long: a whole-pipeline repeat of a branch tests/test_scheduler_faults.py tests fast
+@pytest.mark.long
 def test_a_problem_that_raises_is_retried_then_recorded_with_its_error(tmp_path, local_ray):
     cfg = small_cfg(
         tmp_path,
@@ -158,7 +160,8 @@ def test_a_problem_that_raises_is_retried_then_recorded_with_its_error(tmp_path,
     assert summary.failures == 1 and summary.retried == 1
 
 
-@pytest.mark.slow
+# long: a whole-pipeline repeat of a branch tests/test_scheduler_faults.py tests fast
+@pytest.mark.long
 def test_a_problem_that_kills_its_worker_is_recorded_and_the_run_goes_on(tmp_path, local_ray):
     """gsm8k-1 ends its worker's process (os._exit) whenever it is scored. 9 problems in two
     tasks of 5 and 4 on 2 workers, max_retries=1: the task of 5 dies (death 1 of its unfinished
@@ -183,7 +186,8 @@ def test_a_problem_that_kills_its_worker_is_recorded_and_the_run_goes_on(tmp_pat
     assert summary.worker_failures == 3
 
 
-@pytest.mark.slow
+# long: a whole-pipeline repeat of a branch tests/test_scheduler_faults.py tests fast
+@pytest.mark.long
 def test_a_problem_that_hangs_times_out_and_the_run_goes_on(tmp_path, local_ray):
     """gsm8k-1 never returns from its reward. One worker, one task of 4 problems,
     batch_timeout_s=15 (a lone problem here takes a few seconds): the task times out (its worker
@@ -211,7 +215,8 @@ def test_a_problem_that_hangs_times_out_and_the_run_goes_on(tmp_path, local_ray)
     assert sum("timed out" in line for line in lost) == 3
 
 
-@pytest.mark.slow
+# long: a whole-pipeline repeat of a branch tests/test_scheduler_faults.py tests fast
+@pytest.mark.long
 def test_a_slow_worker_that_keeps_reporting_progress_keeps_its_batch(tmp_path, local_ray):
     """The deadline counts from a batch's last progress report, not from its dispatch: one
     worker, one task of 6 LatentSeek problems, 2 iterations each and 3 s of reward per iteration
@@ -412,7 +417,7 @@ def test_a_failed_row_is_retried_on_resume_and_superseded_once(tmp_path, fail_ma
 
 
 def test_resume_with_different_settings_is_refused(tmp_path, local_ray):
-    cfg = small_cfg(tmp_path, limit=2, method=["cot"])
+    cfg = small_cfg(tmp_path, limit=2, method=["cot"], workers=1)
     run_evaluation(cfg, progress=False, log=lambda m: None)
     config_text = (tmp_path / "out" / "r1" / "config.yaml").read_text()
     for change, match in [

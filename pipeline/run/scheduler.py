@@ -42,6 +42,7 @@ from typing import Any
 import ray
 from ray.exceptions import (
     ActorUnavailableError,
+    GetTimeoutError,
     OutOfMemoryError,
     RayActorError,
     RayError,
@@ -185,6 +186,7 @@ class InFlight:
 
 LOST_WORKER = "(lost)"  # the worker column of a problem recorded because its workers died
 TICK_S = 0.5  # the scheduler looks at deadlines and progress at least this often
+BOARD_START_S = 120.0  # the progress board answers within this, or the run goes on without it
 KILL_GRACE_S = 60.0  # a batch whose worker was killed and has not failed this long after: lost
 BREAKER_FAILURES = 3  # a worker's consecutive failed problems that succeed elsewhere: restarted
 RESTART_TIMEOUT_S = 900.0  # a restarting worker not back after this long is given up
@@ -624,10 +626,29 @@ class Scheduler:
         else:
             idle.append(flight.worker)
 
+    def _await_board(self) -> None:
+        """Wait for the progress board to answer before the first batch goes out: a batch's
+        deadline counts from its dispatch until a report of it is read, and a board still
+        starting (a new Ray worker process: 14 s measured on a loaded 2-core machine, under a
+        second there when idle) would let healthy batches pass their deadlines unseen. A board
+        not up within BOARD_START_S is dropped: deadlines then count from results only."""
+        try:
+            ray.get(self._board.take.remote(), timeout=BOARD_START_S)
+        except (RayError, GetTimeoutError) as exc:
+            with contextlib.suppress(Exception):
+                ray.kill(self._board)
+            self._board = None
+            if self.on_worker_lost:
+                self.on_worker_lost(
+                    f"the progress board did not start ({type(exc).__name__}): batch deadlines "
+                    "count from their results only"
+                )
+
     def run(self) -> Iterator[BatchOutcome]:
         idle = self._idle = list(self.workers)
         self._board = start_board()
         try:
+            self._await_board()
             while self.queue or self.in_flight:
                 self._dispatch(idle)
                 self._ping_restarting()

@@ -46,7 +46,7 @@ def test_a_two_point_sweep_reuses_one_engine(local_ray, vllm_cfg, monkeypatch):
     assert worker.start_error == ""
     try:
         for cfg in points:
-            _, outcomes = worker.run("latentseek", _problems(), settings=cfg)
+            _, outcomes = worker.run("latentseek", _problems()[:1], settings=cfg)
             assert outcomes[0].error == "" and outcomes[0].capture_mismatch == 0
             assert worker.solver.cfg.lr == cfg.lr
         assert len(starts) == 1 and worker.solver.backend is starts[0]
