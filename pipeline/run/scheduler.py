@@ -42,7 +42,6 @@ from typing import Any
 import ray
 from ray.exceptions import (
     ActorUnavailableError,
-    GetTimeoutError,
     OutOfMemoryError,
     RayActorError,
     RayError,
@@ -634,7 +633,7 @@ class Scheduler:
         not up within BOARD_START_S is dropped: deadlines then count from results only."""
         try:
             ray.get(self._board.take.remote(), timeout=BOARD_START_S)
-        except (RayError, GetTimeoutError) as exc:
+        except RayError as exc:  # GetTimeoutError too
             with contextlib.suppress(Exception):
                 ray.kill(self._board)
             self._board = None
