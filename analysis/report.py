@@ -22,7 +22,8 @@ The pieces, each in its own module: the records read into labelled configuration
 (`analysis.records`), Table 1 with its intervals (`analysis.accuracy`), the curves after k steps,
 with n samples and against compute (`analysis.curves`); this module draws the figures, writes
 the files and report.md, and is the `latentseek report` command. The scaling laws, their
-forecasts and the frontier are `analysis.laws`.
+forecasts and the frontier are `analysis.laws`, their section, figures and MLflow values
+`analysis.laws_report`.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from analysis.curves import (
     tokens_changed_steps,
     tokens_changed_table,
 )
-from analysis.laws import write_laws
+from analysis.laws_report import write_laws
 from analysis.paper import comparison_table, paper_markdown
 from analysis.records import (
     SETTING_COLUMNS,
@@ -86,8 +87,8 @@ class ReportFiles:
     laws_png: Path | None = None
     frontier_png: Path | None = None
     notes: tuple[str, ...] = ()
-    laws_section: str = ""  # the "Scaling laws" section (`analysis.laws.laws_markdown`)
-    # the laws as MLflow metrics and params (`analysis.laws.mlflow_values`), for a sweep's run
+    laws_section: str = ""  # the "Scaling laws" section (`analysis.laws_report.laws_markdown`)
+    # the laws as MLflow metrics and params (`analysis.laws_report.mlflow_values`), for a sweep's run
     laws_metrics: dict[str, float] = field(default_factory=dict)
     laws_params: dict[str, str] = field(default_factory=dict)
 
@@ -261,6 +262,65 @@ def _image(files: ReportFiles, name: str, alt: str) -> str:
     return f"![{alt}]({path.name})\n\n" if path is not None else f"*({alt}: not drawn)*\n\n"
 
 
+# The report's explanations, one per section.
+_SCALING_NOTE = (
+    "For each LatentSeek configuration and k = 0..K (K = the configured `max_iters`, or the "
+    "most iterations any problem ran if larger), a problem that ran more than k iterations "
+    "is scored by the correctness of its iteration-k answer (iteration 0 = the CoT answer); "
+    "one that stopped earlier (reward above the threshold, or no update) is scored by the "
+    "answer it returned, i.e. its last answer is carried forward to every later k. At k = K "
+    "the curve equals the Table 1 accuracy. Numbers: `scaling.csv` (`running_pct` = "
+    "problems still iterating after k steps).\n\n"
+)
+
+_COMPUTE_NOTE = (
+    "Tokens per problem count every token run through the model, solver and verifier, "
+    "prompt and generated (`solver_tokens + verifier_tokens`); FLOPs are the records' "
+    "`flops` estimate (2 x parameters x token-passes). CoT is one point. **LatentSeek**, "
+    "one point per k: the records hold only each problem's totals, so the cost after "
+    "k' = min(k, iterations) steps is approximated as solver prompt tokens + solver "
+    "generated tokens x (answer tokens of iterations 0..k') / (answer tokens of all its "
+    "iterations) + verifier tokens x (k' + 1) / (iterations + 1) (the verifiers score one "
+    "answer per iteration, the CoT answer included); FLOPs are scaled by the same ratio "
+    "of tokens. This leaves out the latent step itself (a softmax and backward through "
+    "the LM head over U positions), counts the prompt once, and equals the recorded "
+    "totals at k = K. **BoN and SC** with N recorded samples, one point per n = 1..N: "
+    "the answer the method would have returned from the first n samples (BoN: the highest "
+    "`sample_rewards` among them, ties to the earliest; SC: the majority of their extracted "
+    "answers, grouped by equivalence, ties to the group seen first, the engine's own "
+    "`select_best` / `majority_vote`), graded against the gold answer (the recorded "
+    "correctness where that text was recorded, else the engine's grader for the run's "
+    "`compat` and prompt style); tokens and FLOPs are the recorded totals x n / N, "
+    "as every sample and its reward cost alike on average. At n = N the point equals the "
+    "Table 1 row. Numbers: `compute.csv`.\n\n"
+)
+
+_REWARDS_NOTE = (
+    "Mean reward of the answer each problem would return if stopped after k steps, with "
+    "the same carry-forward rule as the scaling curve (a stopped problem keeps the reward "
+    "of its returned answer: the last element of `rewards`, or `initial_reward` when it "
+    "ran no iteration). Problems without a reward (failures) are left out. Self-reward "
+    "lies in [-1, 0], PSRM is 0 (correct) or -1. Numbers: `scaling.csv` (`mean_reward`, "
+    "`reward_problems`).\n\n"
+)
+
+_ITERATIONS_NOTE = (
+    "Share of the problems of each LatentSeek configuration that ran exactly i latent "
+    "iterations (`iterations` of the problem rows; 0 = the CoT answer was accepted or "
+    "there was nothing to update), failed problems left out. Numbers: `iterations.csv`. "
+    "Mean iterations per problem (failures included, as in `table.csv`):\n\n"
+)
+
+_TOKENS_CHANGED_NOTE = (
+    "One value per latent step k >= 1 of every problem: `tokens_changed` of the iteration "
+    "rows (optimised prefix positions whose argmax token differs from the previous "
+    "iteration's), left in tokens and as a share of the problem's U (`update_length`). "
+    "Boxes span the quartiles, whiskers 1.5 x the interquartile range, triangles are means. "
+    "A step that changes most of U rewrites the answer's opening. Numbers: "
+    "`tokens_changed.csv`.\n"
+)
+
+
 def _report_markdown(records: Records, table: pd.DataFrame, files: ReportFiles) -> str:
     runs = records.runs.assign(
         run_dir=[os.path.relpath(d, files.out_dir) for d in records.runs["run_dir"]]
@@ -283,61 +343,24 @@ def _report_markdown(records: Records, table: pd.DataFrame, files: ReportFiles) 
         "\n" + files.paper_md.read_text(),
         "\n# Test-time scaling: accuracy after k latent steps\n\n",
         _image(files, "scaling_png", "accuracy against k"),
-        "For each LatentSeek configuration and k = 0..K (K = the configured `max_iters`, or the "
-        "most iterations any problem ran if larger), a problem that ran more than k iterations "
-        "is scored by the correctness of its iteration-k answer (iteration 0 = the CoT answer); "
-        "one that stopped earlier (reward above the threshold, or no update) is scored by the "
-        "answer it returned, i.e. its last answer is carried forward to every later k. At k = K "
-        "the curve equals the Table 1 accuracy. Numbers: `scaling.csv` (`running_pct` = "
-        "problems still iterating after k steps).\n\n",
+        _SCALING_NOTE,
         "# Accuracy against compute\n\n",
         _image(files, "compute_png", "accuracy against tokens and FLOPs"),
-        "Tokens per problem count every token run through the model, solver and verifier, "
-        "prompt and generated (`solver_tokens + verifier_tokens`); FLOPs are the records' "
-        "`flops` estimate (2 x parameters x token-passes). CoT is one point. **LatentSeek**, "
-        "one point per k: the records hold only each problem's totals, so the cost after "
-        "k' = min(k, iterations) steps is approximated as solver prompt tokens + solver "
-        "generated tokens x (answer tokens of iterations 0..k') / (answer tokens of all its "
-        "iterations) + verifier tokens x (k' + 1) / (iterations + 1) (the verifiers score one "
-        "answer per iteration, the CoT answer included); FLOPs are scaled by the same ratio "
-        "of tokens. This leaves out the latent step itself (a softmax and backward through "
-        "the LM head over U positions), counts the prompt once, and equals the recorded "
-        "totals at k = K. **BoN and SC** with N recorded samples, one point per n = 1..N: "
-        "the answer the method would have returned from the first n samples (BoN: the highest "
-        "`sample_rewards` among them, ties to the earliest; SC: the majority of their extracted "
-        "answers, grouped by equivalence, ties to the group seen first, the engine's own "
-        "`select_best` / `majority_vote`), graded against the gold answer (the recorded "
-        "correctness where that text was recorded, else the engine's grader for the run's "
-        "`compat` and prompt style); tokens and FLOPs are the recorded totals x n / N, "
-        "as every sample and its reward cost alike on average. At n = N the point equals the "
-        "Table 1 row. Numbers: `compute.csv`.\n\n",
+        _COMPUTE_NOTE,
         "# Scaling laws\n\n",
         files.laws_section,
         "\n",
         "# Reward trajectories\n\n",
         _image(files, "rewards_png", "mean reward against k"),
-        "Mean reward of the answer each problem would return if stopped after k steps, with "
-        "the same carry-forward rule as the scaling curve (a stopped problem keeps the reward "
-        "of its returned answer: the last element of `rewards`, or `initial_reward` when it "
-        "ran no iteration). Problems without a reward (failures) are left out. Self-reward "
-        "lies in [-1, 0], PSRM is 0 (correct) or -1. Numbers: `scaling.csv` (`mean_reward`, "
-        "`reward_problems`).\n\n",
+        _REWARDS_NOTE,
         "# Iterations used\n\n",
         _image(files, "iterations_png", "distribution of iterations used"),
-        "Share of the problems of each LatentSeek configuration that ran exactly i latent "
-        "iterations (`iterations` of the problem rows; 0 = the CoT answer was accepted or "
-        "there was nothing to update), failed problems left out. Numbers: `iterations.csv`. "
-        "Mean iterations per problem (failures included, as in `table.csv`):\n\n",
+        _ITERATIONS_NOTE,
         markdown(mean_iterations) if len(mean_iterations) else "(no LatentSeek records)\n",
         "\n",
         "# Prefix tokens changed per step\n\n",
         _image(files, "tokens_changed_png", "tokens changed per latent step"),
-        "One value per latent step k >= 1 of every problem: `tokens_changed` of the iteration "
-        "rows (optimised prefix positions whose argmax token differs from the previous "
-        "iteration's), left in tokens and as a share of the problem's U (`update_length`). "
-        "Boxes span the quartiles, whiskers 1.5 x the interquartile range, triangles are means. "
-        "A step that changes most of U rewrites the answer's opening. Numbers: "
-        "`tokens_changed.csv`.\n",
+        _TOKENS_CHANGED_NOTE,
     ]
     if files.notes:
         parts.append("\n# Notes\n\n" + "".join(f"- {n}\n" for n in files.notes))

@@ -207,9 +207,6 @@ def replica_variant(cfg: Config, problems: list[Any], sequences: list[list[int]]
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from pipeline.data import load_dataset
-    from pipeline.method.solver import Solver
-
     gpus = torch.cuda.device_count()
     if args.device == "cuda" and gpus == 0:
         print("make gpu-check needs a CUDA device; this machine has none", file=sys.stderr)
@@ -217,43 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     worlds = [int(g) for g in args.tensor_parallel.split(",") if g.strip()] or (
         [1, 2] if gpus >= 2 else [1]
     )
-    ref_device = args.reference_device or ("cpu" if args.model == "embedded" else args.device)
     started = time.perf_counter()
-    base = Config(model=args.model, method=["cot"], reward="psrm", limit=args.problems,
-                  batch_size=args.problems, max_new_tokens=args.max_new_tokens,
-                  device=ref_device, dtype="float32",
-                  threads=os.cpu_count() or 1)  # fmt: skip
-    problems = list(load_dataset(base).problems)
-    print(f"reference: {args.model}, {len(problems)} GSM8K problems, {ref_device} float32, "
-          f"greedy CoT, {args.max_new_tokens} tokens at most")  # fmt: skip
-    reference = Solver.from_config(base)
-    ref_results = reference.run("cot", problems)
-    prompts = [reference.prompt(p)[0] for p in problems]
-    answers = [reference.tokenizer(r.cot_answer, add_special_tokens=False)["input_ids"]
-               for r in ref_results]  # fmt: skip
-    sequences = [p + a for p, a in zip(prompts, answers) if a]
-    starts = [len(p) for p, a in zip(prompts, answers) if a]
-    ref = Variant(
-        f"reference ({ref_device} float32 G=1)",
-        [r.final_extracted or "" for r in ref_results],
-        [r.final_correct for r in ref_results],
-        predictions(reference.loaded.model, reference.loaded.device, sequences, starts),
-    )
-    del reference
-
+    base, problems, prompts, sequences, starts, ref = reference_variant(args)
     device_cfg = base.replace(device=args.device, dtype=args.dtype, threads=0)
-    variants: list[Variant] = []
-    for world in worlds:
-        if world == 1:
-            name = f"{args.device} {args.dtype} G=1"
-            variant, solver = engine_variant(name, device_cfg, problems, sequences, starts)
-            variant.extra = engine_checks(solver, prompts, args.max_new_tokens, len(problems))
-            del solver
-        else:
-            cfg = device_cfg.replace(tensor_parallel=world, shard_backend="deepspeed",
-                                     threads=1 if args.device == "cpu" else 0)  # fmt: skip
-            variant = replica_variant(cfg, problems, sequences, starts)
-        variants.append(variant)
+    variants = device_variants(args, device_cfg, worlds, problems, prompts, sequences, starts)
     vllm_note = "not installed"
     if args.no_vllm:
         vllm_note = "skipped (--no-vllm)"
@@ -264,42 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 - reported as a failure, with its message
             vllm_note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
 
-    failures, rows = [], []
-    print(f"\n{'variant':34s} {'top-1 agree':>11s} {'same answer':>11s} {'same grade':>10s} "
-          f"{'correct':>7s} {'tokens/s':>9s}")  # fmt: skip
-    for v in [ref, *variants]:
-        top1 = agreement(v.predictions, ref.predictions) if v.predictions else None
-        same = sum(a == b for a, b in zip(v.answers, ref.answers)) / len(problems)
-        grade = sum(a == b for a, b in zip(v.correct, ref.correct)) / len(problems)
-        speed = f"{v.tokens_per_s:9.0f}" if v.tokens_per_s else f"{'':9s}"
-        shown = f"{top1:11.3f}" if top1 is not None else f"{'n/a':>11s}"
-        print(f"{v.name:34s} {shown} {same:11.3f} {grade:10.3f} "
-              f"{sum(v.correct):4d}/{len(problems):<2d} {speed}")  # fmt: skip
-        kept = {k: x for k, x in asdict(v).items() if k != "predictions"}  # token ids: long
-        rows.append({**kept, "top1_agreement": top1, "same_answer": same, "same_grade": grade})
-        if v is ref:
-            continue
-        if top1 is not None and top1 < args.min_agreement:
-            failures.append(f"{v.name}: top-1 agreement {top1:.3f} < {args.min_agreement}")
-        if same < args.min_same_answer:
-            failures.append(f"{v.name}: same answer {same:.3f} < {args.min_same_answer}")
-        inv = v.extra.get("invariants")
-        if inv and inv["argmax_head_z_equals_token_rate"] < 1.0:
-            rate = inv["argmax_head_z_equals_token_rate"]
-            failures.append(f"{v.name}: argmax(head(z_t)) == x_t at {rate:.4f} of positions < 1")
+    failures, rows = compare(args, ref, variants, len(problems))
     if vllm_note.startswith("failed"):
         failures.append(f"vllm: {vllm_note}")
-    engine = variants[0].extra.get("decode", {}) if variants else {}
-    for r in engine.get("rows", []):
-        if "hf_generate_tokens_per_s" in r:
-            print(f"engine {r['native_tokens_per_s']:.0f} tokens/s vs model.generate "
-                  f"{r['hf_generate_tokens_per_s']:.0f} tokens/s at batch {r['batch']}, "
-                  f"{args.max_new_tokens} tokens every row ({r['native_vs_hf']:.2f}x)")  # fmt: skip
-    inv = variants[0].extra.get("invariants") if variants else None
-    if inv:
-        print(f"invariants: argmax(head(z_t)) == x_t {inv['argmax_head_z_equals_token_rate']:.4f}; "
-              f"full-prefill z {inv['prefill_z_argmax_equals_token_rate']:.4f}; rows that part "
-              f"from their alone run {inv['batch_vs_alone_rows_diverged']}/{inv['rows']}")  # fmt: skip
+    print_engine_summary(args, variants)
     print(f"vllm: {vllm_note}")
     decided = verdict(failures, len(problems), args.min_problems)
     print(f"\ntolerances: top-1 agreement >= {args.min_agreement}, same answer >= "
@@ -325,6 +257,102 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(f"wrote {args.out}")
     return {"pass": 0, "fail": 1}.get(decided, 3)
+
+
+def reference_variant(args: argparse.Namespace) -> tuple[Config, list[Any], list[list[int]],
+                                                          list[list[int]], list[int], Variant]:  # fmt: skip
+    """Greedy CoT in float32 on the reference device (the CPU for the embedded model): the
+    config, problems, prompts, prompt+answer token sequences, answer starts and its Variant."""
+    from pipeline.data import load_dataset
+    from pipeline.method.solver import Solver
+
+    ref_device = args.reference_device or ("cpu" if args.model == "embedded" else args.device)
+    base = Config(model=args.model, method=["cot"], reward="psrm", limit=args.problems,
+                  batch_size=args.problems, max_new_tokens=args.max_new_tokens,
+                  device=ref_device, dtype="float32",
+                  threads=os.cpu_count() or 1)  # fmt: skip
+    problems = list(load_dataset(base).problems)
+    print(f"reference: {args.model}, {len(problems)} GSM8K problems, {ref_device} float32, "
+          f"greedy CoT, {args.max_new_tokens} tokens at most")  # fmt: skip
+    reference = Solver.from_config(base)
+    ref_results = reference.run("cot", problems)
+    prompts = [reference.prompt(p)[0] for p in problems]
+    answers = [reference.tokenizer(r.cot_answer, add_special_tokens=False)["input_ids"]
+               for r in ref_results]  # fmt: skip
+    sequences = [p + a for p, a in zip(prompts, answers) if a]
+    starts = [len(p) for p, a in zip(prompts, answers) if a]
+    ref = Variant(
+        f"reference ({ref_device} float32 G=1)",
+        [r.final_extracted or "" for r in ref_results],
+        [r.final_correct for r in ref_results],
+        predictions(reference.loaded.model, reference.loaded.device, sequences, starts),
+    )
+    return base, problems, prompts, sequences, starts, ref
+
+
+def device_variants(args: argparse.Namespace, device_cfg: Config, worlds: list[int],
+                    problems: list[Any], prompts: list[list[int]], sequences: list[list[int]],
+                    starts: list[int]) -> list[Variant]:  # fmt: skip
+    """The engine on the device for each tensor-parallel world: G=1 in process (with its decode
+    and invariant checks), G>1 as DeepSpeed replicas."""
+    variants: list[Variant] = []
+    for world in worlds:
+        if world == 1:
+            name = f"{args.device} {args.dtype} G=1"
+            variant, solver = engine_variant(name, device_cfg, problems, sequences, starts)
+            variant.extra = engine_checks(solver, prompts, args.max_new_tokens, len(problems))
+            del solver
+        else:
+            cfg = device_cfg.replace(tensor_parallel=world, shard_backend="deepspeed",
+                                     threads=1 if args.device == "cpu" else 0)  # fmt: skip
+            variant = replica_variant(cfg, problems, sequences, starts)
+        variants.append(variant)
+    return variants
+
+
+def compare(args: argparse.Namespace, ref: Variant, variants: list[Variant],
+            n: int) -> tuple[list[str], list[dict[str, Any]]]:  # fmt: skip
+    """Each variant against the reference, printed as a table: the failed tolerances and the
+    JSON rows."""
+    failures, rows = [], []
+    print(f"\n{'variant':34s} {'top-1 agree':>11s} {'same answer':>11s} {'same grade':>10s} "
+          f"{'correct':>7s} {'tokens/s':>9s}")  # fmt: skip
+    for v in [ref, *variants]:
+        top1 = agreement(v.predictions, ref.predictions) if v.predictions else None
+        same = sum(a == b for a, b in zip(v.answers, ref.answers)) / n
+        grade = sum(a == b for a, b in zip(v.correct, ref.correct)) / n
+        speed = f"{v.tokens_per_s:9.0f}" if v.tokens_per_s else f"{'':9s}"
+        shown = f"{top1:11.3f}" if top1 is not None else f"{'n/a':>11s}"
+        print(f"{v.name:34s} {shown} {same:11.3f} {grade:10.3f} "
+              f"{sum(v.correct):4d}/{n:<2d} {speed}")  # fmt: skip
+        kept = {k: x for k, x in asdict(v).items() if k != "predictions"}  # token ids: long
+        rows.append({**kept, "top1_agreement": top1, "same_answer": same, "same_grade": grade})
+        if v is ref:
+            continue
+        if top1 is not None and top1 < args.min_agreement:
+            failures.append(f"{v.name}: top-1 agreement {top1:.3f} < {args.min_agreement}")
+        if same < args.min_same_answer:
+            failures.append(f"{v.name}: same answer {same:.3f} < {args.min_same_answer}")
+        inv = v.extra.get("invariants")
+        if inv and inv["argmax_head_z_equals_token_rate"] < 1.0:
+            rate = inv["argmax_head_z_equals_token_rate"]
+            failures.append(f"{v.name}: argmax(head(z_t)) == x_t at {rate:.4f} of positions < 1")
+    return failures, rows
+
+
+def print_engine_summary(args: argparse.Namespace, variants: list[Variant]) -> None:
+    """The G=1 engine's decode speed against model.generate, and its invariants."""
+    engine = variants[0].extra.get("decode", {}) if variants else {}
+    for r in engine.get("rows", []):
+        if "hf_generate_tokens_per_s" in r:
+            print(f"engine {r['native_tokens_per_s']:.0f} tokens/s vs model.generate "
+                  f"{r['hf_generate_tokens_per_s']:.0f} tokens/s at batch {r['batch']}, "
+                  f"{args.max_new_tokens} tokens every row ({r['native_vs_hf']:.2f}x)")  # fmt: skip
+    inv = variants[0].extra.get("invariants") if variants else None
+    if inv:
+        print(f"invariants: argmax(head(z_t)) == x_t {inv['argmax_head_z_equals_token_rate']:.4f}; "
+              f"full-prefill z {inv['prefill_z_argmax_equals_token_rate']:.4f}; rows that part "
+              f"from their alone run {inv['batch_vs_alone_rows_diverged']}/{inv['rows']}")  # fmt: skip
 
 
 def verdict(failures: list[str], problems: int, min_problems: int) -> str:

@@ -30,13 +30,10 @@ from analysis.laws import (
     _frontier,
     fit_beta_binomial,
     fit_laws,
-    laws_markdown,
-    mlflow_values,
     pass_at_k,
-    plot_frontier,
-    plot_laws,
     saturating,
 )
+from analysis.laws_report import laws_markdown, mlflow_values, plot_frontier, plot_laws
 from analysis.records import load_records
 from pipeline.method.methods.sc import answer_groups, majority
 from pipeline.method.results import Compute, IterationStats, ProblemResult

@@ -260,66 +260,26 @@ def plan_memory(
     g = max(1, load.tensor_parallel)
     kv_token = shape.kv_bytes_per_token(element) // g
     weights = shape.parameters() * element // g
-    kv_row = kv_token * load.row_tokens
     logits_row = shape.vocab * (element + 4)  # a decode step's logits, and a float32 copy
-    decode = load.rows * logits_row
-    # A prefill chunk: its cache (cloned per prompt, so twice) and one layer's MLP at a time.
-    chunk = PREFILL_CHUNK * load.prompt_tokens
-    prefill = 2 * chunk * kv_token + chunk * (2 * shape.intermediate + 4 * shape.hidden) * element
-    # One latent step: logits in the weights' dtype, float32 probabilities and their gradient.
-    latent = load.update_length * shape.vocab * (element + 8)
-    parts = [("a prefill chunk", prefill), ("decode logits", decode), ("a latent step", latent)]
-    largest, activations = max(parts, key=lambda part: part[1])
-    act = (
-        "activations",
-        activations,
-        f"{largest}: the largest of prefill chunk {prefill / GIB:.2f}, decode logits "
-        f"{decode / GIB:.2f}, latent step (U={load.update_length}, V={shape.vocab}) "
-        f"{latent / GIB:.2f} GiB",
-    )
+    common = [
+        _activations(shape, element, load, kv_token, logits_row),
+        ("runtime", RUNTIME_BYTES, "CUDA context, cuBLAS workspace, allocator slack"),
+    ]
+    weights_item = ("weights", weights, f"{count(shape.parameters())} x {element} B")
     per_token = f"{kv_token / 1024:.0f} KiB/token"
-    runtime = ("runtime", RUNTIME_BYTES, "CUDA context, cuBLAS workspace, allocator slack")
-    items: list[tuple[str, int, str]]
     if backend == "vllm":
-        context = max(load.context, CONTEXT_ROUND)
-        pool_tokens = max(load.rows * context, context)
-        capture_tokens = load.prompt_tokens + load.answer_tokens + 1
-        items = [
-            ("HF copy: weights", weights, f"{count(shape.parameters())} x {element} B"),
-            (
-                "HF copy: capture KV",
-                load.rows * capture_tokens * kv_token,
-                f"{per_token} x {capture_tokens} tokens x {load.rows} rows (the CoT that "
-                "captures z runs on the resident model)",
-            ),
-            act,
-            runtime,
-            ("vLLM: weights", weights, "its own copy"),
-            (
-                "vLLM: KV pool",
-                pool_tokens * kv_token,
-                f"{per_token} x {load.rows} rows x max_model_len {context}",
-            ),
-            ("vLLM: runtime", VLLM_RUNTIME_BYTES, "activations at its profiled batch, CUDA graphs"),
-        ]
-        per_row = kv_token * (context + capture_tokens) + logits_row
+        items, per_row = _vllm_items(load, kv_token, weights_item, per_token, logits_row, common)
     else:
+        kv_row = kv_token * load.row_tokens
         prompts = load.task_problems * load.prompt_tokens * kv_token
         items = [
-            ("weights", weights, f"{count(shape.parameters())} x {element} B"),
-            (
-                "KV cache",
-                load.rows * kv_row,
-                f"{per_token} x {load.row_tokens} tokens x {load.rows} rows",
-            ),
-            (
-                "cached prompts",
-                prompts,
-                f"{load.task_problems} problems of a task x {load.prompt_tokens} tokens",
-            ),
-            act,
-            runtime,
-        ]
+            weights_item,
+            ("KV cache", load.rows * kv_row,
+             f"{per_token} x {load.row_tokens} tokens x {load.rows} rows"),
+            ("cached prompts", prompts,
+             f"{load.task_problems} problems of a task x {load.prompt_tokens} tokens"),
+            *common,
+        ]  # fmt: skip
         per_row = kv_row + logits_row + prompts // max(1, load.rows)  # a task grows with rows
     return MemoryPlan(
         shape=shape,
@@ -331,6 +291,55 @@ def plan_memory(
         device_bytes=device_bytes,
         device_name=device_name,
     )
+
+
+def _activations(shape: ModelShape, element: int, load: Workload, kv_token: int,
+                 logits_row: int) -> tuple[str, int, str]:  # fmt: skip
+    """The largest transient of a step: a prefill chunk, a decode step's logits, a latent step."""
+    decode = load.rows * logits_row
+    # A prefill chunk: its cache (cloned per prompt, so twice) and one layer's MLP at a time.
+    chunk = PREFILL_CHUNK * load.prompt_tokens
+    prefill = 2 * chunk * kv_token + chunk * (2 * shape.intermediate + 4 * shape.hidden) * element
+    # One latent step: logits in the weights' dtype, float32 probabilities and their gradient.
+    latent = load.update_length * shape.vocab * (element + 8)
+    parts = [("a prefill chunk", prefill), ("decode logits", decode), ("a latent step", latent)]
+    largest, activations = max(parts, key=lambda part: part[1])
+    return (
+        "activations",
+        activations,
+        f"{largest}: the largest of prefill chunk {prefill / GIB:.2f}, decode logits "
+        f"{decode / GIB:.2f}, latent step (U={load.update_length}, V={shape.vocab}) "
+        f"{latent / GIB:.2f} GiB",
+    )
+
+
+def _vllm_items(load: Workload, kv_token: int, weights_item: tuple[str, int, str], per_token: str,
+                logits_row: int, common: list[tuple[str, int, str]],
+                ) -> tuple[list[tuple[str, int, str]], int]:  # fmt: skip
+    """backend=vllm: the resident HF copy (weights, the CoT's capture KV) beside vLLM's engine
+    (its weights, KV pool and runtime), and the bytes a row adds."""
+    context = max(load.context, CONTEXT_ROUND)
+    pool_tokens = max(load.rows * context, context)
+    capture_tokens = load.prompt_tokens + load.answer_tokens + 1
+    weights = weights_item[1]
+    items = [
+        ("HF copy: weights", weights, weights_item[2]),
+        (
+            "HF copy: capture KV",
+            load.rows * capture_tokens * kv_token,
+            f"{per_token} x {capture_tokens} tokens x {load.rows} rows (the CoT that "
+            "captures z runs on the resident model)",
+        ),
+        *common,
+        ("vLLM: weights", weights, "its own copy"),
+        (
+            "vLLM: KV pool",
+            pool_tokens * kv_token,
+            f"{per_token} x {load.rows} rows x max_model_len {context}",
+        ),
+        ("vLLM: runtime", VLLM_RUNTIME_BYTES, "activations at its profiled batch, CUDA graphs"),
+    ]
+    return items, kv_token * (context + capture_tokens) + logits_row
 
 
 def model_config(cfg: Any) -> dict[str, Any] | None:
