@@ -311,19 +311,28 @@ def pytest_collection_modifyitems_groups_taken(config, items) -> None:
 # --- MLflow stores --------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="session")
+def migrated_mlflow_db(tmp_path_factory) -> Path:
+    """An empty SQLite MLflow store with MLflow's schema migrations run (2-3 s of CPU each time a
+    new store runs them): copy it to start a store in the state MLflow would leave it in."""
+    from mlflow.tracking import MlflowClient
+
+    template = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
+    return template
+
+
 @pytest.fixture(scope="session", autouse=True)
-def _migrated_mlflow_store(tmp_path_factory) -> Iterator[None]:
-    """A new SQLite MLflow store runs MLflow's schema migrations (2-3 s of CPU each), and most
-    runs here open a store of their own: a store the pipeline opens in this process that does not
-    exist yet starts as a copy of one migrated once, the state MLflow would leave it in."""
+def _migrated_mlflow_store(migrated_mlflow_db: Path) -> Iterator[None]:
+    """Most runs here open a SQLite store of their own: a store the pipeline opens in this
+    process that does not exist yet starts as a copy of `migrated_mlflow_db`."""
     import shutil
 
     from mlflow.tracking import MlflowClient
 
     from pipeline.run import tracking
 
-    template = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
+    template = migrated_mlflow_db
 
     def client(tracking_uri: str | None = None, *args: Any, **kwargs: Any) -> MlflowClient:
         if tracking_uri and tracking_uri.startswith("sqlite:///"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -285,11 +286,12 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 with its store and artifacts in a temporary folder,
-    shared by this module's tests (a start costs 15-20 s here); each test logs to experiments or
-    run directories of its own."""
+def mlflow_server(tmp_path_factory, migrated_mlflow_db):
+    """A real `mlflow server` on 127.0.0.1 with its store (a copy of one already migrated) and
+    artifacts in a temporary folder, shared by this module's tests (a start costs 15-20 s here);
+    each test logs to experiments or run directories of its own."""
     tmp_path = tmp_path_factory.mktemp("mlflow-server")
+    shutil.copyfile(migrated_mlflow_db, tmp_path / "server.db")
     saved = {var: os.environ.get(var) for var in ("NO_PROXY", "no_proxy")}
     for var in saved:  # talk to 127.0.0.1 directly, never via a proxy
         os.environ[var] = "127.0.0.1,localhost"

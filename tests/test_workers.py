@@ -416,9 +416,13 @@ def test_a_failed_row_is_retried_on_resume_and_superseded_once(tmp_path, fail_ma
     assert list(retried["iteration"]) == list(range(len(retried)))  # the new row's, once
 
 
-def test_resume_with_different_settings_is_refused(tmp_path, local_ray):
+def test_resume_with_different_settings_is_refused(tmp_path):
     cfg = small_cfg(tmp_path, limit=2, method=["cot"], workers=1)
-    run_evaluation(cfg, progress=False, log=lambda m: None)
+    # The run's two problems, recorded as a first invocation left them: it then finishes without
+    # starting a worker, and its config.yaml holds what dtype=auto resolves to on this CPU.
+    rows = [ProblemResult(f"gsm8k-{i}", "gsm8k", "cot", "?", "0") for i in range(2)]
+    RecordStore(tmp_path / "out" / "r1").write(rows, "r1", cfg.model, "w0")
+    assert run_evaluation(cfg, progress=False, log=lambda m: None).skipped == 2
     config_text = (tmp_path / "out" / "r1" / "config.yaml").read_text()
     for change, match in [
         ({"max_new_tokens": 9}, "max_new_tokens: 8 -> 9"),
@@ -433,6 +437,7 @@ def test_resume_with_different_settings_is_refused(tmp_path, local_ray):
     assert again.recorded == 0 and again.skipped == 2
     assert (tmp_path / "out" / "r1" / "config.yaml").read_text() == config_text
     assert len(read_invocations(tmp_path / "out" / "r1")) == 2  # refused ones are not logged
+    assert len(RecordStore(tmp_path / "out" / "r1").read_problems()) == 2
 
 
 def test_a_worker_reports_what_its_model_files_hold(local_ray):
