@@ -12,8 +12,8 @@ so re-running the same command finishes what a crash left and redoes nothing. De
 computed from their executed point's records (`analysis.derive`) after every executed point.
 At the end the sweep's report (`analysis.report`) is written to `<sweep dir>/report/` and logged to
 the parent run, its scaling laws also as the parent's metrics and params
-(`analysis.laws_report.mlflow_values`), and `<sweep dir>/sweep.yaml` lists every point with its status
-and wall time.
+(`analysis.laws_report.mlflow_values`), and `<sweep dir>/sweep.yaml` lists every point with its
+status and wall time.
 
 Before anything starts, every executed point passes the run's preflight (`jobs.preflight`); the
 sweep then holds its directory's lock (`pipeline.run.rundir.hold_run_dir`; each point's evaluation
